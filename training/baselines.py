@@ -1,0 +1,192 @@
+"""The paper's baselines, with the same encoders, data and label subsets as BYORL.
+
+- Adversarial training (Madry et al. 2018): encoder + linear layer trained end to end on the
+  labeled subset, on PGD examples of the cross-entropy.
+- UAT-FT (Uesato et al. 2019): a non-robust classifier of the same architecture, trained on the
+  labeled subset, pseudo-labels the other training images; adversarial training then runs on
+  all of them. With every label available it is plain adversarial training.
+
+Both stop early (Rice et al. 2020): the weights kept are those of the best validation check,
+robust accuracy under PGD for adversarial training, clean accuracy for the pseudo-labeler.
+The recipe is the usual one for CIFAR adversarial training: SGD with momentum 0.9, weight decay
+5e-4, batch 128, learning rate 0.1 divided by 10 at 50 % and 75 % of the steps, PGD-10.
+Budgets are counted in optimiser steps, as with few labels an epoch is only a few steps.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from training.attacks import PGD, ThreatModel
+from training.augment import random_resized_crop_flip
+from training.data import ImageSet
+from training.heads import Classifier, Progress, to_float
+from training.models import create_model
+from training.train import frozen_bn_stats, pick_device
+
+
+@dataclass
+class BaselineConfig:
+    arch: str = "preact_resnet34"
+    width: int = 2
+    steps: int = 20_000  # optimiser steps of the adversarially trained model
+    teacher_steps: int = 5_000  # optimiser steps of UAT-FT's non-robust pseudo-labeler
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    attack_steps: int = 10  # PGD steps of the training attack (step size 2.5 eps / steps)
+    eval_every: int = 500  # optimiser steps between early-stopping checks
+    eval_attack_steps: int = 20  # PGD steps of the validation attack
+    min_crop: float = 0.64  # crop + flip augmentation: smallest area fraction kept
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if min(self.steps, self.teacher_steps, self.batch_size, self.eval_every) < 1:
+            raise ValueError("steps, teacher_steps, batch_size and eval_every must be >= 1")
+        if min(self.attack_steps, self.eval_attack_steps) < 1:
+            raise ValueError("attack_steps and eval_attack_steps must be >= 1")
+
+
+def new_classifier(arch: str, width: int, num_classes: int) -> Classifier:
+    encoder = create_model(arch, width=width)
+    return Classifier(encoder, nn.Linear(encoder.num_features, num_classes))
+
+
+def _pgd(model: nn.Module, threat: ThreatModel, steps: int) -> PGD:
+    def loss_fn(x_adv, y):
+        return F.cross_entropy(model(x_adv), y, reduction="none")
+
+    return PGD(loss_fn, threat.norm, threat.eps, steps)
+
+
+def accuracy(
+    model: nn.Module,
+    data: ImageSet,
+    threat: ThreatModel | None = None,
+    attack_steps: int = 20,
+    batch_size: int = 256,
+) -> float:
+    """Accuracy in eval mode, under PGD on the cross-entropy when a threat model is given."""
+    model.eval()
+    dev, correct = next(model.parameters()).device, 0
+    for xb, yb in zip(data.images.split(batch_size), data.labels.split(batch_size), strict=True):
+        x, y = to_float(xb).to(dev), yb.to(dev)
+        if threat is not None:
+            x = _pgd(model, threat, attack_steps).perturb(x, y)
+        with torch.no_grad():
+            correct += (model(x).argmax(1) == y).sum().item()
+    return correct / len(data)
+
+
+def _lr(step: int, total: int, base: float) -> float:
+    return base * (0.1 ** ((step >= total // 2) + (step >= 3 * total // 4)))
+
+
+def train_classifier(
+    train: ImageSet,
+    val: ImageSet | None,
+    num_classes: int,
+    config: BaselineConfig,
+    threat: ThreatModel | None = None,
+    steps: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[Classifier, dict]:
+    """Train encoder + linear layer end to end, adversarially within `threat` (Madry) or, with
+    no threat model, on clean images; keep the weights of the best validation check (the last
+    ones when there is no validation set)."""
+    steps = steps or config.steps
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    model = new_classifier(config.arch, config.width, num_classes).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, nesterov=True)
+    gen = torch.Generator().manual_seed(config.seed)
+    images, labels = train.images.to(device), train.labels.to(device)
+    order = torch.empty(0, dtype=torch.long)
+    history = {"step": [], "train_loss": [], "train_acc": [], "val_acc": []}
+    best_acc, best_state, best_step = -1.0, None, None
+    loss_sum = correct = seen = 0.0
+    for step in range(steps):
+        if len(order) < config.batch_size:  # a fresh permutation per pass over the set
+            order = torch.cat([order, torch.randperm(len(train), generator=gen)])
+        idx, order = order[: config.batch_size], order[config.batch_size :]
+        x = random_resized_crop_flip(to_float(images[idx.to(device)]), (config.min_crop, 1.0))
+        y = labels[idx.to(device)]
+        model.train()
+        if threat is not None:
+            with frozen_bn_stats(model):
+                x = _pgd(model, threat, config.attack_steps).perturb(x, y)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, config.lr)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        if (step + 1) % config.eval_every == 0 or step + 1 == steps:
+            history["step"].append(step + 1)
+            history["train_loss"].append(loss_sum / seen)
+            history["train_acc"].append(correct / seen)
+            loss_sum = correct = seen = 0.0
+            if val is not None:
+                acc = accuracy(model, val, threat, config.eval_attack_steps)
+                history["val_acc"].append(acc)
+                if acc > best_acc:
+                    best_acc, best_step = acc, step + 1
+                    best_state = copy.deepcopy(model.state_dict())
+            if progress is not None:
+                progress(step + 1, steps, "training" if threat is None else "adversarial training")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history.update(
+        best_step=best_step if val is not None else steps,
+        best_val_acc=best_acc if val is not None else None,
+        val_metric="clean accuracy" if threat is None else "robust accuracy (PGD)",
+    )
+    return model.eval(), history
+
+
+@torch.no_grad()
+def pseudo_label(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The model's predicted class of each image (eval mode, no augmentation)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    preds = [model(to_float(b).to(dev)).argmax(1).cpu() for b in images.split(batch_size)]
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def uat_ft(
+    labeled: ImageSet,
+    unlabeled: torch.Tensor,
+    val: ImageSet | None,
+    num_classes: int,
+    threat: ThreatModel,
+    config: BaselineConfig,
+    progress: Progress | None = None,
+) -> tuple[Classifier, dict]:
+    """UAT-FT: pseudo-label the unlabeled images (uint8) with a non-robust classifier trained on
+    the labeled set, then adversarially train on labeled + pseudo-labeled images.
+
+    The history holds the teacher's and the student's runs and the pseudo-labels themselves.
+    """
+    history: dict = {"teacher": None, "pseudo_labels": torch.empty(0, dtype=torch.long)}
+    data = labeled
+    if len(unlabeled):
+        teacher, history["teacher"] = train_classifier(
+            labeled, val, num_classes, config, steps=config.teacher_steps, progress=progress
+        )
+        history["pseudo_labels"] = pseudo_label(teacher, unlabeled)
+        data = ImageSet(torch.cat([labeled.images, unlabeled]),
+                        torch.cat([labeled.labels, history["pseudo_labels"]]), labeled.classes)
+    model, history["student"] = train_classifier(data, val, num_classes, config, threat,
+                                                 progress=progress)
+    return model, history
+
