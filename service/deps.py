@@ -1,0 +1,71 @@
+"""What route handlers receive: the loaded service, and the API-key check."""
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+import onnxruntime as ort
+from fastapi import Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader
+
+from service.batcher import Batcher
+from service.errors import APIError
+from service.gallery import Gallery
+from service.images import decode_base64, decode_images
+from service.jobs import CeleryQueue, EmbeddedQueue
+from service.settings import Settings
+from service.store import HeadStore, JobStore, ReportStore
+
+
+@dataclass
+class AppState:
+    """Everything loaded once by the lifespan handler and shared by all requests."""
+
+    settings: Settings
+    card: dict
+    session: ort.InferenceSession
+    batcher: Batcher
+    gallery: Gallery
+    jobs: JobStore
+    heads: HeadStore
+    reports: ReportStore
+    queue: CeleryQueue | EmbeddedQueue
+
+    @property
+    def model_id(self) -> str:
+        return self.card["model_id"]
+
+    @property
+    def input_size(self) -> int:
+        return self.card["input_size"][-1]
+
+    async def decode(self, blobs: list[bytes], limit: int) -> np.ndarray:
+        """Image bytes -> uint8 (N, 3, S, S) at the model's input size (off the event loop)."""
+        return await run_in_threadpool(decode_images, blobs, self.input_size, self.settings, limit)
+
+    async def decode_base64(self, images: list[str], limit: int) -> np.ndarray:
+        return await self.decode([decode_base64(s, i) for i, s in enumerate(images)], limit)
+
+    async def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """Embeddings of uint8 pixels through the dynamic batcher."""
+        return await self.batcher(pixels)
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.byorl
+
+
+Service = Annotated[AppState, Depends(get_state)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+def require_api_key(svc: Service, key: Annotated[str | None, Security(_api_key_header)]) -> None:
+    """401 unless the X-API-Key header matches the configured key (when one is configured)."""
+    expected = svc.settings.api_key
+    if expected is None:
+        return
+    if key is None or not hmac.compare_digest(key.encode(), expected.get_secret_value().encode()):
+        raise APIError(401, "unauthorized", "missing or invalid X-API-Key header")

@@ -1,0 +1,99 @@
+"""One error shape for every failure: {"error": {"code": ..., "message": ...}}.
+
+Route code raises `APIError`; FastAPI's own 404/405/422 and malformed JSON are rewritten into the
+same shape, so clients parse one format and never see a bare 500 for bad input.
+"""
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+
+from index import faiss_index as fi
+from service.store import Conflict, NotFound
+
+
+class APIError(HTTPException):
+    """An HTTP error with a stable machine-readable code (an HTTPException, so that FastAPI's
+    body parsing re-raises it untouched)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(status, message)
+        self.code = code
+
+
+def not_found(kind: str, name: str) -> APIError:
+    return APIError(404, f"{kind}_not_found", f"unknown {kind} {name!r}")
+
+
+def error_response(status: int, code: str, message: str, headers=None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe_validation(errors) -> tuple[int, str, str]:
+    """(status, code, message) of pydantic errors: 400 for malformed JSON, else 422."""
+    errors = list(errors)
+    if any(e["type"] == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e["type"] == "json_invalid").get("ctx", {})
+        return 400, "invalid_json", f"malformed JSON body: {detail.get('error', 'invalid')}"
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
+        parts.append(f"{loc}: {e['msg']}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return 422, "validation_error", "; ".join(parts) + more
+
+
+def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = getattr(exc, "code", None)
+    message = str(exc.detail)
+    if code is None and exc.status_code == 413:  # FastAPI's own request body limit
+        code = "payload_too_large"
+        limit = request.scope[MAX_BODY_SIZE_SCOPE_KEY]
+        message = f"request body exceeds the limit of {limit} bytes"
+    code = code or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+def _validation_error(request: Request, exc: RequestValidationError | ValidationError):
+    return error_response(*describe_validation(exc.errors()))
+
+
+# Errors of the stored things, by class (the first match in order wins).
+DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (fi.UnknownKeyError, 404, "key_not_found"),
+    (fi.DuplicateKeyError, 409, "duplicate_key"),
+    (fi.ModelMismatchError, 409, "model_mismatch"),
+    (fi.DimensionMismatchError, 422, "dimension_mismatch"),
+    (fi.InvalidVectorError, 422, "invalid_vector"),
+    (fi.TrainingError, 422, "index_training_failed"),
+    (Conflict, 409, "conflict"),
+]
+
+
+def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, NotFound):
+        return error_response(404, f"{exc.kind}_not_found", str(exc))
+    for cls, status, code in DOMAIN_ERRORS:
+        if isinstance(exc, cls):
+            return error_response(status, code, str(exc))
+    return _internal_error(request, exc)
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ValidationError, _validation_error)
+    app.add_exception_handler(NotFound, _domain_error)
+    app.add_exception_handler(Conflict, _domain_error)
+    app.add_exception_handler(fi.EmbeddingIndexError, _domain_error)
+    app.add_exception_handler(Exception, _internal_error)

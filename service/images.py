@@ -1,0 +1,81 @@
+"""Untrusted image bytes -> validated uint8 pixels at the model's input size.
+
+Resize policy: an image of any size within the limits is shown upright (EXIF orientation), made
+RGB (alpha dropped, greyscale and palettes expanded) and resized, aspect ratio not kept, to the
+model's input size with bicubic filtering: exactly what `training.data.decode_image` does to the
+training images, so served and training embeddings of the same image agree. The size is checked
+from the header before any pixel is decoded (decompression bombs never get decoded).
+"""
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from service.errors import APIError
+from service.settings import Settings
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def decode_base64(text: str, i: int) -> bytes:
+    """Standard base64, optionally as a data URL ("data:image/png;base64,...")."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(422, "invalid_image", f"images[{i}] is not valid base64") from None
+
+
+def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.ndarray:
+    """Bytes of a PNG, JPEG or WebP -> (3, size, size) uint8; a clear 4xx for anything else."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise APIError(413, "image_too_large", f"images[{i}] is a decompression bomb") from None
+    except Exception:  # Pillow raises many types for garbage; all mean "not an image"
+        raise APIError(
+            422, "invalid_image", f"images[{i}] is not a decodable {'/'.join(FORMATS)} image"
+        ) from None
+    with im:
+        w, h = im.size
+        if w * h > settings.max_image_pixels or max(w, h) > settings.max_image_side:
+            raise APIError(
+                413, "image_too_large",
+                f"images[{i}] is {w}x{h}; the limits are {settings.max_image_pixels} pixels and "
+                f"{settings.max_image_side} per side",
+            )
+        if min(w, h) < settings.min_image_side:
+            raise APIError(
+                422, "image_too_small",
+                f"images[{i}] is {w}x{h}; each side must be >= {settings.min_image_side}",
+            )
+        try:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception:
+            raise APIError(422, "invalid_image", f"images[{i}] has corrupt image data") from None
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im).transpose(2, 0, 1).copy()
+
+
+def decode_images(blobs: list[bytes], size: int, settings: Settings, limit: int) -> np.ndarray:
+    """A request's images -> (N, 3, size, size) uint8, at most `limit` of them."""
+    if not blobs:
+        raise APIError(422, "no_images", "the request holds no images")
+    if len(blobs) > limit:
+        raise APIError(
+            413, "too_many_images", f"{len(blobs)} images in one request; the limit is {limit}"
+        )
+    return np.stack([decode_image(b, size, settings, i) for i, b in enumerate(blobs)])
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 3, H, W) -> float32 in [0, 1], the encoder's input."""
+    return images.astype(np.float32) / 255.0

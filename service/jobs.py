@@ -1,0 +1,134 @@
+"""Where jobs run: Celery workers on Redis, or (no broker configured) child processes of the api.
+
+Both run `service.tasks.run_job` on a job id whose record and inputs are already in the data
+directory, so the api's answers (202 + job id, GET /jobs/{id}) are the same in both modes.
+"""
+
+import logging
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+
+import redis
+from celery import Celery
+
+from service import tasks
+from service.settings import Settings
+from service.store import JobStore
+
+log = logging.getLogger(__name__)
+TASK = "byorl.run_job"
+QUEUE = "celery"  # Celery's default queue: its Redis list length is the queue depth
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app of api and workers: no job is lost when a worker dies, none runs twice
+    at once (visibility timeout beyond the hard time limit), and workers recycle."""
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Sweep for jobs of dead workers often relative to the timeout (kombu: every 100 s).
+        "unacked_restore_interval": max(1, min(60, settings.visibility_timeout_s // 10)),
+        "unacked_restore_throttle": 1,
+    }
+    app = Celery("byorl", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        task_soft_time_limit=settings.job_time_limit_s,
+        task_time_limit=settings.job_time_limit_s + 5,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        result_expires=7 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+class CeleryQueue:
+    def __init__(self, settings: Settings):
+        self.celery = make_celery(settings)
+        self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2,
+                                           socket_connect_timeout=2)
+
+    def submit(self, job_id: str) -> None:
+        self.celery.send_task(TASK, args=[job_id])
+
+    def depth(self) -> float:
+        try:
+            return self._redis.llen(QUEUE)
+        except redis.RedisError:
+            return float("nan")
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._redis.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self._redis.close()
+        self.celery.close()
+
+
+class EmbeddedQueue:
+    """Child processes started with spawn (PyTorch never loads into the api process, and no
+    ONNX Runtime thread pool is forked), recycled after N jobs like Celery's workers. Jobs left
+    unfinished by a stopped api are submitted again when it starts."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._outstanding: set[Future] = set()
+        self._pool = self._new_pool()
+        for job in JobStore(settings.data_dir).list():
+            if job["state"] in ("queued", "running"):
+                self.submit(job["id"])
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        s = self.settings
+        return ProcessPoolExecutor(
+            s.embedded_workers, mp_context=get_context("spawn"),
+            initializer=tasks.init_process, initargs=(s.num_threads,),
+            max_tasks_per_child=s.worker_max_tasks_per_child,
+        )
+
+    def submit(self, job_id: str) -> None:
+        args = (tasks.run_job, job_id, str(self.settings.data_dir), str(self.settings.model_dir))
+        try:
+            future = self._pool.submit(*args)
+        except BrokenProcessPool:  # a job process died (e.g. out of memory): start afresh
+            self._pool = self._new_pool()
+            future = self._pool.submit(*args)
+        self._outstanding.add(future)
+        future.add_done_callback(lambda f: self._done(job_id, f))
+
+    def _done(self, job_id: str, future: Future) -> None:
+        self._outstanding.discard(future)
+        if future.cancelled() or future.exception() is None:
+            return
+        exc = future.exception()
+        if isinstance(exc, BrokenProcessPool):  # died without recording why
+            jobs = JobStore(self.settings.data_dir)
+            if jobs.get(job_id)["state"] in ("queued", "running"):
+                jobs.update(job_id, state="failed", stage="failed", error="the job process died")
+        log.error("job %s failed: %r", job_id, exc)
+
+    def depth(self) -> int:
+        return max(0, len(self._outstanding) - self.settings.embedded_workers)
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Stop now: a running job is killed and runs again, from its inputs, at next start."""
+        processes = list(self._pool._processes.values())  # no public way before Python 3.14
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.kill()
+
+
+def make_queue(settings: Settings) -> CeleryQueue | EmbeddedQueue:
+    return CeleryQueue(settings) if settings.redis_url else EmbeddedQueue(settings)

@@ -1,0 +1,66 @@
+"""The FastAPI app: `uvicorn service.main:app` (settings from BYORL_* environment variables).
+
+The lifespan handler loads the model and the indexes once, starts the dynamic batcher and the
+job queue; nothing heavy happens at import. The api process never imports PyTorch.
+"""
+
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import Depends, FastAPI
+
+from index import model_card
+from service.batcher import Batcher
+from service.deps import AppState, require_api_key
+from service.errors import install_error_handlers
+from service.gallery import Gallery
+from service.jobs import make_queue
+from service.metrics import JOB_QUEUE, MetricsMiddleware
+from service.routes import audits, embed, gallery, heads, health, jobs, models, search
+from service.settings import Settings
+from service.store import HeadStore, JobStore, ReportStore
+
+
+def load_state(settings: Settings) -> AppState:
+    s, data = settings, settings.data_dir
+    card = model_card.read_card(s.model_dir)
+    session = model_card.load_onnx_session(s.model_dir, s.num_threads, s.device)
+    warmup = model_card.embed(session, np.zeros((1, *card["input_size"]), np.uint8))
+    if warmup.shape != (1, card["embedding_dim"]):
+        raise RuntimeError(f"{s.model_dir}: the encoder returns {warmup.shape[1:]}, the card "
+                           f"says {card['embedding_dim']}")
+    batcher = Batcher(lambda x: model_card.embed(session, x, s.max_batch), s.max_batch,
+                      s.batch_wait_ms)
+    return AppState(settings, card, session, batcher, Gallery(data), JobStore(data),
+                    HeadStore(data), ReportStore(data), make_queue(settings))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = load_state(settings)
+        state.batcher.start()
+        JOB_QUEUE.set_function(state.queue.depth)
+        app.state.byorl = state
+        yield
+        await state.batcher.stop()
+        state.queue.close()
+
+    app = FastAPI(
+        title="BYORL embeddings",
+        description="Adversarially robust self-supervised image embeddings, served.",
+        version="0.1.0",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,  # checked on Content-Length and streamed bytes
+    )
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    app.include_router(health.router)
+    for module in (embed, gallery, search, heads, audits, jobs, models):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+app = create_app()

@@ -1,0 +1,51 @@
+"""Adversarial audits as jobs: robust accuracy of encoder + head, or the retrieval audit."""
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Body
+
+from service.deps import Service
+from service.errors import APIError
+from service.routes.gallery import check_model
+from service.routes.heads import check_labels, head_of_served_model
+from service.routes.jobs import submit_job
+from service.schemas import AuditRequest, Job, JobAccepted, RobustnessAudit
+from service.store import NotFound
+
+router = APIRouter(prefix="/audits", tags=["audits"])
+
+
+@router.post("", status_code=202)
+async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service) -> JobAccepted:
+    """Start an audit; its report is at GET /audits/{id} once the job succeeded."""
+    arrays = {}
+    if isinstance(body, RobustnessAudit):
+        card = head_of_served_model(svc, body.head_id)
+        check_labels(body.labels, len(card["classes"]), at_least_two=False)
+        arrays["labels"] = np.asarray(body.labels, np.int64)
+    else:
+        check_model(svc, body.index)
+        if not len(svc.gallery.get(body.index)):
+            raise APIError(422, "empty_index", f"index {body.index!r} holds no items to retrieve")
+    arrays["images"] = await svc.decode_base64(body.images, svc.settings.max_labeled_images)
+    params = {**body.model_dump(exclude={"images", "labels", "kind"}), "audit": body.kind}
+    return await submit_job(svc, "audit", params, **arrays)
+
+
+@router.get("")
+def list_audits(svc: Service) -> list[Job]:
+    return [Job(**j) for j in svc.jobs.list() if j["kind"] == "audit"]
+
+
+@router.get("/{audit_id}")
+def get_audit_report(audit_id: str, svc: Service) -> dict:
+    """The stored report; 409 while the audit's job has not succeeded."""
+    try:
+        return svc.reports.get(audit_id)
+    except NotFound:
+        job = svc.jobs.get(audit_id)
+        if job["kind"] != "audit":
+            raise
+        raise APIError(409, "audit_not_finished", f"audit {audit_id!r} is {job['state']}: "
+                       f"see /jobs/{audit_id}") from None

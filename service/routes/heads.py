@@ -1,0 +1,82 @@
+"""Linear heads fitted on the frozen encoder from a small labeled set, and their predictions."""
+
+import numpy as np
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+
+from service.deps import AppState, Service
+from service.errors import APIError
+from service.routes.gallery import check_model
+from service.routes.jobs import submit_job
+from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
+
+router = APIRouter(tags=["heads"])
+
+
+def check_labels(labels: list[int], num_classes: int, at_least_two: bool) -> None:
+    bad = sorted({y for y in labels if not 0 <= y < num_classes})
+    if bad:
+        raise APIError(422, "label_out_of_range",
+                       f"labels {bad[:5]} are outside [0, {num_classes}) for {num_classes} classes")
+    if at_least_two and len(set(labels)) < 2:
+        raise APIError(422, "single_class", "the labeled set holds a single class; a classifier "
+                       "needs examples of at least two")
+
+
+async def labeled_pixels(svc: AppState, body: LabeledSet) -> np.ndarray:
+    """uint8 pixels of the submitted images, or of the given keys of an index."""
+    limit = svc.settings.max_labeled_images
+    if body.images is not None:
+        return await svc.decode_base64(body.images, limit)
+    check_model(svc, body.index)
+    if len(body.keys) > limit:
+        raise APIError(413, "too_many_images", f"{len(body.keys)} keys; the limit is {limit}")
+    return await run_in_threadpool(svc.gallery.pixels, body.index, body.keys)
+
+
+def head_of_served_model(svc: AppState, head_id: str) -> dict:
+    card = svc.heads.card(head_id)
+    if card["model_id"] != svc.model_id:
+        raise APIError(409, "model_mismatch", f"head {head_id!r} was fitted on model "
+                       f"{card['model_id']!r}; the service runs {svc.model_id!r}")
+    return card
+
+
+@router.post("/linear-head", status_code=202)
+async def create_linear_head(body: LinearHeadRequest, svc: Service) -> JobAccepted:
+    """Fit a linear head (adversarially when robust) as a job; the head id is the job id."""
+    check_labels(body.labels, len(body.classes), at_least_two=True)
+    pixels = await labeled_pixels(svc, body)
+    params = body.model_dump(exclude={"images", "labels", "keys"})
+    return await submit_job(svc, "linear_head", params, images=pixels,
+                            labels=np.asarray(body.labels, np.int64))
+
+
+@router.get("/heads")
+def list_heads(svc: Service) -> list[Head]:
+    return [Head(**c) for c in svc.heads.list()]
+
+
+@router.get("/heads/{head_id}")
+def get_head(head_id: str, svc: Service) -> Head:
+    return Head(**svc.heads.card(head_id))
+
+
+@router.delete("/heads/{head_id}", status_code=204)
+def delete_head(head_id: str, svc: Service) -> Response:
+    svc.heads.delete(head_id)
+    return Response(status_code=204)
+
+
+@router.post("/heads/{head_id}/predict")
+async def predict_with_head(head_id: str, body: Images, svc: Service) -> Predictions:
+    """Class probabilities of images: softmax(W e(x) + b) on the served encoder."""
+    card = head_of_served_model(svc, head_id)
+    weight, bias = svc.heads.weights(head_id)
+    features = await svc.embed(await svc.decode_base64(body.images, svc.settings.max_images))
+    logits = features @ weight.T + bias
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    labels = probs.argmax(1).tolist()
+    return Predictions(head_id=head_id, labels=labels, classes=[card["classes"][y] for y in labels],
+                       probabilities=probs.tolist())

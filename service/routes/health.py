@@ -1,0 +1,33 @@
+"""Probes, metrics and the model card: open without an API key (orchestrators call them)."""
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import Service
+from service.metrics import REGISTRY
+from service.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> Health:
+    """The process is alive."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", responses={503: {"model": Health}})
+async def readyz(svc: Service, response: Response) -> Health:
+    """Model and indexes loaded, and the broker reachable when one is configured."""
+    checks = {"model": svc.session is not None, "indexes": svc.gallery is not None,
+              "broker": await run_in_threadpool(svc.queue.ping)}
+    ready = all(checks.values())
+    response.status_code = 200 if ready else 503
+    return Health(status="ready" if ready else "not ready", checks=checks)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics() -> Response:
+    """Prometheus metrics: requests, latencies, batch sizes, queue depths."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,32 @@
+"""POST /search: images or embeddings -> the k most similar items of an index."""
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from service.deps import Service
+from service.errors import APIError
+from service.routes.gallery import check_model
+from service.schemas import Hit, SearchRequest, SearchResults
+
+router = APIRouter(tags=["gallery"])
+
+
+@router.post("/search")
+async def search_index(body: SearchRequest, svc: Service) -> SearchResults:
+    """Top-k keys by cosine similarity, with their metadata, one list per query."""
+    index = svc.gallery.get(body.index)
+    if body.images is not None:
+        check_model(svc, body.index)
+        queries = await svc.embed(await svc.decode_base64(body.images, svc.settings.max_images))
+    else:
+        queries = body.embeddings
+        if len(queries) > svc.settings.max_images:
+            raise APIError(413, "too_many_queries", f"{len(queries)} embeddings in one request; "
+                           f"the limit is {svc.settings.max_images}")
+        if any(len(q) != index.dim for q in queries):
+            bad = next(len(q) for q in queries if len(q) != index.dim)
+            raise APIError(422, "dimension_mismatch", f"index {body.index!r} holds embeddings of "
+                           f"dimension {index.dim}, got one of dimension {bad}")
+    hits = await run_in_threadpool(index.search, queries, body.k)
+    results = [[Hit(key=h.key, score=h.score, metadata=h.metadata) for h in row] for row in hits]
+    return SearchResults(index=body.index, model_id=index.model_id, results=results)

@@ -1,0 +1,45 @@
+"""Every knob of the service in one place, read from the environment (prefix BYORL_)."""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BYORL_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("data")  # indexes, heads, jobs and reports; shared by api and workers
+    model_dir: Path = Path("models/default")  # encoder.onnx + card.json (+ encoder.pt for workers)
+    redis_url: str = ""  # empty: jobs run in-process (embedded mode); else Celery on this Redis
+    api_key: SecretStr | None = None  # when set, every route but probes and metrics needs it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime provider: auto = CUDA if any
+
+    # Request limits: each one a clear 4xx, checked before any heavy work.
+    max_body_bytes: int = Field(32 * 2**20, ge=1024)
+    max_images: int = Field(256, ge=1)  # per /embed, /search or /predict request
+    max_labeled_images: int = Field(10_000, ge=2)  # per /linear-head or /audits request
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # width * height before decoding
+    max_image_side: int = Field(8192, ge=1)
+    min_image_side: int = Field(8, ge=1)
+
+    # Dynamic batching of /embed-like requests into one ONNX Runtime call.
+    batch_wait_ms: float = Field(4.0, ge=0)
+    max_batch: int = Field(64, ge=1)
+    threads: int = Field(0, ge=0)  # ONNX Runtime and torch threads; 0 = all cores
+
+    # Jobs.
+    job_time_limit_s: int = Field(6 * 3600, ge=1)  # the longest job a worker may run
+    worker_max_tasks_per_child: int = Field(20, ge=1)  # recycle workers to bound memory
+    embedded_workers: int = Field(1, ge=1)  # job processes in embedded mode
+
+    @property
+    def num_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis re-delivers an unacknowledged job after this long: it must outlast any job."""
+        return self.job_time_limit_s + max(5, self.job_time_limit_s // 4)

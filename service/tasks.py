@@ -1,0 +1,152 @@
+"""Jobs as plain functions of the data directory: a Celery worker and the embedded executor
+run the same `run_job`, which reads a job's inputs and writes its outputs and state there.
+
+Jobs are idempotent (re-delivery after a worker died re-runs them from their inputs and
+overwrites the same outputs atomically) and a job that already succeeded is not run again.
+Only this module's functions import PyTorch, and only when they run: the api imports it
+torch-free.
+"""
+
+import functools
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from index.model_card import read_card
+from service.gallery import load_index
+from service.store import HeadStore, JobStore, ReportStore
+
+
+def init_process(threads: int) -> None:
+    """Per job process, before any job: PyTorch's thread count, set explicitly."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _encoder(model_dir: str):
+    from training.export import load_torch_encoder
+
+    return load_torch_encoder(model_dir).eval(), read_card(model_dir)["model_id"]
+
+
+def run_job(job_id: str, data_dir: str | Path, model_dir: str | Path) -> dict:
+    """Run a queued job to completion, recording state, progress and result in its record."""
+    jobs = JobStore(data_dir)
+    job = jobs.get(job_id)
+    if job["state"] == "succeeded":  # a duplicate delivery of a finished job
+        return job["result"]
+    jobs.update(job_id, state="running", stage="starting", progress=0.0, error=None,
+                attempts=job["attempts"] + 1, started_at=time.time())
+    last = 0.0
+
+    def progress(done: int, total: int, what: str = "") -> None:
+        nonlocal last
+        if time.monotonic() - last > 0.2 or done == total:  # bound the record's rewrites
+            last = time.monotonic()
+            jobs.update(job_id, progress=round(done / max(total, 1), 4), stage=what or job["kind"])
+
+    try:
+        encoder, model_id = _encoder(str(model_dir))
+        if model_id != job["params"]["model_id"]:
+            raise RuntimeError(f"job was submitted for model {job['params']['model_id']!r}, "
+                               f"this worker serves {model_id!r}")
+        run = {"linear_head": fit_head, "audit": run_audit}[job["kind"]]
+        result = run(Path(data_dir), job_id, job["params"], jobs.inputs(job_id), encoder, progress)
+    except Exception as exc:
+        jobs.update(job_id, state="failed", stage="failed", finished_at=time.time(),
+                    error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        raise
+    jobs.update(job_id, state="succeeded", stage="done", progress=1.0, result=result,
+                finished_at=time.time())
+    return result
+
+
+def _split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train, validation) indices: a seeded random hold-out for early stopping."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return (perm, None) if n_val == 0 else (perm[n_val:], perm[:n_val])
+
+
+def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, progress) -> dict:
+    """Fit a linear head (robust or not) on the submitted labeled set; save it as a head."""
+    import torch
+
+    from training.data import ImageSet
+    from training.heads import HeadConfig, fit_linear_head
+
+    classes = params["classes"]
+    images, labels = torch.from_numpy(inputs["images"]), torch.from_numpy(inputs["labels"])
+    data = ImageSet(images, labels, classes)
+    train_idx, val_idx = _split(len(data), params["validation_fraction"])
+    val = None if val_idx is None else data.subset(torch.from_numpy(val_idx))
+    config = HeadConfig(robust=params["robust"], norm=params["threat"]["norm"],
+                        eps=params["threat"]["eps"], attack_steps=params["attack_steps"],
+                        epochs=params["epochs"], min_steps=params["min_steps"],
+                        decay_epoch=params["epochs"] // 2)
+    head, history = fit_linear_head(encoder, data.subset(torch.from_numpy(train_idx)), val,
+                                    len(classes), config, progress)
+    metrics = {
+        "train_accuracy": history["train_acc"][-1],
+        "best_val_accuracy": history["best_val_acc"],
+        "val_metric": history["val_metric"],
+        "best_epoch": history["best_epoch"],
+        "optimizer_steps": history["optimizer_steps"],
+        "num_train": len(train_idx),
+        "num_val": 0 if val_idx is None else len(val_idx),
+    }
+    card = {"id": job_id, "model_id": params["model_id"], "classes": classes,
+            "robust": params["robust"], "threat": params["threat"], "metrics": metrics,
+            "created_at": time.time()}
+    HeadStore(data_dir).save(job_id, head.weight.detach().numpy(), head.bias.detach().numpy(),
+                             card)
+    return {"head_id": job_id, "metrics": metrics}
+
+
+def _head_module(data_dir: Path, head_id: str):
+    import torch
+
+    weight, bias = HeadStore(data_dir).weights(head_id)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    return head
+
+
+def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, progress) -> dict:
+    """The robust accuracy of encoder + head, or the retrieval audit of an index; the report is
+    saved under the job's id."""
+    import torch
+
+    from training.attacks import ThreatModel
+
+    threat = ThreatModel(params["threat"]["norm"], params["threat"]["eps"])
+    images = torch.from_numpy(inputs["images"])
+    if params["audit"] == "robustness":
+        from training.evaluate import evaluate_robustness
+        from training.heads import Classifier
+
+        model = Classifier(encoder, _head_module(data_dir, params["head_id"])).eval()
+        labels = torch.from_numpy(inputs["labels"])
+        report = evaluate_robustness(model, images, labels, threat, params["mode"],
+                                     progress=progress)
+        report["head_id"] = params["head_id"]
+    else:
+        from training.retrieval import retrieval_audit
+
+        index = load_index(data_dir, params["index"])
+        if not len(index):
+            raise ValueError(f"index {params['index']!r} is empty")
+        gallery = np.stack([index.get(k).vector for k in index.keys()])
+        report = retrieval_audit(encoder, images.float() / 255, gallery, threat, params["k"],
+                                 params["steps"], progress=progress)
+        report.update(index=params["index"], gallery_size=len(gallery))
+    report.update(audit=params["audit"], model_id=params["model_id"], audit_id=job_id)
+    ReportStore(data_dir).save(job_id, report)
+    return {"audit_id": job_id, "summary": {k: v for k, v in report.items()
+                                            if isinstance(v, int | float | str | bool)}}
