@@ -28,7 +28,7 @@ def decode_base64(text: str, i: int) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(422, "invalid_image", f"images[{i}] is not valid base64") from None
+        raise APIError(422, "invalid_base64", f"images[{i}] is not valid base64") from None
 
 
 def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.ndarray:
@@ -37,8 +37,8 @@ def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.n
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise APIError(413, "image_too_large", f"images[{i}] is a decompression bomb") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise APIError(413, "image_too_large", f"images[{i}]: {exc}") from None
     except Exception:  # Pillow raises many types for garbage; all mean "not an image"
         raise APIError(
             422, "invalid_image", f"images[{i}] is not a decodable {'/'.join(FORMATS)} image"

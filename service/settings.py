@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     # Request limits: each one a clear 4xx, checked before any heavy work.
     max_body_bytes: int = Field(32 * 2**20, ge=1024)
     max_images: int = Field(256, ge=1)  # per /embed, /search or /predict request
-    max_labeled_images: int = Field(10_000, ge=2)  # per /linear-head or /audits request
+    max_bulk_images: int = Field(10_000, ge=2)  # per gallery add, /linear-head or /audits
     max_image_pixels: int = Field(4096 * 4096, ge=1)  # width * height before decoding
     max_image_side: int = Field(8192, ge=1)
     min_image_side: int = Field(8, ge=1)

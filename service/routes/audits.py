@@ -28,7 +28,7 @@ async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service) -> J
         check_model(svc, body.index)
         if not len(svc.gallery.get(body.index)):
             raise APIError(422, "empty_index", f"index {body.index!r} holds no items to retrieve")
-    arrays["images"] = await svc.decode_base64(body.images, svc.settings.max_labeled_images)
+    arrays["images"] = await svc.decode_base64(body.images, svc.settings.max_bulk_images)
     params = {**body.model_dump(exclude={"images", "labels", "kind"}), "audit": body.kind}
     return await submit_job(svc, "audit", params, **arrays)
 

@@ -1,7 +1,7 @@
 """POST /embed: images (base64 in JSON, or multipart uploads) -> embeddings."""
 
 from fastapi import APIRouter, Request
-from fastapi.datastructures import UploadFile
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.deps import Service

@@ -58,7 +58,7 @@ def delete_index(name: str, svc: Service) -> Response:
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
     check_model(svc, name)
-    pixels = await svc.decode_base64(body.images, svc.settings.max_images)
+    pixels = await svc.decode_base64(body.images, svc.settings.max_bulk_images)
     vectors = await svc.embed(pixels)
     await run_in_threadpool(svc.gallery.add, name, body.keys, vectors, pixels, body.metadata,
                             svc.model_id)

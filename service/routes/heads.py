@@ -25,7 +25,7 @@ def check_labels(labels: list[int], num_classes: int, at_least_two: bool) -> Non
 
 async def labeled_pixels(svc: AppState, body: LabeledSet) -> np.ndarray:
     """uint8 pixels of the submitted images, or of the given keys of an index."""
-    limit = svc.settings.max_labeled_images
+    limit = svc.settings.max_bulk_images
     if body.images is not None:
         return await svc.decode_base64(body.images, limit)
     check_model(svc, body.index)

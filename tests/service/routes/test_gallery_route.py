@@ -1,0 +1,47 @@
+import numpy as np
+from fastapi.testclient import TestClient
+
+from service.main import create_app
+
+
+def test_add_list_remove_and_survive_a_restart(client, settings, labeled):
+    images, labels, classes = labeled
+    picks = list(range(0, len(images), 6))  # 2 per class
+    keys = [f"img/{i}" for i in picks]
+    meta = [{"class": classes[labels[i]], "n": i} for i in picks]
+
+    r = client.post("/indexes", json={"name": "gallery"})
+    assert r.status_code == 201, r.text
+    assert r.json()["count"] == 0
+    r = client.post("/indexes/gallery/items",
+                    json={"keys": keys, "images": [images[i] for i in picks], "metadata": meta})
+    assert r.status_code == 201, r.text
+    assert r.json() == {"index": "gallery", "added": len(keys), "count": len(keys)}
+
+    page = client.get("/indexes/gallery/items", params={"offset": 2, "limit": 3}).json()
+    assert page["count"] == len(keys)
+    assert [i["key"] for i in page["items"]] == keys[2:5]
+    assert [i["metadata"] for i in page["items"]] == meta[2:5]
+    assert [i["name"] for i in client.get("/indexes").json()].count("gallery") == 1
+
+    r = client.delete(f"/indexes/gallery/items/{keys[0]}")  # a key with a slash
+    assert r.status_code == 200 and r.json()["removed"] == 1 and r.json()["count"] == len(keys) - 1
+
+    # A new app on the same data directory: the index, its items and metadata are back.
+    with TestClient(create_app(settings)) as again:
+        info = again.get("/indexes/gallery").json()
+        assert info["count"] == len(keys) - 1
+        hits = again.post("/search", json={"index": "gallery", "images": [images[picks[1]]],
+                                           "k": 1}).json()["results"][0]
+        assert hits[0]["key"] == keys[1] and hits[0]["metadata"] == meta[1]
+        pixels = again.app.state.byorl.gallery.pixels("gallery", keys[1:3])
+        assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == np.uint8
+
+
+def test_delete_index(client, labeled):
+    images = labeled[0]
+    assert client.post("/indexes", json={"name": "scratch"}).status_code == 201
+    client.post("/indexes/scratch/items", json={"keys": ["a"], "images": images[:1]})
+    assert client.delete("/indexes/scratch").status_code == 204
+    assert client.get("/indexes/scratch").status_code == 404
+    assert client.post("/indexes", json={"name": "scratch"}).json()["count"] == 0  # reusable
