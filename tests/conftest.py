@@ -6,7 +6,6 @@ session reuses them and any change to that code rebuilds them.
 """
 
 import hashlib
-import io
 import os
 import shutil
 import tarfile
