@@ -1,0 +1,406 @@
+"""A FAISS index of embeddings under string keys, with JSON metadata, cosine similarity and
+crash-safe persistence. It knows nothing of models beyond the `model_id` of its vectors.
+
+Vectors are L2-normalised and searched by inner product, so scores are cosine similarities.
+The index type is a FAISS factory string ("Flat" exact by default; "IVF1024,Flat", "HNSW32",
+"IVF1024,PQ32", ... approximate). How each family stores user ids:
+
+- flat codes (Flat, SQ8, PQ16): wrapped in IndexIDMap2, whose removal compacts both sides;
+- IVF: ids live in the inverted lists, plus a hash table to reconstruct or remove by id. An
+  IndexIDMap2 around IVF is wrong after a removal (IVF does not renumber, the map assumes it
+  does: search returns other items' keys);
+- graphs (HNSW) cannot delete nodes: removal rebuilds the graph from the remaining vectors
+  (O(n log n); exact for HNSW's flat storage, lossy when the storage is quantised).
+
+Writes (add, update, remove) hold an exclusive lock, searches a shared one: FAISS crashes when
+one thread adds while another searches. With faiss-gpu and a GPU, searches run on a GPU replica
+(flat and IVF types) rebuilt after writes; GPU indexes are unsafe even for concurrent searches,
+so there searches are exclusive too.
+"""
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index.files import atomic_write
+
+FORMAT = 1
+MAGIC = b"BYORLIDX"
+GPU_MAX_K = 2048  # FAISS GPU kernels return at most this many neighbours
+
+
+class EmbeddingIndexError(Exception):
+    """Base class of the errors an EmbeddingIndex raises."""
+
+
+class DimensionMismatchError(EmbeddingIndexError, ValueError):
+    """Vectors whose dimension is not the index's."""
+
+
+class ModelMismatchError(EmbeddingIndexError, ValueError):
+    """Vectors (or an index file) produced by another model than the one expected."""
+
+
+class DuplicateKeyError(EmbeddingIndexError, ValueError):
+    """`add` of a key that is already present: use `update` to change it."""
+
+
+class UnknownKeyError(EmbeddingIndexError, KeyError):
+    """A key that is not in the index."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class InvalidVectorError(EmbeddingIndexError, ValueError):
+    """Vectors with NaN/inf or zero norm (no direction)."""
+
+
+class InvalidMetadataError(EmbeddingIndexError, ValueError):
+    """Metadata that JSON cannot represent."""
+
+
+class TrainingError(EmbeddingIndexError, ValueError):
+    """An IVF/PQ index trains on its first add, and that add held too few vectors."""
+
+
+class CorruptIndexError(EmbeddingIndexError, ValueError):
+    """A file that is not a loadable embedding index."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    key: str
+    score: float  # cosine similarity, in [-1, 1] (approximate for quantised types)
+    metadata: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    key: str
+    vector: np.ndarray  # the stored, normalised vector (approximate for quantised types)
+    metadata: Any
+
+
+class _ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers so it cannot starve."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+
+
+def _make_index(dim: int, factory: str) -> faiss.Index:
+    if "IDMap" in factory:
+        raise ValueError(f"factory {factory!r} must not contain IDMap: ids are managed here")
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"invalid FAISS factory {factory!r} for dimension {dim}: {e}") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.IndexIDMap2(index)
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
+class EmbeddingIndex:
+    """Unit vectors of one model under string keys, with optional JSON metadata per key.
+
+    `nprobe` (IVF) and `ef_search` (HNSW) are search-time defaults, passed per call as FAISS
+    search parameters (never set on the shared index) and saved with it.
+    """
+
+    def __init__(self, dim: int, model_id: str, factory: str = "Flat", *, nprobe: int = 16,
+                 ef_search: int = 64, use_gpu: bool | None = None):
+        if dim < 1:
+            raise ValueError(f"dimension must be >= 1, got {dim}")
+        if not model_id:
+            raise ValueError("model_id must name the model that produced the vectors")
+        self.dim, self.model_id, self.factory = dim, model_id, factory
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self._index = _make_index(dim, factory)
+        self._ids: dict[str, int] = {}
+        self._keys: dict[int, str] = {}
+        self._meta: dict[str, str | None] = {}  # JSON text: validated once, copied on every read
+        self._next_id = 0
+        self._lock = _ReadWriteLock()
+        self._ivf = faiss.try_extract_index_ivf(self._index) is not None
+        self._graph = not self._ivf and not isinstance(
+            faiss.downcast_index(self._index.index), faiss.IndexFlatCodes)
+        self._on_gpu = (gpu_available() if use_gpu is None else use_gpu) and not self._graph
+        self._gpu_index = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ids
+
+    def keys(self) -> list[str]:
+        """All keys, in insertion order."""
+        with self._lock.read():
+            return list(self._ids)
+
+    def get(self, key: str) -> Item:
+        with self._lock.read():
+            if key not in self._ids:
+                raise UnknownKeyError(f"unknown key {key!r}")
+            vector = self._index.reconstruct(self._ids[key])
+            return Item(key, vector, self._metadata(key))
+
+    def search(self, queries, k: int = 10, *, model_id: str | None = None,
+               nprobe: int | None = None, ef_search: int | None = None) -> list[list[Hit]]:
+        """The k most cosine-similar items of each query (a vector or an (n, dim) batch), best
+        first; fewer than k when the index holds fewer items."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = self._normalised(queries, model_id)
+        params = self._search_params(nprobe, ef_search)
+        lock = self._lock.write if self._on_gpu else self._lock.read
+        with lock():
+            if not self._ids:
+                return [[] for _ in range(len(q))]
+            index = self._gpu() if k <= GPU_MAX_K else self._index
+            scores, ids = index.search(q, min(k, len(self._ids)), params=params)
+            return [
+                [Hit(self._keys[i], float(s), self._metadata(self._keys[i]))
+                 for s, i in zip(srow, irow, strict=True) if i >= 0]
+                for srow, irow in zip(scores, ids, strict=True)
+            ]
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def add(self, keys: Sequence[str], vectors, metadata: Sequence[Any] | None = None, *,
+            model_id: str | None = None) -> None:
+        """Add new keys (a duplicate is refused). The first add trains IVF/PQ types on its
+        vectors, so it must hold enough of them (at least the number of lists/centroids)."""
+        keys = _key_list(keys)
+        x = self._normalised(vectors, model_id, len(keys))
+        meta = _metadata_texts(metadata, len(keys))
+        with self._lock.write():
+            dupes, seen = [], set()
+            for k in keys:
+                if k in self._ids or k in seen:
+                    dupes.append(k)
+                seen.add(k)
+            if dupes:
+                raise DuplicateKeyError(f"keys already present (use update): {dupes[:5]}")
+            if not keys:
+                return
+            ids = np.arange(self._next_id, self._next_id + len(keys), dtype=np.int64)
+            if not self._index.is_trained:
+                try:
+                    self._index.train(x)
+                except RuntimeError as e:
+                    raise TrainingError(
+                        f"{self.factory} trains on its first add, which had only {len(x)} "
+                        f"vectors: {str(e).splitlines()[0]}") from None
+            self._index.add_with_ids(x, ids)
+            self._gpu_index = None
+            self._next_id += len(keys)
+            for key, i, m in zip(keys, ids.tolist(), meta, strict=True):
+                self._ids[key], self._keys[i], self._meta[key] = i, key, m
+
+    def update(self, key: str, vector=None, metadata: Any = None, *,
+               model_id: str | None = None) -> None:
+        """Replace the vector and/or the metadata of a key (None leaves that part unchanged)."""
+        x = None if vector is None else self._normalised(vector, model_id, 1)
+        meta = None if metadata is None else _metadata_texts([metadata], 1)[0]
+        with self._lock.write():
+            if key not in self._ids:
+                raise UnknownKeyError(f"unknown key {key!r}")
+            if x is not None:
+                i = self._ids[key]
+                self._remove_ids(np.array([i], dtype=np.int64))
+                self._index.add_with_ids(x, np.array([i], dtype=np.int64))
+                self._gpu_index = None
+            if meta is not None:
+                self._meta[key] = meta
+
+    def remove(self, keys: Sequence[str], *, missing_ok: bool = False) -> int:
+        """Remove keys; returns how many were removed. Unknown keys raise unless missing_ok."""
+        keys = list(dict.fromkeys(_key_list(keys)))
+        with self._lock.write():
+            missing = [k for k in keys if k not in self._ids]
+            if missing and not missing_ok:
+                raise UnknownKeyError(f"unknown keys: {missing[:5]}")
+            present = [k for k in keys if k in self._ids]
+            self._remove_ids(np.array([self._ids[k] for k in present], dtype=np.int64))
+            for key in present:
+                del self._keys[self._ids.pop(key)]
+                del self._meta[key]
+            return len(present)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole index (vectors, keys, metadata, model id) as one file, atomically."""
+        with self._lock.read():
+            blob = faiss.serialize_index(self._index)
+            keys = list(self._ids)
+            header = {
+                "format": FORMAT, "dim": self.dim, "model_id": self.model_id,
+                "factory": self.factory, "nprobe": self.nprobe, "ef_search": self.ef_search,
+                "keys": keys, "ids": [self._ids[k] for k in keys],
+                "metadata": [self._meta[k] for k in keys],
+                "index_bytes": blob.nbytes, "index_sha256": hashlib.sha256(blob).hexdigest(),
+            }
+        head = json.dumps(header).encode()
+        atomic_write(path, [MAGIC, len(head).to_bytes(8, "little"), head, memoryview(blob)])
+
+    @classmethod
+    def load(cls, path: str | Path, *, model_id: str | None = None,
+             use_gpu: bool | None = None) -> "EmbeddingIndex":
+        """Read an index saved by `save`; with model_id, refuse one built from another model."""
+        data = Path(path).read_bytes()
+        if data[: len(MAGIC)] != MAGIC:
+            raise CorruptIndexError(f"{path} is not an embedding index file")
+        start = len(MAGIC) + 8
+        end = start + int.from_bytes(data[len(MAGIC) : start], "little")
+        try:
+            h = json.loads(data[start:end])
+        except ValueError as e:
+            raise CorruptIndexError(f"{path}: unreadable header ({e})") from None
+        if h.get("format") != FORMAT:
+            raise CorruptIndexError(f"{path}: format {h.get('format')}, expected {FORMAT}")
+        blob = np.frombuffer(data, dtype=np.uint8, offset=end)
+        if blob.nbytes != h["index_bytes"] or hashlib.sha256(blob).hexdigest() != h["index_sha256"]:
+            raise CorruptIndexError(f"{path}: the FAISS data does not match its checksum")
+        if model_id is not None and h["model_id"] != model_id:
+            raise ModelMismatchError(
+                f"{path} holds vectors of model {h['model_id']!r}, expected {model_id!r}")
+        obj = cls(h["dim"], h["model_id"], h["factory"], nprobe=h["nprobe"],
+                  ef_search=h["ef_search"], use_gpu=use_gpu)
+        obj._index = faiss.deserialize_index(blob)
+        if obj._index.d != h["dim"] or obj._index.ntotal != len(h["keys"]):
+            raise CorruptIndexError(f"{path}: the FAISS index disagrees with its key table")
+        obj._ids = dict(zip(h["keys"], h["ids"], strict=True))
+        obj._keys = {i: k for k, i in obj._ids.items()}
+        obj._meta = dict(zip(h["keys"], h["metadata"], strict=True))
+        obj._next_id = max(h["ids"], default=-1) + 1
+        return obj
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _normalised(self, vectors, model_id: str | None, n: int | None = None) -> np.ndarray:
+        if model_id is not None and model_id != self.model_id:
+            raise ModelMismatchError(
+                f"vectors of model {model_id!r} given to an index of model {self.model_id!r}")
+        x = np.asarray(vectors, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise DimensionMismatchError(
+                f"expected vectors of dimension {self.dim}, got an array of shape {x.shape}")
+        if n is not None and len(x) != n:
+            raise ValueError(f"{n} keys but {len(x)} vectors")
+        if not np.isfinite(x).all():
+            raise InvalidVectorError("vectors contain NaN or infinity")
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if (norms == 0).any():
+            rows = np.flatnonzero(norms[:, 0] == 0)[:5].tolist()
+            raise InvalidVectorError(f"zero vectors have no direction (rows {rows})")
+        return np.ascontiguousarray(x / norms)
+
+    def _metadata(self, key: str) -> Any:
+        text = self._meta[key]
+        return None if text is None else json.loads(text)
+
+    def _search_params(self, nprobe: int | None, ef_search: int | None):
+        if self._ivf:
+            return faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
+        if self._graph:
+            return faiss.SearchParametersHNSW(efSearch=ef_search or self.ef_search)
+        return None
+
+    def _gpu(self) -> faiss.Index:
+        if not self._on_gpu:
+            return self._index
+        if self._gpu_index is None:
+            self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+        return self._gpu_index
+
+    def _remove_ids(self, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        self._gpu_index = None
+        if not self._graph:
+            self._index.remove_ids(ids)
+            return
+        # A graph cannot drop nodes: rebuild it, keeping the trained storage, from the rest.
+        all_ids = faiss.vector_to_array(self._index.id_map)
+        inner = self._index.index
+        keep = ~np.isin(all_ids, ids)
+        vectors = inner.reconstruct_n(0, inner.ntotal)[keep]
+        fresh = faiss.clone_index(self._index)
+        fresh.reset()
+        fresh.add_with_ids(vectors, all_ids[keep])
+        self._index = fresh
+
+
+def _key_list(keys: Sequence[str]) -> list[str]:
+    if isinstance(keys, str):
+        raise TypeError("keys must be a sequence of strings, not one string")
+    keys = list(keys)
+    bad = [k for k in keys if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"keys must be strings, got {bad[:3]}")
+    return keys
+
+
+def _metadata_texts(metadata: Sequence[Any] | None, n: int) -> list[str | None]:
+    if metadata is None:
+        return [None] * n
+    metadata = list(metadata)
+    if len(metadata) != n:
+        raise ValueError(f"{n} keys but {len(metadata)} metadata entries")
+    try:
+        return [None if m is None else json.dumps(m, allow_nan=False) for m in metadata]
+    except (TypeError, ValueError) as e:
+        raise InvalidMetadataError(f"metadata must be JSON-serialisable: {e}") from None

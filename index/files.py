@@ -1,0 +1,43 @@
+"""Crash-safe file writes and file hashes, shared by the index, the exporter and the service."""
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write `chunks` to `path` so that a crash at any moment leaves the old file or the new one.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, then
+    renamed over `path` (atomic on POSIX), and the directory is fsynced so the rename itself is
+    durable. A killed writer may leave a `.NAME.tmp-*` file behind, never a torn `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so large models need no extra memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
