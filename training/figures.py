@@ -122,6 +122,8 @@ def loss_landscape(
     return {
         "u": coords.numpy(),
         "v": coords.numpy(),
+        "u_direction": u.numpy(),
+        "v_direction": v.numpy(),
         "margin": _margins(model, x, y, grid).reshape(resolution, resolution),
         "ball": ball.numpy(),
         "ball_margin": _margins(model, x, y, ball_deltas),

@@ -1,0 +1,118 @@
+"""The grid on a tiny ImageFolder: every method runs, outputs are written, reruns resume."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.attacks import ThreatModel
+from training.baselines import BaselineConfig
+from training.experiment import ExperimentConfig, cell_key, run_experiment
+from training.heads import HeadConfig
+
+METHODS = ["byorl", "byol", "at", "uat_ft"]
+AMOUNTS = [0.25, 1.0]
+THREAT = ThreatModel("linf", 64 / 255)  # large: the suite breaks the tiny models fast
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_folder(root, split: str, per_class: int, seed: int) -> None:
+    """Three classes of noisy 8x8 images, one colour each."""
+    rng = np.random.default_rng(seed)
+    for c, colour in enumerate(np.eye(3) * 0.4 + 0.3):
+        d = root / split / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            px = np.clip(colour + 0.15 * rng.standard_normal((8, 8, 3)), 0, 1)
+            Image.fromarray((px * 255).astype(np.uint8)).save(d / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    write_folder(root / "data", "train", 60, 0)
+    write_folder(root / "data", "test", 16, 1)
+    torch.set_num_threads(1)
+    return ExperimentConfig(
+        out=str(root / "out"), data=str(root / "data"), image_size=8, methods=METHODS,
+        label_amounts=AMOUNTS, threats=[THREAT],
+        pretrain={"model": {"arch": "preact_resnet_small", "proj_hidden": 32, "proj_dim": 16},
+                  "attack": {"steps": 1},
+                  "optim": {"epochs": 1, "warmup_epochs": 0, "batch_size": 32, "lr": 0.1}},
+        robust_head=False,
+        head=HeadConfig(epochs=3, decay_epoch=2, batch_size=32, min_steps=0),
+        baseline=BaselineConfig(arch="preact_resnet_small", width=1, steps=6, teacher_steps=6,
+                                batch_size=32, attack_steps=2, eval_every=3, eval_attack_steps=2),
+        eval_size=8, val_size=32,
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(config):
+    seen = []
+    result = run_experiment(config, progress=lambda done, total, key: seen.append((done, total)))
+    return result, seen
+
+
+def test_every_cell_runs_and_is_reported(config, first_run):
+    result, seen = first_run
+    keys = [cell_key(m, THREAT, a) for m in METHODS for a in AMOUNTS]
+    assert sorted(result["ran"]) == sorted(keys) and result["skipped"] == []
+    assert seen == [(i + 1, len(keys)) for i in range(len(keys))]
+    for row in result["rows"]:
+        assert 0 <= row["robust_accuracy"] <= row["clean_accuracy"] <= 1
+        assert row["eval_mode"] == "quick" and row["eval_images"] == 8
+        # every method of a label amount saw the same number of labels
+        assert row["num_labels"] == {0.25: 37, 1.0: 148}[row["label_amount"]]
+    uat = [r for r in result["rows"] if r["method"] == "uat_ft" and r["label_amount"] < 1]
+    assert 0 <= uat[0]["pseudo_label_accuracy"] <= 1
+    out = config.out
+    for name in ("byol", "byorl-linf"):  # encoders trained on demand, one per kind
+        assert (torch.load(f"{out}/encoders/{name}/checkpoint.pt", weights_only=False)["step"]
+                == 180 // 32)
+
+
+def test_outputs_are_written(config, first_run):
+    rows, out = first_run[0]["rows"], config.out
+    with open(f"{out}/results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) == len(METHODS) * len(AMOUNTS)
+    assert {r["method"] for r in table} == set(METHODS)
+    assert json.loads(open(f"{out}/results.json").read()) == rows
+    markdown = open(f"{out}/results.md").read()
+    assert "ε = 64/255" in markdown and "| 25% labels | 100% labels |" in markdown
+    for method in METHODS:
+        assert f"| {method} |" in markdown
+    for metric in ("robust", "clean"):
+        with open(f"{out}/figures/{metric}_accuracy_linf_64of255.png", "rb") as f:
+            assert f.read(8) == PNG
+
+
+def test_rerun_skips_finished_cells_and_redoes_missing_ones(config, first_run):
+    cells = Path(config.out, "cells")
+    written = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()}
+    again = run_experiment(config)
+    assert again["ran"] == [] and len(again["skipped"]) == len(written)
+    assert again["rows"] == first_run[0]["rows"]
+    assert {p.name: p.stat().st_mtime_ns for p in cells.iterdir()} == written  # untouched
+    key = cell_key("at", THREAT, 0.25)
+    (cells / f"{key}.json").unlink()
+    assert run_experiment(config)["ran"] == [key]
+
+
+def test_rerun_with_other_settings_refuses_to_mix(config, first_run):
+    changed = ExperimentConfig.from_dict({**config.to_dict(), "eval_size": 12})
+    with pytest.raises(ValueError, match="other settings"):
+        run_experiment(changed)
+
+
+def test_byol_cells_refuse_a_byorl_encoder(config, first_run, tmp_path):
+    wrong = ExperimentConfig.from_dict({
+        **config.to_dict(), "out": str(tmp_path), "methods": ["byol"],
+        "byol_checkpoint": f"{config.out}/encoders/byorl-linf"})
+    with pytest.raises(ValueError, match="not BYOL"):
+        run_experiment(wrong)
