@@ -11,7 +11,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from index import faiss_index as fi
 from service.store import Conflict, NotFound
@@ -50,14 +49,9 @@ def describe_validation(errors) -> tuple[int, str, str]:
 
 
 def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    code = getattr(exc, "code", None)
-    message = str(exc.detail)
-    if code is None and exc.status_code == 413:  # FastAPI's own request body limit
-        code = "payload_too_large"
-        limit = request.scope[MAX_BODY_SIZE_SCOPE_KEY]
-        message = f"request body exceeds the limit of {limit} bytes"
-    code = code or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
-    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+    phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    code = getattr(exc, "code", None) or phrase
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
 
 def _validation_error(request: Request, exc: RequestValidationError | ValidationError):

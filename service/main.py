@@ -16,6 +16,7 @@ from service.errors import install_error_handlers
 from service.gallery import Gallery
 from service.jobs import make_queue
 from service.metrics import JOB_QUEUE, MetricsMiddleware
+from service.middleware import BodyLimitMiddleware
 from service.routes import audits, embed, gallery, heads, health, jobs, models, search
 from service.settings import Settings
 from service.store import HeadStore, JobStore, ReportStore
@@ -53,10 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Adversarially robust self-supervised image embeddings, served.",
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,  # checked on Content-Length and streamed bytes
     )
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
     app.include_router(health.router)
     for module in (embed, gallery, search, heads, audits, jobs, models):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])

@@ -44,8 +44,11 @@ def get_audit_report(audit_id: str, svc: Service) -> dict:
     try:
         return svc.reports.get(audit_id)
     except NotFound:
-        job = svc.jobs.get(audit_id)
-        if job["kind"] != "audit":
+        try:
+            job = svc.jobs.get(audit_id)
+        except NotFound:
+            job = None
+        if job is None or job["kind"] != "audit":
             raise
         raise APIError(409, "audit_not_finished", f"audit {audit_id!r} is {job['state']}: "
                        f"see /jobs/{audit_id}") from None

@@ -1,0 +1,57 @@
+"""Request body limit as pure ASGI middleware, answering in the API's JSON error shape.
+
+A declared Content-Length over the limit is refused before the app runs or a byte is read; a
+chunked (or lying) body is counted as it streams and refused the moment it crosses the limit.
+(FastAPI's own `max_body_size` answers a declared oversize body in plain text, whatever the
+app's error handlers say.)
+"""
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import APIError, error_response
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413, "payload_too_large", f"request body exceeds the limit of {self.max_bytes} bytes"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen, started = 0, False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()  # an HTTPException: the app's handlers answer it
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except APIError as exc:  # raised where no handler caught it (e.g. in a middleware)
+            if started or exc.code != "payload_too_large":
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exc = self._too_large()
+        response = error_response(exc.status_code, exc.code, exc.detail, {"Connection": "close"})
+        await response(scope, receive, send)
