@@ -182,7 +182,9 @@ def retrieval_demo(
     if toward:  # a random gallery image whose class differs from the query's
         other = gallery.labels[None, :] != queries.labels[:, None]
         target_idx = torch.multinomial(other.float(), 1, generator=gen).squeeze(1)
-    summary, rows = {}, []
+    summary, rows, toward_title = {}, [], ""
+    if target_idx is not None:
+        toward_title = f" -> {gallery.classes[gallery.labels[target_idx[show]]]}"
     for name, path in encoders.items():
         encoder, _ = load_encoder(path)
         targets = None if target_idx is None else embed(encoder, gallery.images[target_idx])
@@ -191,7 +193,7 @@ def retrieval_demo(
         summary[name] = {"checkpoint": str(path), **summarize(result)}
         rows += [(f"{name}: query", to_float(queries.images[show]),
                   result["neighbours_clean"][show].tolist()),
-                 (f"{name}: perturbed", result["adversarial"][show],
+                 (f"{name}: perturbed{toward_title}", result["adversarial"][show],
                   result["neighbours_adversarial"][show].tolist())]
     out = Path(out)
     plot_neighbours(rows, gallery.images, gallery.labels, gallery.classes,
