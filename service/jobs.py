@@ -19,6 +19,7 @@ from service.store import JobStore
 log = logging.getLogger(__name__)
 TASK = "byorl.run_job"
 QUEUE = "celery"  # Celery's default queue: its Redis list length is the queue depth
+FAST_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -39,10 +40,11 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=settings.job_time_limit_s,
         task_time_limit=settings.job_time_limit_s + 5,
         broker_transport_options=transport,
-        result_backend_transport_options=transport,
+        # Fail in seconds, not the default ~20 s, when Redis is down at submission.
+        result_backend_transport_options={**transport, "retry_policy": FAST_RETRY},
         result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True,
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        task_publish_retry_policy=FAST_RETRY,
         worker_hijack_root_logger=False,
     )
     return app
@@ -81,6 +83,7 @@ class EmbeddedQueue:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self._closing = False
         self._outstanding: set[Future] = set()
         self._pool = self._new_pool()
         for job in JobStore(settings.data_dir).list():
@@ -107,14 +110,18 @@ class EmbeddedQueue:
 
     def _done(self, job_id: str, future: Future) -> None:
         self._outstanding.discard(future)
-        if future.cancelled() or future.exception() is None:
+        if self._closing or future.cancelled() or future.exception() is None:
             return
         exc = future.exception()
-        if isinstance(exc, BrokenProcessPool):  # died without recording why
-            jobs = JobStore(self.settings.data_dir)
-            if jobs.get(job_id)["state"] in ("queued", "running"):
-                jobs.update(job_id, state="failed", stage="failed", error="the job process died")
         log.error("job %s failed: %r", job_id, exc)
+        if not isinstance(exc, BrokenProcessPool):  # run_job recorded the failure itself
+            return
+        jobs = JobStore(self.settings.data_dir)
+        state = jobs.get(job_id)["state"]
+        if state == "running":  # its process died (out of memory?) without recording why
+            jobs.update(job_id, state="failed", stage="failed", error="the job process died")
+        elif state == "queued":  # another job's process died and took the pool with it
+            self.submit(job_id)
 
     def depth(self) -> int:
         return max(0, len(self._outstanding) - self.settings.embedded_workers)
@@ -124,6 +131,7 @@ class EmbeddedQueue:
 
     def close(self) -> None:
         """Stop now: a running job is killed and runs again, from its inputs, at next start."""
+        self._closing = True
         processes = list(self._pool._processes.values())  # no public way before Python 3.14
         self._pool.shutdown(wait=False, cancel_futures=True)
         for p in processes:
