@@ -1,0 +1,189 @@
+"""The attack suite on small models trained here in seconds: a linear classifier on raw pixels,
+whose exact worst case under an linf budget has a closed form, and a tiny ReLU conv net."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchattacks
+from torch import nn
+from torch.nn import functional as F
+
+from training.attacks import APGD, ThreatModel
+from training.data import load_images
+from training.evaluate import SUITES, MultiTargeted, evaluate_robustness, margin_loss, suite
+from training.heads import to_float
+
+ROOT = Path(__file__).resolve().parents[2]
+CIFAR = ROOT / "../shared/data/cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def data(image_folder):
+    """(train x, train y, test x, test y): CIFAR-10 test-split images when the shared archive is
+    present (2000 to train on, 100 to attack), else the generated stand-in images."""
+    torch.set_num_threads(1)
+    source = CIFAR if CIFAR.exists() else image_folder
+    images = load_images(str(source), "test", cache_dir=ROOT / ".cache" / "tests")
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    n_test = min(100, len(images) // 3)
+    train, test = perm[n_test : n_test + 2000], perm[:n_test]
+    x = to_float(images.images)
+    return x[train], images.labels[train], x[test], images.labels[test]
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(y), (128,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def linear(data):
+    torch.manual_seed(0)
+    return fit(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), data[0], data[1])
+
+
+@pytest.fixture(scope="module")
+def convnet(data):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    return fit(net, data[0], data[1], steps=300)
+
+
+def exact_linf_robust(linear: nn.Sequential, x, y, eps) -> torch.Tensor:
+    """Per example: robust to every x' in the linf ball and [0, 1]? For logits Wx + b the best
+    move toward class t is coordinate-wise: each pixel goes eps toward sign(w_t - w_y), clipped
+    to [0, 1]; the point is robust iff no target t then overtakes y."""
+    w, b = linear[1].weight.detach(), linear[1].bias.detach()
+    flat = x.flatten(1)
+    robust = (flat @ w.T + b).argmax(1) == y
+    for t in range(w.shape[0]):
+        c = w[t] - w[y]  # (N, D)
+        delta = (flat + eps * c.sign()).clamp(0, 1) - flat
+        gain = ((flat + delta) * c).sum(1) + b[t] - b[y]
+        robust &= (gain <= 0) | (t == y)
+    return robust
+
+
+def test_margin_loss_is_best_other_logit_minus_true_logit():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    assert margin_loss(logits, torch.tensor([0, 1])).tolist() == [2.0, -1.0]
+
+
+def test_full_mode_is_the_papers_suite():
+    s = SUITES["full"]
+    assert (s.apgd_restarts, s.apgd_steps, s.mt_restarts, s.mt_steps, s.square_queries) == (
+        5, 100, 20, 200, 5000)
+    assert [name for name, _, _ in suite("full", 10)] == [
+        "apgd-ce", "apgd-dlr", "multitargeted", "square"]
+    assert "apgd-dlr" not in [name for name, _, _ in suite("full", 2)]  # DLR needs 3 classes
+
+
+def test_suite_reaches_the_exact_worst_case_of_a_linear_model(data, linear):
+    x, y = data[2], data[3]
+    eps = 1 / 255
+    exact = exact_linf_robust(linear, x, y, eps).float().mean().item()
+    clean = (linear(x).argmax(1) == y).float().mean().item()
+    assert 0 < exact < clean  # the budget matters but does not break everything
+    result = evaluate_robustness(linear, x, y, ThreatModel("linf", eps), "quick")
+    assert result["clean_accuracy"] == pytest.approx(clean)
+    assert result["robust_accuracy"] == pytest.approx(exact)  # no attack can go lower
+    # MultiTargeted alone, one restart per wrong class, finds the exact optimum too.
+    mt = MultiTargeted(linear, "linf", eps, steps=10, restarts=9).perturb(x, y)
+    assert (linear(mt).argmax(1) == y).float().mean().item() == pytest.approx(exact)
+    assert (mt - x).abs().max() <= eps + 1e-6
+
+
+@pytest.mark.parametrize("threat", [ThreatModel("linf", 8 / 255), ThreatModel("l2", 1.0)])
+def test_multitargeted_fools_an_undefended_model(data, convnet, threat):
+    x, y = data[2], data[3]
+    with torch.no_grad():
+        correct = convnet(x).argmax(1) == y
+    x, y = x[correct], y[correct]
+    x_adv = MultiTargeted(convnet, threat.norm, threat.eps, steps=20, restarts=3).perturb(x, y)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if threat.norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= threat.eps * (1 + 1e-5)
+    assert 0 <= x_adv.min() and x_adv.max() <= 1
+    with torch.no_grad():
+        fooled = convnet(x_adv).argmax(1) != y
+    assert fooled.float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 1 / 255), ("l2", 0.1)])
+def test_project_apgd_at_least_as_strong_as_library_pgd(data, convnet, norm, eps):
+    x, y = data[2], data[3]
+    torch.manual_seed(0)
+    if norm == "linf":
+        pgd = torchattacks.PGD(convnet, eps=eps, alpha=eps / 4, steps=20, random_start=True)
+    else:
+        pgd = torchattacks.PGDL2(convnet, eps=eps, alpha=eps / 4, steps=20, random_start=True)
+    x_pgd = pgd(x, y)
+
+    def ce(x_adv, y):
+        return F.cross_entropy(convnet(x_adv), y, reduction="none")
+
+    x_apgd = APGD(ce, norm, eps, steps=20).perturb(x, y)
+    with torch.no_grad():
+        clean = (convnet(x).argmax(1) == y).float().mean()
+        z_pgd, z_apgd = convnet(x_pgd), convnet(x_apgd)
+    acc_pgd = (z_pgd.argmax(1) == y).float().mean()
+    acc_apgd = (z_apgd.argmax(1) == y).float().mean()
+    assert 0 < acc_pgd < clean  # a budget where the comparison means something
+    assert acc_apgd <= acc_pgd
+    assert F.cross_entropy(z_apgd, y) >= F.cross_entropy(z_pgd, y)
+    suite_acc = evaluate_robustness(convnet, x, y, ThreatModel(norm, eps))["robust_accuracy"]
+    assert suite_acc <= acc_apgd
+
+
+def test_evaluation_of_a_trained_model_passes_its_sanity_checks(data, convnet):
+    x, y = data[2], data[3]
+    with torch.no_grad():
+        clean = (convnet(x).argmax(1) == y).float().mean().item()
+    assert clean > 0.25  # trained: 10 classes
+    convnet.train()  # evaluation must switch BatchNorm to running statistics, then restore
+    result = evaluate_robustness(convnet, x, y, ThreatModel("linf", 8 / 255), batch_size=32)
+    assert convnet.training
+    convnet.eval()
+    assert result["mode"] == "quick" and result["n"] == len(y)
+    assert result["clean_accuracy"] == pytest.approx(clean)
+    assert result["robust_accuracy"] <= result["clean_accuracy"]
+    assert result["robust_accuracy"] < 0.05  # undefended
+    assert result["checks_passed"], result["checks"]
+    ladder = result["checks"]["non_increasing_in_eps"]["ladder"]
+    assert ladder[0]["eps"] == 0 and ladder[0]["robust_accuracy"] == pytest.approx(clean)
+    assert ladder[-1]["robust_accuracy"] <= 0.05
+    accs = [a["robust_accuracy"] for a in result["attacks"]]
+    assert accs == sorted(accs, reverse=True)  # each attack only removes points
+    zero = evaluate_robustness(convnet, x, y, ThreatModel("linf", 0.0))
+    assert zero["robust_accuracy"] == pytest.approx(clean)
+
+
+def test_checks_flag_gradient_masking(data, convnet):
+    """Rounding the input to 4 grey levels zeroes every input gradient: the white-box attacks
+    only get their random start, while Square's search still finds its way."""
+    x, y = data[2], data[3]
+    masked = nn.Sequential(Quantize(), convnet).eval()
+    result = evaluate_robustness(masked, x, y, ThreatModel("linf", 16 / 255))
+    checks = result["checks"]
+    assert checks["nonzero_gradients"]["zero_gradient_fraction"] == 1.0
+    assert not checks["nonzero_gradients"]["passed"]
+    assert not checks["square_not_better_than_whitebox"]["passed"]
+    assert not result["checks_passed"]
+
+
+class Quantize(nn.Module):
+    def forward(self, x):
+        return torch.round(x * 3) / 3

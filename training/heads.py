@@ -1,0 +1,200 @@
+"""Linear heads on frozen encoders, trained clean or adversarially (paper section 4.1, appendix A).
+
+Protocol: Adam, 50 epochs, lr 2e-3 divided by 10 after half of them, early stopping on the
+1024 validation images (robust accuracy for robust heads). With few labels an epoch is only a
+handful of optimiser steps (500 labels at batch 128 = 4 steps), and 50 such epochs underfit, so
+each of the 50 epochs repeats the labeled set until the run totals at least `min_steps` steps:
+the schedule and the early-stopping grid stay the paper's, only the step count grows.
+
+The head sees features standardised with the labeled set's clean statistics, folded into W and
+b at the end: Adam's fixed step then means the same for any encoder's feature scale (a random
+encoder's features are ~0.01 and barely move under lr 2e-3), and the result is still W e(x) + b.
+"""
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from training.attacks import PGD, check_budget
+from training.data import ImageSet
+
+# progress(done, total, what): called after every unit of work (an epoch here).
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class HeadConfig:
+    robust: bool = False  # adversarial training of the head through the frozen encoder
+    norm: str = "linf"
+    eps: float = 8 / 255
+    attack_steps: int = 10  # PGD steps of the training (and robust validation) attack
+    epochs: int = 50
+    lr: float = 2e-3
+    decay_epoch: int = 25  # lr / 10 from this epoch on
+    batch_size: int = 128
+    min_steps: int = 2000  # repeat the labeled set within each epoch until the run has this many
+    seed: int = 0
+
+    def __post_init__(self):
+        check_budget(self.norm, self.eps)
+        if min(self.attack_steps, self.epochs, self.batch_size) < 1 or self.min_steps < 0:
+            raise ValueError("attack_steps, epochs and batch_size must be >= 1, min_steps >= 0")
+
+
+class Classifier(nn.Module):
+    """Encoder + linear head: pixels in [0, 1] -> logits, an ordinary classifier to attack."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class StandardizedLinear(nn.Module):
+    """Linear layer on standardised inputs; `fold()` returns the equivalent plain nn.Linear."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = nn.Linear(len(mean), num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.linear((f - self.mean) / self.std)
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        w = self.linear.weight / self.std
+        out = nn.Linear(w.shape[1], w.shape[0]).to(w.device)
+        out.weight.copy_(w)
+        out.bias.copy_(self.linear.bias - w @ self.mean)
+        return out
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1]; float input is taken to be in [0, 1] already."""
+    return images.float().div(255) if images.dtype == torch.uint8 else images.float()
+
+
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Frozen features of uint8 or [0, 1] images, encoder in eval mode, no augmentation."""
+    encoder.eval()
+    dev = _device(encoder)
+    return torch.cat(
+        [encoder(to_float(b).to(dev)).float().cpu() for b in images.split(batch_size)]
+    )
+
+
+def _pgd(model: nn.Module, config: HeadConfig) -> PGD:
+    def loss_fn(x_adv, y):
+        return F.cross_entropy(model(x_adv), y, reduction="none")
+
+    return PGD(loss_fn, config.norm, config.eps, config.attack_steps)
+
+
+def _accuracy(model: nn.Module, data: ImageSet, config: HeadConfig) -> float:
+    """Accuracy of the classifier, under the training attack when the head is robust."""
+    dev, correct = _device(model), 0
+    for idx in torch.arange(len(data)).split(config.batch_size):
+        x, y = to_float(data.images[idx]).to(dev), data.labels[idx].to(dev)
+        if config.robust:
+            x = _pgd(model, config).perturb(x, y)
+        with torch.no_grad():
+            correct += (model(x).argmax(1) == y).sum().item()
+    return correct / len(data)
+
+
+def fit_linear_head(
+    encoder: nn.Module,
+    train: ImageSet,
+    val: ImageSet | None,
+    num_classes: int,
+    config: HeadConfig | None = None,
+    progress: Progress | None = None,
+) -> tuple[nn.Linear, dict]:
+    """Fit W e(x) + b on the frozen encoder; return the head of the best validation epoch.
+
+    history: per-epoch train_loss and train_acc (on the batches trained on, adversarial for
+    robust heads), val_acc, lr; best_epoch, best_val_acc, passes_per_epoch, optimizer_steps.
+
+    Non-robust heads train on features computed once. Robust heads attack the input pixels with
+    PGD on the cross-entropy through the frozen encoder (eval mode) at every batch. Ties in
+    validation accuracy keep the earlier epoch; without a validation set the last epoch is kept.
+    """
+    config = config or HeadConfig()
+    encoder.eval()
+    dev = _device(encoder)
+    gen = torch.Generator().manual_seed(config.seed)
+    feats = encode(encoder, train.images, config.batch_size)
+    val_feats = None if config.robust or val is None else encode(encoder, val.images)
+    torch.manual_seed(config.seed)
+    head = StandardizedLinear(feats.mean(0), feats.std(0).clamp_min(1e-6), num_classes).to(dev)
+    model = Classifier(encoder, head).eval()
+    opt = torch.optim.Adam(head.parameters(), lr=config.lr)
+    batches_per_pass = math.ceil(len(train) / config.batch_size)
+    passes = max(1, math.ceil(config.min_steps / (config.epochs * batches_per_pass)))
+
+    history = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
+    best_acc, best_state, best_epoch, steps = -1.0, None, None, 0
+    for epoch in range(config.epochs):
+        lr = config.lr * (0.1 if epoch >= config.decay_epoch else 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(passes):
+            for idx in torch.randperm(len(train), generator=gen).split(config.batch_size):
+                y = train.labels[idx].to(dev)
+                if config.robust:
+                    x = _pgd(model, config).perturb(to_float(train.images[idx]).to(dev), y)
+                    with torch.no_grad():
+                        f = encoder(x)
+                else:
+                    f = feats[idx].to(dev)
+                logits = head(f)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                loss_sum += loss.item() * len(idx)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(idx)
+        history["train_loss"].append(loss_sum / seen)
+        history["train_acc"].append(correct / seen)
+        history["lr"].append(lr)
+        if val is not None:
+            if config.robust:
+                acc = _accuracy(model, val, config)
+            else:
+                with torch.no_grad():
+                    preds = head(val_feats.to(dev)).argmax(1).cpu()
+                acc = (preds == val.labels).float().mean().item()
+            history["val_acc"].append(acc)
+            if acc > best_acc:
+                best_acc, best_epoch = acc, epoch
+                best_state = copy.deepcopy(head.state_dict())
+        if progress is not None:
+            progress(epoch + 1, config.epochs, "head epochs")
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    history.update(
+        best_epoch=best_epoch if val is not None else config.epochs - 1,
+        best_val_acc=best_acc if val is not None else None,
+        passes_per_epoch=passes,
+        optimizer_steps=steps,
+        val_metric="robust accuracy (PGD)" if config.robust else "clean accuracy",
+    )
+    return head.fold(), history
