@@ -7,6 +7,7 @@ Rademacher direction (v). A smooth surface that falls below zero only far from t
 for real robustness; a jagged one for masked gradients.
 """
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import torch
 from torch import nn
 
 from training.attacks import PGD, ThreatModel
+from training.checkpoint import load_encoder
+from training.data import label_subset, load_images
 from training.evaluate import margin_loss
+from training.heads import Classifier, HeadConfig, fit_linear_head, to_float
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -159,6 +163,38 @@ def plot_landscapes(
                      fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def model_landscapes(
+    checkpoint: str | Path,
+    data: str,
+    out: str | Path,
+    threat: ThreatModel,
+    labels: float = 500,
+    head: HeadConfig | None = None,
+    num_images: int = 4,
+    resolution: int = 21,
+    steps: int = 20,
+    val_size: int = 1024,
+    seed: int = 0,
+) -> list[dict]:
+    """Fig. 9/10 for an encoder: fit a linear head (robust by default) on `labels` labeled
+    images, then draw the landscapes of `num_images` random test images to `out`. Images are
+    read at the size the encoder was trained on."""
+    encoder, config = load_encoder(checkpoint)
+    size = config["data"]["image_size"]
+    train, test = (load_images(data, split, size) for split in ("train", "test"))
+    labeled, val = label_subset(len(train), labels, seed, val_size)
+    head = head or HeadConfig(robust=True)
+    head = dataclasses.replace(head, norm=threat.norm, eps=threat.eps)
+    linear, _ = fit_linear_head(encoder, train.subset(labeled), train.subset(val),
+                                len(train.classes), head)
+    model = Classifier(encoder, linear).eval()
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:num_images]
+    lands = [loss_landscape(model, to_float(test.images[i]), int(test.labels[i]), threat,
+                            resolution, steps=steps, seed=seed + n) for n, i in enumerate(pick)]
+    plot_landscapes(lands, out, test.classes)
+    return lands
 
 
 def plot_neighbours(
