@@ -99,7 +99,8 @@ class EmbeddedQueue:
         )
 
     def submit(self, job_id: str) -> None:
-        args = (tasks.run_job, job_id, str(self.settings.data_dir), str(self.settings.model_dir))
+        s = self.settings
+        args = (tasks.run_job, job_id, str(s.data_dir), str(s.model_dir), s.device)
         try:
             future = self._pool.submit(*args)
         except BrokenProcessPool:  # a job process died (e.g. out of memory): start afresh

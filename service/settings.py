@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,7 +15,7 @@ class Settings(BaseSettings):
     model_dir: Path = Path("models/default")  # encoder.onnx + card.json (+ encoder.pt for workers)
     redis_url: str = ""  # empty: jobs run in-process (embedded mode); else Celery on this Redis
     api_key: SecretStr | None = None  # when set, every route but probes and metrics needs it
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime provider: auto = CUDA if any
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime and jobs: auto = GPU if any
 
     # Request limits: each one a clear 4xx, checked before any heavy work.
     max_body_bytes: int = Field(32 * 2**20, ge=1024)
@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(6 * 3600, ge=1)  # the longest job a worker may run
     worker_max_tasks_per_child: int = Field(20, ge=1)  # recycle workers to bound memory
     embedded_workers: int = Field(1, ge=1)  # job processes in embedded mode
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v):
+        return v or None  # BYORL_API_KEY= (empty, as compose passes it) means no key
 
     @property
     def num_threads(self) -> int:

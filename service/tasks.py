@@ -27,13 +27,21 @@ def init_process(threads: int) -> None:
 
 
 @functools.cache
-def _encoder(model_dir: str):
+def _encoder(model_dir: str, device: str):
+    """The model directory's PyTorch encoder, once per process, on the GPU when asked or
+    ("auto") when there is one: CUDA is first touched here, in the job process."""
+    import torch
+
     from training.export import load_torch_encoder
 
-    return load_torch_encoder(model_dir).eval(), read_card(model_dir)["model_id"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda asked, but PyTorch sees no GPU")
+    on = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    return load_torch_encoder(model_dir).to(on).eval(), read_card(model_dir)["model_id"]
 
 
-def run_job(job_id: str, data_dir: str | Path, model_dir: str | Path) -> dict:
+def run_job(job_id: str, data_dir: str | Path, model_dir: str | Path, device: str = "auto"
+            ) -> dict:
     """Run a queued job to completion, recording state, progress and result in its record."""
     jobs = JobStore(data_dir)
     job = jobs.get(job_id)
@@ -50,7 +58,7 @@ def run_job(job_id: str, data_dir: str | Path, model_dir: str | Path) -> dict:
             jobs.update(job_id, progress=round(done / max(total, 1), 4), stage=what or job["kind"])
 
     try:
-        encoder, model_id = _encoder(str(model_dir))
+        encoder, model_id = _encoder(str(model_dir), device)
         if model_id != job["params"]["model_id"]:
             raise RuntimeError(f"job was submitted for model {job['params']['model_id']!r}, "
                                f"this worker serves {model_id!r}")
@@ -102,8 +110,8 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, p
     card = {"id": job_id, "model_id": params["model_id"], "classes": classes,
             "robust": params["robust"], "threat": params["threat"], "metrics": metrics,
             "created_at": time.time()}
-    HeadStore(data_dir).save(job_id, head.weight.detach().numpy(), head.bias.detach().numpy(),
-                             card)
+    HeadStore(data_dir).save(job_id, head.weight.detach().cpu().numpy(),
+                             head.bias.detach().cpu().numpy(), card)
     return {"head_id": job_id, "metrics": metrics}
 
 
@@ -127,11 +135,13 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, 
 
     threat = ThreatModel(params["threat"]["norm"], params["threat"]["eps"])
     images = torch.from_numpy(inputs["images"])
+    device = next(encoder.parameters()).device
     if params["audit"] == "robustness":
         from training.evaluate import evaluate_robustness
         from training.heads import Classifier
 
-        model = Classifier(encoder, _head_module(data_dir, params["head_id"])).eval()
+        head = _head_module(data_dir, params["head_id"]).to(device)
+        model = Classifier(encoder, head).eval()
         labels = torch.from_numpy(inputs["labels"])
         report = evaluate_robustness(model, images, labels, threat, params["mode"],
                                      progress=progress)
@@ -142,9 +152,9 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, 
         index = load_index(data_dir, params["index"])
         if not len(index):
             raise ValueError(f"index {params['index']!r} is empty")
-        gallery = np.stack([index.get(k).vector for k in index.keys()])
-        report = retrieval_audit(encoder, images.float() / 255, gallery, threat, params["k"],
-                                 params["steps"], progress=progress)
+        gallery = torch.from_numpy(np.stack([index.get(k).vector for k in index.keys()]))
+        report = retrieval_audit(encoder, images.to(device).float() / 255, gallery.to(device),
+                                 threat, params["k"], params["steps"], progress=progress)
         report.update(index=params["index"], gallery_size=len(gallery))
     report.update(audit=params["audit"], model_id=params["model_id"], audit_id=job_id)
     ReportStore(data_dir).save(job_id, report)

@@ -16,7 +16,7 @@ app = make_celery(settings)
 
 @app.task(name=TASK)
 def run_job(job_id: str) -> dict:
-    return tasks.run_job(job_id, settings.data_dir, settings.model_dir)
+    return tasks.run_job(job_id, settings.data_dir, settings.model_dir, settings.device)
 
 
 @worker_process_init.connect
