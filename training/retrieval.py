@@ -84,7 +84,7 @@ def attack_retrieval(
     """Per-query tensors: perturbed queries and neighbours (clean, adversarial, random)."""
     encoder.eval()
     queries = to_float(queries)
-    gallery = F.normalize(torch.as_tensor(gallery_embeddings).float(), dim=1)
+    gallery = F.normalize(torch.as_tensor(gallery_embeddings).float().cpu(), dim=1)
     adv = []
     for i in range(0, len(queries), batch_size):
         t = None if targets is None else targets[i : i + batch_size]
