@@ -114,9 +114,9 @@ def train_classifier(
     for step in range(steps):
         if len(order) < config.batch_size:  # a fresh permutation per pass over the set
             order = torch.cat([order, torch.randperm(len(train), generator=gen)])
-        idx, order = order[: config.batch_size], order[config.batch_size :]
-        x = random_resized_crop_flip(to_float(images[idx.to(device)]), (config.min_crop, 1.0))
-        y = labels[idx.to(device)]
+        idx, order = order[: config.batch_size].to(device), order[config.batch_size :]
+        x = random_resized_crop_flip(to_float(images[idx]), (config.min_crop, 1.0))
+        y = labels[idx]
         model.train()
         if threat is not None:
             with frozen_bn_stats(model):
