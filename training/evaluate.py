@@ -8,18 +8,24 @@ lives here. Every result names the mode and the exact attack settings that produ
 """
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torchattacks
 from torch import nn
 from torch.nn import functional as F
 
+from index.files import atomic_write
 from training.attacks import APGD, ThreatModel
-from training.heads import Progress, to_float
+from training.checkpoint import load_encoder
+from training.data import VAL_SIZE, label_subset, load_images
+from training.heads import Classifier, HeadConfig, Progress, fit_linear_head, to_float
+from training.train import pick_device
 
 # attack(model, x, y, norm, eps) -> x_adv inside the eps-ball around x and inside [0, 1].
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str, float], torch.Tensor]
@@ -278,3 +284,111 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress) -> dict:
                          "steps": s.sanity_steps},
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+PAPER_EPS = {"linf": 8 / 255, "l2": 128 / 255}
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    labels: float = 500,
+    heads: tuple[str, ...] = ("nonrobust",),
+    norm: str | None = None,
+    eps: float | None = None,
+    mode: str = "quick",
+    n_test: int = 1000,
+    data: str | None = None,
+    head_config: HeadConfig | None = None,
+    val_size: int = VAL_SIZE,
+    seed: int = 0,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> dict:
+    """`byorl evaluate`: fit each head ("robust" / "nonrobust") on a seeded label subset of the
+    training split, stop early on the held-out validation images, and attack the classifier on
+    `n_test` seeded random test images (0: all). The threat model defaults to the run's when
+    the norm is the run's, else to the paper's eps for that norm."""
+    if unknown := set(heads) - {"robust", "nonrobust"}:
+        raise ValueError(f"heads must be 'robust' or 'nonrobust', got {sorted(unknown)}")
+    encoder, config = load_encoder(path, map_location=pick_device(device))
+    run_attack = config["attack"]
+    norm = norm or run_attack["norm"]
+    if eps is None:
+        eps = run_attack["eps"] if norm == run_attack["norm"] else PAPER_EPS[norm]
+    threat = ThreatModel(norm, eps)
+    source = data or config["data"]["source"]
+    load = dict(size=config["data"]["image_size"], root=config["data"]["root"])
+    train, test = load_images(source, "train", **load), load_images(source, "test", **load)
+    labeled_idx, val_idx = label_subset(len(train), labels, seed, val_size)
+    if 0 < n_test < len(test):  # image folders are sorted by class: never the first n_test
+        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+                           [:n_test])
+    report = {
+        "checkpoint": str(path), "encoder": config["model"], "encoder_attack": run_attack,
+        "data": source, "labels": {"amount": labels, "count": len(labeled_idx),
+                                   "val_size": val_size, "seed": seed},
+        "n_test": len(test), "threat_model": {"norm": norm, "eps": eps}, "mode": mode,
+        "heads": {},
+    }
+    for kind in heads:
+        hc = replace(head_config or HeadConfig(), robust=kind == "robust", norm=norm, eps=eps)
+        head, history = fit_linear_head(encoder, train.subset(labeled_idx), train.subset(val_idx),
+                                        len(train.classes), hc, progress)
+        result = evaluate_robustness(Classifier(encoder, head), test.images, test.labels, threat,
+                                     mode, progress=progress)
+        report["heads"][kind] = {"config": asdict(hc), "history": history, "evaluation": result}
+    return report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def report_markdown(report: dict) -> str:
+    """The evaluation as Markdown tables: a summary, then per head its attacks and checks."""
+    t, lab, enc = report["threat_model"], report["labels"], report["encoder"]
+    attacks = next(iter(report["heads"].values()))["evaluation"]["attacks"]
+    suite_text = ", ".join(
+        f"{a['name']} ({', '.join(f'{k} {v}' for k, v in a['settings'].items() if k != 'library')})"
+        for a in attacks
+    )
+    lines = [
+        f"# Robustness evaluation: {report['checkpoint']}", "",
+        f"Encoder {enc['arch']} x{enc['width']} (trained with {report['encoder_attack']['method']}"
+        f" {report['encoder_attack']['norm']} eps {report['encoder_attack']['eps']:.4g}); "
+        f"linear heads on {lab['count']} labels of {report['data']} (seed {lab['seed']}, early "
+        f"stopping on {lab['val_size']} validation images); {report['n_test']} test images.", "",
+        f"Threat model: {t['norm']}, eps = {t['eps']:.4g} ({t['eps'] * 255:.3g}/255). "
+        f"Attack suite, **{report['mode']} mode**: {suite_text}.", "",
+        "| head | clean accuracy | robust accuracy | sanity checks |", "|---|---|---|---|",
+    ]
+    for kind, h in report["heads"].items():
+        ev = h["evaluation"]
+        failed = [k for k, c in ev["checks"].items() if not c["passed"]]
+        lines.append(f"| {kind} | {_pct(ev['clean_accuracy'])} | {_pct(ev['robust_accuracy'])} "
+                     f"| {'all passed' if not failed else 'FAILED: ' + ', '.join(failed)} |")
+    for kind, h in report["heads"].items():
+        ev = h["evaluation"]
+        lines += ["", f"## {kind} head", "",
+                  f"Best validation epoch {h['history']['best_epoch']} of {h['config']['epochs']}"
+                  f" ({h['history']['val_metric']} {_pct(h['history']['best_val_acc'])}), "
+                  f"{h['history']['optimizer_steps']} optimiser steps.", "",
+                  "| attack | fooled | robust accuracy after | seconds |", "|---|---|---|---|"]
+        lines += [f"| {a['name']} | {a['fooled']} | {_pct(a['robust_accuracy'])} | "
+                  f"{a['seconds']:.1f} |" for a in ev["attacks"]]
+        lines += ["", "| sanity check | passed |", "|---|---|"]
+        lines += [f"| {k} | {'yes' if c['passed'] else '**no**'} |"
+                  for k, c in ev["checks"].items()]
+        ladder = ev["checks"]["non_increasing_in_eps"]["ladder"]
+        lines += ["", "Robust accuracy over eps (probe: APGD-CE): " + ", ".join(
+            f"{r['eps']:.4g}: {_pct(r['robust_accuracy'])}" for r in ladder) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str | Path) -> list[Path]:
+    """evaluation.json and evaluation.md in `out`, each written atomically."""
+    out = Path(out)
+    paths = [out / "evaluation.json", out / "evaluation.md"]
+    atomic_write(paths[0], [(json.dumps(report, indent=2) + "\n").encode()])
+    atomic_write(paths[1], [report_markdown(report).encode()])
+    return paths

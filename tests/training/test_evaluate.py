@@ -1,6 +1,7 @@
 """The attack suite on small models trained here in seconds: a linear classifier on raw pixels,
 whose exact worst case under an linf budget has a closed form, and a tiny ReLU conv net."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,34 @@ def test_checks_flag_gradient_masking(data, convnet):
 class Quantize(nn.Module):
     def forward(self, x):
         return torch.round(x * 3) / 3
+
+
+def test_evaluate_command_writes_json_and_markdown(tmp_path, image_folder):
+    """`byorl evaluate` end to end on a randomly initialised encoder saved like a run's."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.config import TrainConfig
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    config = TrainConfig()
+    config.model.arch, config.model.width = "preact_resnet_small", 1
+    config.data.source = str(image_folder)  # no train/test folders: both splits are all images
+    weights = create_model("preact_resnet_small").state_dict()
+    online = {f"encoder.{k}": v for k, v in weights.items()}
+    torch.save({"config": config.to_dict(), "online": online, "step": 0}, tmp_path / "run.pt")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "evaluate", str(tmp_path / "run.pt"), "--labels", "50", "--val-size", "20",
+        "--n-test", "30", "--head-min-steps", "0", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["threat_model"] == {"norm": "linf", "eps": 8 / 255}  # the run's
+    assert report["labels"]["count"] == 50 and report["n_test"] == 30
+    ev = report["heads"]["nonrobust"]["evaluation"]
+    assert ev["mode"] == "quick" and ev["n"] == 30
+    assert ev["robust_accuracy"] <= ev["clean_accuracy"]
+    markdown = (out / "evaluation.md").read_text()
+    assert "**quick mode**" in markdown
+    assert f"| nonrobust | {100 * ev['clean_accuracy']:.2f}% |" in markdown
