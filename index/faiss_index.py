@@ -143,7 +143,12 @@ def _make_index(dim: int, factory: str) -> faiss.Index:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return faiss.IndexIDMap2(index)
+    ivf = faiss.downcast_index(ivf)
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # Polysemous training (the factory's default) takes minutes and only serves Hamming
+        # pre-filtering, which searches here never enable.
+        ivf.do_polysemous_training = False
     return index
 
 

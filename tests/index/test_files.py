@@ -1,0 +1,33 @@
+import hashlib
+
+import pytest
+
+from index.files import atomic_write, sha256_file
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "f.bin"
+    atomic_write(path, [b"old"])
+    atomic_write(path, [b"new ", memoryview(b"content")])
+    assert path.read_bytes() == b"new content"
+    assert [p.name for p in path.parent.iterdir()] == ["f.bin"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, [b"old"])
+
+    def chunks():
+        yield b"half of the new"
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, chunks())
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_sha256_file_reads_in_chunks(tmp_path):
+    data = bytes(range(256)) * 5000
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f", chunk_size=1000) == hashlib.sha256(data).hexdigest()
