@@ -38,7 +38,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         task_soft_time_limit=settings.job_time_limit_s,
-        task_time_limit=settings.job_time_limit_s + 5,
+        task_time_limit=settings.job_kill_after_s,
         broker_transport_options=transport,
         # Fail in seconds, not the default ~20 s, when Redis is down at submission.
         result_backend_transport_options={**transport, "retry_policy": FAST_RETRY},

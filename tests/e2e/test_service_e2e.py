@@ -1,0 +1,214 @@
+"""The service as deployed, natively: a real redis-server on its own port, Celery worker
+processes and a uvicorn server, talking over HTTP and Redis; the compose topology without Docker.
+"""
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+JOB_TIME_LIMIT_S = 20  # every job here takes seconds; a dead worker's job is re-sent after 40 s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Stack:
+    """redis-server + api + workers, each in its own process group (killed whole)."""
+
+    def __init__(self, tmp: Path, model_dir: Path):
+        self.tmp, self.redis_port, self.api_port = tmp, free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        self.env = {
+            **os.environ, "OMP_NUM_THREADS": "1", "BYORL_THREADS": "1",
+            "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp / "data"),
+            "BYORL_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "BYORL_JOB_TIME_LIMIT_S": str(JOB_TIME_LIMIT_S),
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=self.tmp, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+    def start_redis(self) -> None:
+        self.start("redis", ["redis-server", "--port", str(self.redis_port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(self.tmp)])
+        wait_for(lambda: b"PONG" in subprocess.run(
+            ["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True).stdout,
+            30, "redis")
+
+    def start_api(self) -> None:
+        self.start("api", [sys.executable, "-m", "uvicorn", "service.main:app", "--host",
+                           "127.0.0.1", "--port", str(self.api_port)])
+
+        def ready():
+            try:
+                return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, 120, "the api")
+
+    def start_worker(self, name: str) -> None:
+        self.start(name, [sys.executable, "-m", "celery", "-A", "service.worker", "worker",
+                          "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
+                          "-n", f"{name}@%h", "--without-gossip", "--without-mingle"])
+        wait_for(lambda: " ready." in self.log(name), 120, f"worker {name}")
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+
+@pytest.fixture(scope="module")
+def stack(model_dir, tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("e2e"), model_dir)
+    try:
+        s.start_redis()
+        s.start_worker("worker1")
+        s.start_api()
+        yield s
+    finally:
+        s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def api(stack):
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def data(image_bytes):
+    """Two classes of images, base64, and their labels."""
+    cats, ships = image_bytes["cat"] if "cat" in image_bytes else list(image_bytes.values())[3], \
+        image_bytes["ship"] if "ship" in image_bytes else list(image_bytes.values())[8]
+    images = [base64.b64encode(b).decode() for b in cats + ships]
+    return images, [0] * len(cats) + [1] * len(ships)
+
+
+def wait_job(api, job_id: str, timeout: float = 120) -> dict:
+    def done():
+        job = api.get(f"/jobs/{job_id}").json()
+        return job if job["state"] in ("succeeded", "failed") else None
+
+    return wait_for(done, timeout, f"job {job_id}")
+
+
+def test_embed_add_search(api, data):
+    images, _ = data
+    emb = api.post("/embed", json={"images": images[:2]}).json()
+    assert emb["dim"] == 256 and len(emb["embeddings"]) == 2
+    assert api.post("/indexes", json={"name": "pets"}).status_code == 201
+    keys = [f"img-{i}" for i in range(len(images))]
+    r = api.post("/indexes/pets/items", json={"keys": keys, "images": images,
+                                              "metadata": [{"i": i} for i in range(len(keys))]})
+    assert r.status_code == 201 and r.json()["count"] == len(keys)
+    hits = api.post("/search", json={"index": "pets", "images": [images[5]], "k": 3}).json()
+    assert hits["results"][0][0]["key"] == "img-5"
+    assert hits["results"][0][0]["metadata"] == {"i": 5}
+
+
+def test_fit_head_from_index_keys_then_predict(api, data):
+    images, labels = data
+    keys = [f"img-{i}" for i in range(len(images))]
+    r = api.post("/linear-head", json={"classes": ["cat", "ship"], "labels": labels,
+                                       "index": "pets", "keys": keys, "epochs": 5,
+                                       "min_steps": 50})
+    assert r.status_code == 202, r.text
+    job = wait_job(api, r.json()["job_id"])
+    assert job["state"] == "succeeded", job["error"]
+    head_id = job["result"]["head_id"]
+    assert head_id in [h["id"] for h in api.get("/heads").json()]
+    pred = api.post(f"/heads/{head_id}/predict", json={"images": images[:4]}).json()
+    assert len(pred["labels"]) == 4 and set(pred["classes"]) <= {"cat", "ship"}
+    for p in pred["probabilities"]:
+        assert abs(sum(p) - 1) < 1e-5
+
+
+def test_audits(api, data):
+    images, labels = data
+    head_id = api.get("/heads").json()[0]["id"]
+    robust = api.post("/audits", json={"kind": "robustness", "head_id": head_id,
+                                       "images": images[:3], "labels": labels[:3]}).json()
+    retrieval = api.post("/audits", json={"kind": "retrieval", "index": "pets", "k": 3,
+                                          "steps": 2, "images": images[:2]}).json()
+    for audit in (robust, retrieval):
+        job = wait_job(api, audit["job_id"])
+        assert job["state"] == "succeeded", job["error"]
+    report = api.get(f"/audits/{robust['job_id']}").json()
+    assert report["n"] == 3 and report["robust_accuracy"] <= report["clean_accuracy"]
+    report = api.get(f"/audits/{retrieval['job_id']}").json()
+    assert report["num_queries"] == 2 and report["gallery_size"] == len(images)
+
+
+def test_a_killed_worker_loses_no_job(stack, api, data):
+    images, labels = data
+    few = [0, 1, 2, 3, -4, -3, -2, -1]  # 4 of each class: a robust head of a few seconds
+    r = api.post("/linear-head", json={"classes": ["cat", "ship"],
+                                       "labels": [labels[i] for i in few],
+                                       "images": [images[i] for i in few], "robust": True,
+                                       "epochs": 20, "attack_steps": 2, "min_steps": 20,
+                                       "validation_fraction": 0})
+    job_id = r.json()["job_id"]
+    job = wait_for(lambda: (j := api.get(f"/jobs/{job_id}").json())["progress"] > 0 and j,
+                   60, "the job to make progress")
+    assert job["state"] == "running" and job["attempts"] == 1
+    stack.kill("worker1")  # SIGKILL to the worker and its pool process, mid-job
+    assert api.get(f"/jobs/{job_id}").json()["state"] == "running"
+
+    stack.start_worker("worker2")  # Redis hands the unacknowledged job to the new worker
+    job = wait_job(api, job_id, timeout=180)
+    assert job["state"] == "succeeded", job["error"]
+    assert job["attempts"] == 2
+    assert job_id in [h["id"] for h in api.get("/heads").json()]
+
+
+def test_api_restart_keeps_indexes_and_heads(stack, api, data):
+    images, _ = data
+    heads = api.get("/heads").json()
+    indexes = api.get("/indexes").json()
+    before = api.post("/search", json={"index": "pets", "images": images[:1], "k": 5}).json()
+    stack.kill("api", signal.SIGTERM)
+    stack.start_api()
+    assert api.get("/heads").json() == heads
+    assert api.get("/indexes").json() == indexes
+    assert api.post("/search", json={"index": "pets", "images": images[:1], "k": 5}).json() \
+        == before
+    r = api.post(f"/heads/{heads[0]['id']}/predict", json={"images": images[:2]})
+    assert r.status_code == 200 and len(r.json()["labels"]) == 2
