@@ -34,9 +34,9 @@ METHOD_STYLE = {
 
 
 def threat_label(norm: str, eps: float) -> str:
-    """'linf, eps = 8/255' when eps is a whole number of 255ths, else the decimal."""
+    """'ℓ∞, ε = 8/255' when eps < 1 is a whole number of 255ths, else the decimal."""
     steps = eps * 255
-    value = f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:g}"
+    value = f"{round(steps)}/255" if eps < 1 and abs(steps - round(steps)) < 1e-6 else f"{eps:g}"
     return f"{'ℓ∞' if norm == 'linf' else 'ℓ2'}, ε = {value}"
 
 
