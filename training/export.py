@@ -77,6 +77,19 @@ def _threat_model(config: dict) -> dict:
             "steps": attack["steps"]}
 
 
+def card_metrics(report: dict) -> dict:
+    """What a model card keeps of a `byorl evaluate` report: the clean and robust accuracy of
+    each head and the setting that produced them. Any other dict is kept whole."""
+    if "heads" not in report:
+        return report
+    return {
+        "threat_model": report["threat_model"], "mode": report["mode"], "data": report["data"],
+        "labels": report["labels"]["count"], "n_test": report["n_test"],
+        "heads": {kind: {k: h["evaluation"][k] for k in ("clean_accuracy", "robust_accuracy")}
+                  for kind, h in report["heads"].items()},
+    }
+
+
 def _real_images(source: str, config: dict) -> torch.Tensor:
     """The first test images of a source, as floats in [0, 1], for the parity check."""
     size = config["data"]["image_size"]
@@ -94,8 +107,8 @@ def export_encoder(checkpoint_or_run: str | Path, out_dir: str | Path,
     """Write encoder.onnx, encoder.pt and card.json to out_dir and return the card.
 
     Parity is checked on random images and on the test split of `images` (a load_images source;
-    default: the run's training data). `metrics` (e.g. the clean/robust accuracy of an
-    evaluation) are copied into the card. Raises ParityError, leaving no card (so no loadable
+    default: the run's training data). `metrics` (a `byorl evaluate` report or any dict) go
+    into the card through `card_metrics`. Raises ParityError, leaving no card (so no loadable
     model), when ONNX Runtime and PyTorch differ.
     """
     encoder, config = load_encoder(checkpoint_or_run)
@@ -126,7 +139,7 @@ def export_encoder(checkpoint_or_run: str | Path, out_dir: str | Path,
         "training": {"method": "byol" if threat["norm"] is None else "byorl", "data": data,
                      "config": config},
         "onnx_sha256": sha,
-        "metrics": dict(metrics or {}),
+        "metrics": card_metrics(metrics or {}),
         "command": command or shlex.join(sys.argv),
     })
     atomic_write(out / CARD, [json.dumps(card, indent=2).encode()])

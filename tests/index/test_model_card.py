@@ -1,0 +1,55 @@
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from index.model_card import ModelCardError, embed, load_onnx_session, read_card, validate_card
+
+
+def test_read_card_validates_fields_and_types(model_dir, tmp_path):
+    card = read_card(model_dir)
+    assert card["embedding_dim"] == 256 and card["input_size"] == [3, 32, 32]
+    broken = {k: v for k, v in card.items() if k != "onnx_sha256"} | {"width": "1"}
+    with pytest.raises(ModelCardError, match="missing 'onnx_sha256'.*'width' should be int"):
+        validate_card(broken)
+    with pytest.raises(ModelCardError, match=r"input_size should be \[3, H, W\]"):
+        validate_card(card | {"input_size": [32, 32]})
+    with pytest.raises(ModelCardError, match="threat_model.eps"):
+        validate_card(card | {"threat_model": {"norm": "linf", "eps": -1}})
+    with pytest.raises(ModelCardError, match="no card.json"):
+        read_card(tmp_path)
+    (tmp_path / "card.json").write_text("{not json")
+    with pytest.raises(ModelCardError, match="not valid JSON"):
+        read_card(tmp_path)
+
+
+def test_session_uses_explicit_threads_and_the_available_provider(model_dir):
+    session = load_onnx_session(model_dir, threads=1)
+    assert session.get_session_options().intra_op_num_threads == 1
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert session.get_providers()[0] == ("CUDAExecutionProvider" if cuda else
+                                          "CPUExecutionProvider")
+    assert load_onnx_session(model_dir, device="cpu").get_providers() == ["CPUExecutionProvider"]
+    if not cuda:
+        with pytest.raises(ModelCardError, match="onnxruntime-gpu"):
+            load_onnx_session(model_dir, device="cuda")
+
+
+def test_session_refuses_an_onnx_file_other_than_the_cards(model_dir, tmp_path):
+    copy = shutil.copytree(model_dir, tmp_path / "model")
+    card = json.loads((copy / "card.json").read_text())
+    (copy / "card.json").write_text(json.dumps(card | {"onnx_sha256": "0" * 64}))
+    with pytest.raises(ModelCardError, match="does not match the sha256"):
+        load_onnx_session(copy)
+
+
+def test_embed_takes_uint8_or_float_and_any_batch_size(model_dir):
+    session = load_onnx_session(model_dir, threads=1)
+    images = np.random.default_rng(0).integers(0, 256, (10, 3, 32, 32), dtype=np.uint8)
+    whole = embed(session, images, batch_size=64)
+    assert whole.shape == (10, 256) and whole.dtype == np.float32
+    np.testing.assert_allclose(embed(session, images, batch_size=3), whole, atol=1e-5)
+    np.testing.assert_allclose(embed(session, images.astype(np.float64) / 255), whole, atol=1e-5)
+    assert embed(session, images[:0]).shape == (0, 256)
