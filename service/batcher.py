@@ -1,9 +1,11 @@
 """Dynamic batching: requests that arrive together share one model call.
 
 Each request's images wait in a queue; a single loop takes everything queued (up to `max_batch`
-images, waiting at most `wait_ms` for more to arrive), runs the model once in a worker thread,
-and hands each request its rows. Under many concurrent clients the model sees large batches, so
-throughput approaches the offline batch throughput; a lone client pays at most `wait_ms`.
+images), runs the model once in a worker thread, and hands each request its rows. Requests that
+arrive while the model runs form the next batch, so under many concurrent clients the model sees
+large batches and throughput approaches the offline batch throughput. While requests do arrive
+concurrently (the last batch held several), the loop also waits up to `wait_ms` for more; a lone
+client never waits.
 """
 
 import asyncio
@@ -23,6 +25,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batcher")
         self._task: asyncio.Task | None = None
+        self._concurrent = False  # did the last batch hold more than one request?
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -59,7 +62,7 @@ class Batcher:
             while not self._waiting:
                 self._arrived.clear()
                 await self._arrived.wait()
-            deadline = loop.time() + self.wait_s
+            deadline = loop.time() + (self.wait_s if self._concurrent else 0)
             while self._queued() < self.max_batch and (left := deadline - loop.time()) > 0:
                 self._arrived.clear()
                 try:
@@ -71,6 +74,7 @@ class Batcher:
                 batch.append(self._waiting.popleft())
                 size += len(batch[-1][0])
             BATCH_QUEUE.dec(size)
+            self._concurrent = len(batch) > 1
             live = [(x, f) for x, f in batch if not f.cancelled()]  # clients that went away
             if not live:
                 continue

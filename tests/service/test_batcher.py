@@ -110,3 +110,18 @@ def test_cancelled_request_does_not_disturb_the_others():
     np.testing.assert_array_equal(outs[0], Model()(xs[0]))
     np.testing.assert_array_equal(outs[1], Model()(xs[2]))
     assert model.calls == [3]  # the cancelled request's rows were never computed
+
+
+def test_a_lone_client_never_waits_for_company():
+    """The wait for more requests applies only while requests arrive concurrently."""
+
+    async def main():
+        model = Model()
+        batcher = Batcher(model, max_batch=8, wait_ms=600_000)  # a wait would be ten minutes
+        batcher.start()
+        outs = [await asyncio.wait_for(batcher(x), 60) for x in requests([1, 2, 1])]
+        await batcher.stop()
+        return model, outs
+
+    model, outs = run(main())
+    assert model.calls == [1, 2, 1] and [len(o) for o in outs] == [1, 2, 1]

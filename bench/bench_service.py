@@ -1,0 +1,175 @@
+"""/embed over HTTP under 1, 8 and 32 concurrent clients against the offline ONNX Runtime batch
+throughput of the same model, measured in the same run (ratio = served / offline images/s).
+
+The service runs as it is deployed (uvicorn in its own process, dynamic batching on); the clients
+are asyncio tasks in this process, each sending one request after another on its own keep-alive
+connection. On a small machine the clients share the cores with the server: the ratio is a floor.
+
+    python bench/bench_service.py --model-dir models/default
+    python bench/bench_service.py --model-dir models/default --images-per-request 4 --seconds 20
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from index.model_card import embed, load_onnx_session, read_card
+from service.images import decode_images
+from service.settings import Settings
+
+CIFAR = Path(__file__).resolve().parents[1] / "../shared/data/cifar10-jpeg.tar.gz"
+
+
+def sample_images(n: int) -> list[bytes]:
+    """The first n JPEGs of the shared CIFAR-10 archive (n noise PNGs when it is absent)."""
+    if not CIFAR.exists():
+        import io
+
+        from PIL import Image
+
+        rng, out = np.random.default_rng(0), []
+        for _ in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(buf, "PNG")
+            out.append(buf.getvalue())
+        return out
+    out = []
+    with tarfile.open(CIFAR) as tar:
+        for m in tar:
+            if m.isfile() and m.name.endswith(".jpg"):
+                out.append(tar.extractfile(m).read())
+                if len(out) == n:
+                    return out
+    return out
+
+
+def offline_throughput(model_dir: str, pixels: np.ndarray, threads: int, batch: int,
+                       seconds: float) -> float:
+    """Images/s of ONNX Runtime alone on decoded pixels, batch after batch (best of 3)."""
+    session = load_onnx_session(model_dir, threads)
+    x = np.resize(pixels, (batch, *pixels.shape[1:]))
+    embed(session, x, batch)
+    best = 0.0
+    for _ in range(3):
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds / 3:
+            embed(session, x, batch)
+            done += batch
+        best = max(best, done / elapsed)
+    return best
+
+
+async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> list[float]:
+    """Latencies (s) of all requests of `clients` closed-loop clients during `seconds`.
+
+    Each client is a bare keep-alive HTTP/1.1 connection: a general-purpose client library
+    (httpx) spends more CPU per request than the server does, on the same two cores.
+    """
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        n = i
+        while time.perf_counter() < deadline:
+            body = bodies[n % len(bodies)]
+            n += clients
+            start = time.perf_counter()
+            writer.write(b"POST /embed HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.decode(errors="replace"))
+            latencies.append(time.perf_counter() - start)
+        writer.close()
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return latencies
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(images, ONNX Runtime calls) of the batcher so far, from /metrics."""
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("byorl_batch_images_sum", "byorl_batch_images_count"):
+            values[name] = float(value)
+    return values["byorl_batch_images_sum"], values["byorl_batch_images_count"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-dir", default="models/default")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--seconds", type=float, default=10, help="per concurrency level")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = p.parse_args()
+
+    card = read_card(args.model_dir)
+    settings = Settings(model_dir=args.model_dir, data_dir="unused", threads=args.threads)
+    blobs = sample_images(256)
+    pixels = decode_images(blobs, card["input_size"][-1], settings, len(blobs))
+    k = args.images_per_request
+    bodies = [json.dumps({"images": [base64.b64encode(b).decode() for b in blobs[i : i + k]]})
+              .encode() for i in range(0, len(blobs) - k + 1, k)]
+
+    offline = offline_throughput(args.model_dir, pixels, args.threads, settings.max_batch,
+                                 args.seconds)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data:
+        env = {**os.environ, "BYORL_MODEL_DIR": str(args.model_dir), "BYORL_DATA_DIR": data,
+               "BYORL_THREADS": str(args.threads), "BYORL_REDIS_URL": ""}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(port),
+             "--log-level", "warning"], env=env)
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(url + "/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            asyncio.run(load(port, bodies, 4, 1.0))  # warm-up
+            print(f"model {card['model_id']}  threads {args.threads}  max batch "
+                  f"{settings.max_batch}  wait {settings.batch_wait_ms} ms  "
+                  f"{k} image(s) per request")
+            print(f"offline ONNX Runtime, batch {settings.max_batch}: {offline:8.1f} images/s")
+            print(f"{'clients':>7} {'requests/s':>10} {'images/s':>9} {'p50 ms':>8} "
+                  f"{'p99 ms':>8} {'mean batch':>10} {'served/offline':>14}")
+            for clients in args.clients:
+                images0, calls0 = batch_stats(url)
+                start = time.perf_counter()
+                lat = asyncio.run(load(port, bodies, clients, args.seconds))
+                elapsed, n = time.perf_counter() - start, len(lat)
+                images1, calls1 = batch_stats(url)
+                rate = n * k / elapsed
+                p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99])
+                mean_batch = (images1 - images0) / max(calls1 - calls0, 1)
+                print(f"{clients:>7} {n / elapsed:>10.1f} {rate:>9.1f} {p50:>8.1f} {p99:>8.1f} "
+                      f"{mean_batch:>10.1f} {rate / offline:>14.2f}")
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
