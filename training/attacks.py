@@ -99,12 +99,15 @@ class PGD:
         x_adv = random_start(x, self.norm, self.eps) if self.random_init else x.clone()
         for _ in range(self.steps):
             _, grad = _loss_and_grad(self.loss_fn, x_adv, y)
-            x_adv = project(x_adv + self.step_size * normalized_step(grad, self.norm), x, self.norm, self.eps)
+            x_adv = project(
+                x_adv + self.step_size * normalized_step(grad, self.norm), x, self.norm, self.eps
+            )
         return x_adv.detach()
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
-    """Iterations at which AutoPGD may halve its step: p0=0, p1=0.22, p_j+1 = p_j + max(p_j - p_j-1 - 0.03, 0.06)."""
+    """Iterations where AutoPGD may halve its step (p0=0, p1=0.22,
+    p_j+1 = p_j + max(p_j - p_j-1 - 0.03, 0.06))."""
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))

@@ -67,19 +67,20 @@ def _read_entries(source: Path, split: str) -> list[tuple[str, bytes]]:
             if cls is not None:
                 out.append((cls, path.read_bytes()))
         return out
-    with tarfile.open(source) as tar:
-        members = sorted(
-            (m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)),
-            key=lambda m: m.name,
+    with tarfile.open(source) as tar:  # one sequential pass: seeking in a .gz is quadratic
+        files = sorted(
+            (m.name, tar.extractfile(m).read())
+            for m in tar
+            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)
         )
-        parts = [Path(m.name).parts for m in members]
-        has_splits = any(("train" in p[:-2] or "test" in p[:-2]) for p in parts)
-        out = []
-        for m, p in zip(members, parts, strict=True):
-            cls = _split_and_class(p, split, has_splits)
-            if cls is not None:
-                out.append((cls, tar.extractfile(m).read()))
-        return out
+    parts = [Path(name).parts for name, _ in files]
+    has_splits = any(("train" in p[:-2] or "test" in p[:-2]) for p in parts)
+    out = []
+    for (_, data), p in zip(files, parts, strict=True):
+        cls = _split_and_class(p, split, has_splits)
+        if cls is not None:
+            out.append((cls, data))
+    return out
 
 
 def _load_folder(source: Path, split: str, size: int | None) -> ImageSet:
@@ -91,7 +92,9 @@ def _load_folder(source: Path, split: str, size: int | None) -> ImageSet:
     arrays = [decode_image(b, size) for _, b in tqdm(entries, desc=f"decode {source.name}/{split}")]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"images in {source} have different sizes {sorted(shapes)[:3]}; pass a size")
+        raise ValueError(
+            f"images in {source} have different sizes {sorted(shapes)[:3]}; pass a size"
+        )
     images = torch.from_numpy(np.stack(arrays))
     labels = torch.tensor([index[c] for c, _ in entries], dtype=torch.int64)
     return ImageSet(images, labels, classes)
@@ -128,7 +131,9 @@ def load_images(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"{Path(source).name}-{split}-{_cache_key(source, split, size)}.pt"
+        cache = (
+            Path(cache_dir) / f"{Path(source).name}-{split}-{_cache_key(source, split, size)}.pt"
+        )
         if cache.exists():
             d = torch.load(cache, weights_only=True)
             return ImageSet(d["images"], d["labels"], list(d["classes"]))
@@ -137,7 +142,9 @@ def load_images(
     else:
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"image source {source!r} is neither cifar10/cifar100 nor a path")
+            raise FileNotFoundError(
+                f"image source {source!r} is neither cifar10/cifar100 nor a path"
+            )
         data = _load_folder(path, split, size)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -168,4 +175,4 @@ def label_subset(
     count = round(amount * len(rest)) if amount <= 1 else int(amount)
     if count > len(rest):
         raise ValueError(f"asked for {count} labels but only {len(rest)} training images remain")
-    return rest[:max(count, 1)], val
+    return rest[: max(count, 1)], val

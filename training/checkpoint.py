@@ -1,0 +1,43 @@
+"""Atomic checkpoint files and loading a trained encoder back from a run or checkpoint."""
+
+import os
+from pathlib import Path
+
+import torch
+
+from training.models import create_model
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_atomic(obj, path: Path) -> None:
+    """Write to a temporary file, fsync, rename: a kill at any moment leaves the old or the new."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    p = checkpoint_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint at {p}")
+    return torch.load(p, map_location=map_location, weights_only=False)
+
+
+def load_encoder(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, dict]:
+    """The online encoder of a run directory or checkpoint, in eval mode, and the run's config."""
+    ckpt = load_checkpoint(path, map_location)
+    config = ckpt["config"]
+    encoder = create_model(config["model"]["arch"], width=config["model"]["width"])
+    prefix = "encoder."
+    state = {k[len(prefix) :]: v for k, v in ckpt["online"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(state)
+    return encoder.eval(), config

@@ -1,0 +1,298 @@
+"""The `byorl` command line: train, evaluate, export, index, experiments."""
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+@app.callback()
+def main():
+    """BYORL: adversarially robust self-supervised image embeddings."""
+
+
+def parse_eps(text: str) -> float:
+    """'8/255' or '0.0314' -> float."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("runs/byorl"), help="Run directory (resumed if it exists)."),
+    config: Path | None = typer.Option(None, help="A config.json to start from (e.g. a run's)."),
+    data: str | None = typer.Option(None, help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
+    data_root: str | None = typer.Option(None, help="Where torchvision keeps/downloads CIFAR."),
+    download: bool = typer.Option(False, help="Let torchvision download CIFAR."),
+    extra_unlabeled: list[str] = typer.Option([], help="Extra unlabeled image folders/archives."),
+    arch: str | None = typer.Option(None, help="preact_resnet_small, preact_resnet18, ..34"),
+    width: int | None = typer.Option(None, help="Width multiplier (1, 2, 4)."),
+    proj_hidden: int | None = typer.Option(None),
+    proj_dim: int | None = typer.Option(None),
+    attack: str | None = typer.Option(None, help="apgd (paper), pgd, or none (= BYOL)."),
+    norm: str | None = typer.Option(None, help="linf or l2"),
+    eps: str | None = typer.Option(None, help="Budget, e.g. 8/255 or 128/255"),
+    steps: int | None = typer.Option(None, help="Attack steps K"),
+    epochs: float | None = typer.Option(None),
+    warmup_epochs: float | None = typer.Option(None),
+    batch_size: int | None = typer.Option(None, help="Global batch size"),
+    lr: float | None = typer.Option(None),
+    tau_base: float | None = typer.Option(None, help="Initial EMA decay of the target."),
+    color_strength: float | None = typer.Option(None),
+    min_crop: float | None = typer.Option(None, help="Smallest crop area fraction."),
+    seed: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda"),
+    precision: str | None = typer.Option(None, help="auto, fp32, bf16"),
+    checkpoint_every: int | None = typer.Option(None),
+    log_every: int | None = typer.Option(None),
+    max_steps: int | None = typer.Option(None, help="Stop after this many steps (resumable)."),
+    time_limit_min: float | None = typer.Option(None, help="Stop after this long (resumable)."),
+):
+    """Train a BYORL (or BYOL, --attack none) encoder. Defaults are the paper's."""
+    from training.config import TrainConfig
+    from training.train import train as run_train
+
+    base = out / "config.json" if config is None and (out / "config.json").exists() else config
+    cfg = TrainConfig.from_dict(json.loads(base.read_text())) if base else TrainConfig()
+    cfg.out = str(out)
+    sets = [
+        (cfg.data, "source", data), (cfg.data, "root", data_root),
+        (cfg.model, "arch", arch), (cfg.model, "width", width),
+        (cfg.model, "proj_hidden", proj_hidden), (cfg.model, "proj_dim", proj_dim),
+        (cfg.attack, "method", attack), (cfg.attack, "norm", norm),
+        (cfg.attack, "eps", parse_eps(eps) if eps else None), (cfg.attack, "steps", steps),
+        (cfg.optim, "epochs", epochs), (cfg.optim, "warmup_epochs", warmup_epochs),
+        (cfg.optim, "batch_size", batch_size), (cfg.optim, "lr", lr),
+        (cfg.optim, "tau_base", tau_base),
+        (cfg.augment, "color_strength", color_strength),
+        (cfg.augment, "crop_scale", (min_crop, 1.0) if min_crop else None),
+        (cfg, "seed", seed), (cfg, "device", device), (cfg, "precision", precision),
+        (cfg, "checkpoint_every", checkpoint_every), (cfg, "log_every", log_every),
+    ]
+    for obj, name, value in sets:
+        if value is not None:
+            setattr(obj, name, value)
+    if download:
+        cfg.data.download = True
+    if extra_unlabeled:
+        cfg.data.extra_unlabeled = list(extra_unlabeled)
+    cfg.attack.__post_init__()
+    time_limit = time_limit_min * 60 if time_limit_min else None
+    run = run_train(cfg, max_steps=max_steps, time_limit_s=time_limit)
+    typer.echo(f"run directory: {run}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory or checkpoint file."),
+    out: Path = typer.Option(..., help="Model directory to write (encoder.onnx, card.json, ...)."),
+    images: str | None = typer.Option(
+        None, help="Real images for the parity check (default: the run's training data)."),
+    metrics: Path | None = typer.Option(
+        None, help="evaluation.json of `byorl evaluate` (or any JSON) for the model card."),
+):
+    """Export the encoder to ONNX with a model card; fails unless ONNX Runtime matches PyTorch."""
+    from training.export import export_encoder
+
+    card = export_encoder(run, out, json.loads(metrics.read_text()) if metrics else None, images)
+    typer.echo(f"{card['model_id']}: max |onnx - torch| {card['parity']['max_abs_diff']} -> {out}")
+
+
+index_app = typer.Typer(no_args_is_help=True, help="Embedding indexes (FAISS).")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    model: Path = typer.Option(..., help="An exported model directory."),
+    images: str = typer.Option(..., help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
+    out: Path = typer.Option(..., help="The index file to write."),
+    split: str = typer.Option("train", help="train or test (a folder without them: all)."),
+    factory: str = typer.Option("Flat", help="FAISS factory: Flat, IVF1024,Flat, HNSW32, ..."),
+    batch_size: int = typer.Option(256),
+    threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)."),
+):
+    """Embed every image of a split and save a FAISS index of them, keyed SPLIT/N, with the
+    class name as metadata."""
+    from index.build import build_index
+    from index.model_card import read_card
+    from training.data import load_images
+
+    data = load_images(images, split, read_card(model)["input_size"][1])
+    keys = [f"{split}/{i}" for i in range(len(data))]
+    metadata = [{"class": data.classes[y]} for y in data.labels.tolist()]
+    index = build_index(model, data.images.numpy(), keys, metadata, factory, batch_size,
+                        threads or None, progress=True)
+    index.save(out)
+    typer.echo(f"{len(index)} images of {images} ({split}) by {index.model_id} -> {out}")
+
+
+def parse_threat(text: str):
+    """'linf:8/255' -> ThreatModel."""
+    from training.attacks import ThreatModel
+
+    norm, _, eps = text.partition(":")
+    return ThreatModel(norm, parse_eps(eps or "nan"))
+
+
+@app.command()
+def experiment(
+    out: Path = typer.Option(Path("runs/experiment"), help="Output directory (resumed)."),
+    config: Path | None = typer.Option(None, help="An experiment config.json to start from."),
+    data: str | None = typer.Option(None, help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
+    data_root: str | None = typer.Option(None, help="Where torchvision keeps CIFAR."),
+    methods: str | None = typer.Option(None, help="Comma list of byorl, byol, at, uat_ft."),
+    labels: str | None = typer.Option(
+        None, help="Comma list of label amounts: fractions <= 1 or counts, e.g. 0.01,0.1,1"),
+    threat: list[str] = typer.Option([], help="NORM:EPS, repeatable, e.g. linf:8/255"),
+    byorl: list[str] = typer.Option([], help="NORM=RUN: a BYORL run per norm, repeatable."),
+    byol: str | None = typer.Option(None, help="A BYOL run (trained with --attack none)."),
+    pretrain: Path | None = typer.Option(
+        None, help="A train config.json: train the encoders not given with it."),
+    robust_head: bool | None = typer.Option(None, help="Adversarially train the linear heads."),
+    head_min_steps: int | None = typer.Option(None, help="Least optimiser steps of a head."),
+    arch: str | None = typer.Option(None, help="Baselines' architecture (match the encoders)."),
+    width: int | None = typer.Option(None),
+    baseline_steps: int | None = typer.Option(None, help="Optimiser steps of AT / UAT-FT."),
+    teacher_steps: int | None = typer.Option(None, help="Steps of UAT-FT's pseudo-labeler."),
+    eval_mode: str | None = typer.Option(None, help="quick or full (the paper's suite)."),
+    eval_size: int | None = typer.Option(None, help="Test images attacked (0: all)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda"),
+    seed: int | None = typer.Option(None),
+):
+    """The grid of methods x label amounts x threat models (Fig. 3/4, 7/8): resumable, writes
+    results.{csv,json,md} and figures/ to OUT."""
+    from training.experiment import ExperimentConfig, run_experiment
+
+    base = out / "config.json" if config is None and (out / "config.json").exists() else config
+    cfg = ExperimentConfig.from_dict(json.loads(base.read_text())) if base else ExperimentConfig()
+    cfg.out = str(out)
+    sets = [
+        (cfg, "data", data), (cfg, "data_root", data_root),
+        (cfg, "methods", methods.split(",") if methods else None),
+        (cfg, "label_amounts", [float(a) for a in labels.split(",")] if labels else None),
+        (cfg, "threats", [parse_threat(t) for t in threat] or None),
+        (cfg, "byol_checkpoint", byol),
+        (cfg, "pretrain", json.loads(pretrain.read_text()) if pretrain else None),
+        (cfg, "robust_head", robust_head), (cfg.head, "min_steps", head_min_steps),
+        (cfg.baseline, "arch", arch), (cfg.baseline, "width", width),
+        (cfg.baseline, "steps", baseline_steps), (cfg.baseline, "teacher_steps", teacher_steps),
+        (cfg, "eval_mode", eval_mode), (cfg, "eval_size", eval_size),
+        (cfg, "device", device), (cfg, "seed", seed),
+    ]
+    for obj, name, value in sets:
+        if value is not None:
+            setattr(obj, name, value)
+    for item in byorl:
+        norm, _, run = item.partition("=")
+        cfg.byorl_checkpoints[norm] = run
+    cfg.__post_init__()
+
+    def report(done: int, total: int, key: str) -> None:
+        typer.echo(f"[{done}/{total}] {key}")
+
+    result = run_experiment(cfg, progress=report)
+    typer.echo(f"{len(result['ran'])} cells run, {len(result['skipped'])} already done -> {out}")
+
+
+@app.command()
+def landscape(
+    run: Path = typer.Argument(..., help="An encoder's run directory or checkpoint."),
+    data: str = typer.Option("cifar10", help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
+    out: Path = typer.Option(Path("landscape.png"), help="The figure to write."),
+    threat: str = typer.Option("linf:8/255", help="NORM:EPS of the head, attack and ball."),
+    labels: float = typer.Option(500, help="Labels for the linear head (fraction or count)."),
+    robust_head: bool = typer.Option(True, help="Adversarially train the linear head."),
+    head_min_steps: int = typer.Option(2000, help="Least optimiser steps of the head."),
+    images: int = typer.Option(4, help="Random test images to draw."),
+    resolution: int = typer.Option(21, help="Grid points per axis."),
+    steps: int = typer.Option(20, help="PGD steps for the u direction."),
+    val_size: int = typer.Option(1024, help="Held-out images for the head's early stopping."),
+    seed: int = typer.Option(0),
+):
+    """Margin-loss landscapes around test images (Fig. 9/10), a gradient-masking check."""
+    from training.figures import model_landscapes
+    from training.heads import HeadConfig
+
+    head = HeadConfig(robust=robust_head, min_steps=head_min_steps)
+    lands = model_landscapes(run, data, out, parse_threat(threat), labels, head, images,
+                             resolution, steps, val_size, seed)
+    for land in lands:
+        typer.echo(f"label {land['label']}: margin {land['clean_margin']:.3f} clean, "
+                   f"{land['pgd_margin']:.3f} after PGD")
+    typer.echo(f"-> {out}")
+
+
+@app.command("retrieval-demo")
+def retrieval_demo(
+    byol: Path = typer.Option(..., help="The BYOL run (or checkpoint)."),
+    byorl: Path = typer.Option(..., help="The BYORL run (or checkpoint)."),
+    data: str = typer.Option("cifar10", help="Gallery = its training images, queries = test."),
+    out: Path = typer.Option(Path("retrieval"), help="Directory for retrieval.{png,json}."),
+    threat: str = typer.Option("linf:8/255", help="NORM:EPS of the attack."),
+    k: int = typer.Option(5, help="Neighbours shown and compared."),
+    queries: int = typer.Option(32, help="Random test images attacked."),
+    gallery: int = typer.Option(5000, help="Random training images searched."),
+    steps: int = typer.Option(20, help="AutoPGD steps."),
+    toward: bool = typer.Option(False, help="Push toward an image of another class instead of "
+                                "away from the clean embedding."),
+    show: int = typer.Option(0, help="Which query the figure shows."),
+    seed: int = typer.Option(0),
+):
+    """Fig. 1: attacked queries change BYOL's nearest neighbours, not BYORL's."""
+    from training.retrieval import retrieval_demo as demo
+
+    report = demo({"BYOL": byol, "BYORL": byorl}, data, out, parse_threat(threat), k, queries,
+                  gallery, steps, toward, show, seed=seed)
+    for name, s in report["encoders"].items():
+        typer.echo(f"{name}: top-{k} overlap {s['topk_overlap_adversarial']:.3f} under attack, "
+                   f"{s['topk_overlap_random']:.3f} under noise; top-1 changed "
+                   f"{s['top1_changed_adversarial']:.1%}")
+    typer.echo(f"-> {out}")
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A run directory or checkpoint file."),
+    labels: float = typer.Option(500, help="Labels for the heads: a count (> 1) or a fraction."),
+    head: str = typer.Option("nonrobust", help="robust, nonrobust or both."),
+    norm: str | None = typer.Option(None, help="linf or l2 (default: the run's)."),
+    eps: str | None = typer.Option(None, help="e.g. 8/255 (default: the run's, or the paper's "
+                                   "for another norm)."),
+    mode: str = typer.Option("quick", help="quick (CPU) or full (the paper's attack suite)."),
+    n_test: int = typer.Option(1000, help="Random test images attacked (0: all)."),
+    out: Path = typer.Option(Path("runs/evaluation"), help="Directory for evaluation.{json,md}."),
+    data: str | None = typer.Option(None, help="Image source (default: the run's)."),
+    head_min_steps: int | None = typer.Option(None, help="Least optimiser steps of a head."),
+    head_attack_steps: int | None = typer.Option(None, help="PGD steps training robust heads."),
+    val_size: int = typer.Option(1024, help="Held-out training images for early stopping."),
+    seed: int = typer.Option(0, help="Seed of the label subset and the test images."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+):
+    """Fit linear heads on a label subset, attack them with the paper's suite; writes
+    evaluation.json and evaluation.md to OUT and prints the tables."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from training.evaluate import evaluate_checkpoint, report_markdown, write_report
+    from training.heads import HeadConfig
+
+    heads = ("nonrobust", "robust") if head == "both" else (head,)
+    overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps}
+    config = HeadConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+    def report(done: int, total: int, what: str) -> None:
+        typer.echo(f"[{done}/{total}] {what}", err=True)
+
+    result = evaluate_checkpoint(run, labels, heads, norm, parse_eps(eps) if eps else None, mode,
+                                 n_test, data, config, val_size, seed, device, report)
+    paths = write_report(result, out)
+    Console().print(Markdown(report_markdown(result)))
+    typer.echo(f"-> {', '.join(map(str, paths))}")
+
+
+if __name__ == "__main__":
+    app()

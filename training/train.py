@@ -1,0 +1,233 @@
+"""BYORL / BYOL training loop: one process, or several under torchrun (DDP, nccl or gloo)."""
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from training.augment import augment
+from training.byorl import OnlineNetwork, byol_loss, ema_update, make_attack, make_target
+from training.checkpoint import CHECKPOINT, load_checkpoint, save_atomic
+from training.config import TrainConfig
+from training.data import load_images, load_unlabeled
+from training.optim import LARS, get_lr, get_tau, lars_param_groups
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module):
+    """Batch statistics still normalise, but running averages are left alone (momentum 0): the
+    attack's extra forward passes must not pollute the statistics used at inference."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+
+
+def batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The global batch of a step: a fresh seeded permutation each epoch, so resuming needs no
+    data-loader state."""
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * batch : (i + 1) * batch]
+
+
+def train(
+    cfg: TrainConfig,
+    max_steps: int | None = None,
+    time_limit_s: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train to the end of the schedule, or stop early (max_steps, time_limit_s) resumably."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world, local_rank = 0, 1, int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device, local_rank)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.optim.batch_size % world:
+        raise ValueError(f"batch size {cfg.optim.batch_size} is not divisible by {world} processes")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Data: uint8 images, decoded once (cached), kept whole on the device
+    images = load_images(
+        cfg.data.source, "train", cfg.data.image_size, cfg.data.root, cfg.data.download
+    ).images
+    if cfg.data.extra_unlabeled:
+        images = torch.cat([images, load_unlabeled(cfg.data.extra_unlabeled, cfg.data.image_size)])
+    images = images.to(device)
+    n, batch = len(images), cfg.optim.batch_size
+    steps_per_epoch = n // batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {batch} exceeds the {n} training images")
+    total_steps = max(1, round(cfg.optim.epochs * steps_per_epoch))
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    # Networks, optimiser, and the state of an interrupted run
+    torch.manual_seed(cfg.seed)
+    online = OnlineNetwork(
+        cfg.model.arch, cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim
+    ).to(device, memory_format=torch.channels_last)
+    target = make_target(online)
+    opt = LARS(
+        lars_param_groups(online, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        eta=cfg.optim.lars_eta,
+    )
+    start = 0
+    if (out / CHECKPOINT).exists():
+        ckpt = load_checkpoint(out, map_location=device)
+        if ckpt["config"] != cfg.to_dict():
+            raise ValueError(f"{out} holds a run with another config; resume it or use a new --out")
+        online.load_state_dict(ckpt["online"])
+        target.load_state_dict(ckpt["target"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    model = DistributedDataParallel(online) if distributed else online
+    if rank == 0:
+        cfg.save(out / "config.json")
+    attack = None
+    if cfg.attack.method != "none":
+
+        def attack_loss(x_adv, z):
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                return byol_loss(online(x_adv), z)
+
+        attack = make_attack(
+            cfg.attack.method,
+            attack_loss,
+            cfg.attack.norm,
+            cfg.attack.eps,
+            cfg.attack.steps,
+            cfg.attack.step_size,
+        )
+
+    def save(step: int) -> None:
+        rngs = [torch.get_rng_state()]
+        if distributed:
+            rngs = [torch.empty_like(rngs[0]) for _ in range(world)]
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        if rank == 0:
+            save_atomic(
+                {
+                    "config": cfg.to_dict(),
+                    "online": online.state_dict(),
+                    "target": target.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "rng": rngs,
+                },
+                out / CHECKPOINT,
+            )
+
+    end = total_steps if max_steps is None else min(total_steps, start + max_steps)
+    t_start = t_log = time.time()
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=total_steps,
+        disable=not progress or rank,
+        desc="byorl" if attack else "byol",
+    )
+    with open(out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
+        for step in bar:
+            # 1. two augmented views of this process's share of the global batch
+            idx = batch_indices(step, steps_per_epoch, n, batch, cfg.seed)
+            idx = idx[rank * batch // world : (rank + 1) * batch // world]
+            x = images[idx].float().div_(255).contiguous(memory_format=torch.channels_last)
+            v = torch.cat([augment(x, cfg.augment), augment(x, cfg.augment)])
+            b = len(idx)
+
+            # 2. target projections, each view paired with the other view's target
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                z = target.project(v).float()
+            z = torch.cat([z[b:], z[:b]])
+
+            # 3. attack the online views: minimise cos(kappa(v + delta), z') within the budget
+            if attack is not None:
+                with frozen_bn_stats(online):
+                    v_adv = attack.perturb(v, z)
+            else:
+                v_adv = v
+
+            # 4. symmetrised BYOL loss on the attacked views, LARS step with the scheduled lr
+            lr = get_lr(step, total_steps, warmup_steps, cfg.optim.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                p = model(v_adv)
+            loss = 2 * byol_loss(p, z).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+            # 5. target network: exponential moving average with the scheduled tau
+            tau = get_tau(step, total_steps, cfg.optim.tau_base)
+            ema_update(target, online, tau)
+
+            # 6. metrics (clean vs attacked similarity, collapse check) and checkpoints
+            done = step + 1
+            if rank == 0 and (done % cfg.log_every == 0 or done == end):
+                with (
+                    torch.no_grad(),
+                    frozen_bn_stats(online),
+                    torch.autocast(device.type, torch.bfloat16, enabled=bf16),
+                ):
+                    p_clean = online(v).float() if attack is not None else p.detach().float()
+                now = time.time()
+                steps_here = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+                rec = {
+                    "step": done,
+                    "epoch": done / steps_per_epoch,
+                    "loss": loss.item(),
+                    "cos_clean": F.cosine_similarity(p_clean, z, dim=-1).mean().item(),
+                    "cos_adv": F.cosine_similarity(p.detach().float(), z, dim=-1).mean().item(),
+                    "pred_std": F.normalize(p.detach().float(), dim=1).std(0).mean().item(),
+                    "lr": lr,
+                    "tau": tau,
+                    "images_per_s": steps_here * batch / max(now - t_log, 1e-9),
+                }
+                t_log = now
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.3f}",
+                    cos_adv=f"{rec['cos_adv']:.3f}",
+                    ips=f"{rec['images_per_s']:.0f}",
+                )
+            last = done == end or (
+                time_limit_s is not None and time.time() - t_start > time_limit_s
+            )
+            if done % cfg.checkpoint_every == 0 or last:
+                save(done)
+            if last:
+                break
+    if distributed:
+        dist.destroy_process_group()
+    return out
