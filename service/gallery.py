@@ -1,16 +1,18 @@
 """Named galleries: an EmbeddingIndex each, plus the model-input pixels of every item.
 
-    indexes/<name>/index.bin          the EmbeddingIndex (vectors, keys, metadata, model id)
-    indexes/<name>/pixels/<hash>.png  the item's pixels at the model's input size
+    indexes/<name>/index.bin         the EmbeddingIndex (vectors, keys, metadata, model id)
+    indexes/<name>/pixels-<gen>.u8   pixels at the model's input size, fixed-size records
+    indexes/<name>/pixels.json       which record holds each key's pixels
 
 The pixels let a linear head or an audit be run on items already in a gallery (robust heads
-and attacks need pixels, not embeddings). Adds write pixels before the index and removals
-delete them after it, so a crash leaves at most an unreferenced pixel file, never a key
-without pixels. Every write saves the index file before returning: an api restart loses nothing.
+and attacks need pixels, not embeddings). An add appends its records (one fsync for the whole
+request), then saves the map, then the index; a removal saves the index, then the map. So a
+crash leaves at most unreferenced records, never a key without pixels, and every write is on
+disk before it returns: an api restart loses nothing.
 """
 
-import hashlib
-import io
+import json
+import os
 import shutil
 import threading
 import uuid
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from index.faiss_index import EmbeddingIndex, UnknownKeyError
 from index.files import atomic_write
@@ -35,20 +36,66 @@ def load_index(data_dir: str | Path, name: str) -> EmbeddingIndex:
     return EmbeddingIndex.load(path)
 
 
-def _pixel_name(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest() + ".png"
+class PixelStore:
+    """uint8 records appended to one file, and a key -> record map beside it. Records of removed
+    keys are reclaimed by rewriting the file (under a new name) once they outnumber live ones."""
+
+    def __init__(self, root: Path):
+        self.root, self.map_path = root, root / "pixels.json"
+        state = json.loads(self.map_path.read_text()) if self.map_path.exists() else {}
+        self.file: str = state.get("file", "pixels-0.u8")
+        self.shape: list[int] | None = state.get("shape")
+        self.rows: dict[str, int] = state.get("rows", {})
+
+    def _records(self) -> int:
+        path = self.root / self.file
+        return path.stat().st_size // int(np.prod(self.shape)) if path.exists() else 0
+
+    def put(self, keys: list[str], pixels: np.ndarray) -> None:
+        if self.shape is None:
+            self.shape = list(pixels.shape[1:])
+        start = self._records()
+        with open(self.root / self.file, "ab") as f:
+            f.write(np.ascontiguousarray(pixels, np.uint8).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.update({k: start + i for i, k in enumerate(keys)})
+        self._save_map()
+
+    def drop(self, keys: list[str]) -> None:
+        for k in keys:
+            self.rows.pop(k, None)
+        self._save_map()
+        if self._records() > 2 * len(self.rows) + 64:
+            self._compact()
+
+    def get(self, keys: list[str]) -> np.ndarray:
+        data = np.memmap(self.root / self.file, np.uint8, "r").reshape(-1, *self.shape)
+        return np.array(data[[self.rows[k] for k in keys]])
+
+    def _save_map(self) -> None:
+        state = {"file": self.file, "shape": self.shape, "rows": self.rows}
+        atomic_write(self.map_path, [json.dumps(state).encode()])
+
+    def _compact(self) -> None:
+        keys, old = list(self.rows), self.file
+        live = self.get(keys) if keys else np.empty((0, *self.shape), np.uint8)
+        self.file = f"pixels-{int(old.split('-')[1].split('.')[0]) + 1}.u8"
+        atomic_write(self.root / self.file, [live.tobytes()])
+        self.rows = {k: i for i, k in enumerate(keys)}
+        self._save_map()  # the switch to the new file
+        (self.root / old).unlink(missing_ok=True)
 
 
 class Gallery:
     def __init__(self, data_dir: Path):
         self.root = Path(data_dir) / "indexes"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._indexes = {
-            p.parent.name: load_index(data_dir, p.parent.name)
-            for p in sorted(self.root.glob(f"*/{INDEX_FILE}"))
-        }
-        self._locks: dict[str, threading.Lock] = {n: threading.Lock() for n in self._indexes}
-        self._lock = threading.Lock()  # guards the two dicts
+        names = sorted(p.parent.name for p in self.root.glob(f"*/{INDEX_FILE}"))
+        self._indexes = {n: load_index(data_dir, n) for n in names}
+        self._pixels = {n: PixelStore(self.root / n) for n in names}
+        self._locks: dict[str, threading.Lock] = {n: threading.Lock() for n in names}
+        self._lock = threading.Lock()  # guards the dicts
 
     def names(self) -> list[str]:
         return sorted(self._indexes)
@@ -67,12 +114,13 @@ class Gallery:
             index = EmbeddingIndex(dim, model_id, factory)
             index.save(self.root / name / INDEX_FILE)
             self._indexes[name], self._locks[name] = index, threading.Lock()
+            self._pixels[name] = PixelStore(self.root / name)
         return index
 
     def delete(self, name: str) -> None:
         with self._lock:
             self.get(name)
-            del self._indexes[name], self._locks[name]
+            del self._indexes[name], self._locks[name], self._pixels[name]
             trash = self.root / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
             (self.root / name).rename(trash)  # atomic: a restart never sees half an index
         shutil.rmtree(trash, ignore_errors=True)
@@ -81,13 +129,14 @@ class Gallery:
             metadata: list[Any] | None, model_id: str) -> None:
         index = self.get(name)
         with self._locks[name]:
-            missing = [k for k in keys if k not in index]
-            for key, px in zip(keys, pixels, strict=True):
-                if key in missing:  # never overwrite the pixels of a key already present
-                    buf = io.BytesIO()
-                    Image.fromarray(px.transpose(1, 2, 0)).save(buf, format="PNG")
-                    atomic_write(self._pixel_dir(name) / _pixel_name(key), [buf.getvalue()])
-            index.add(keys, vectors, metadata, model_id=model_id)
+            new = [i for i, k in enumerate(keys) if k not in index]
+            new_keys = [keys[i] for i in new]  # a key already present keeps its pixels
+            self._pixels[name].put(new_keys, pixels[new])
+            try:
+                index.add(keys, vectors, metadata, model_id=model_id)
+            except Exception:
+                self._pixels[name].drop(new_keys)
+                raise
             index.save(self.root / name / INDEX_FILE)
 
     def remove(self, name: str, keys: list[str]) -> int:
@@ -95,8 +144,7 @@ class Gallery:
         with self._locks[name]:
             removed = index.remove(keys)
             index.save(self.root / name / INDEX_FILE)
-            for key in keys:
-                (self._pixel_dir(name) / _pixel_name(key)).unlink(missing_ok=True)
+            self._pixels[name].drop(keys)
         return removed
 
     def pixels(self, name: str, keys: list[str]) -> np.ndarray:
@@ -105,11 +153,5 @@ class Gallery:
         missing = [k for k in keys if k not in index]
         if missing:
             raise UnknownKeyError(f"keys not in index {name!r}: {missing[:5]}")
-        out = []
-        for key in keys:
-            with Image.open(self._pixel_dir(name) / _pixel_name(key)) as im:
-                out.append(np.asarray(im.convert("RGB")).transpose(2, 0, 1))
-        return np.stack(out)
-
-    def _pixel_dir(self, name: str) -> Path:
-        return self.root / name / "pixels"
+        with self._locks[name]:
+            return self._pixels[name].get(keys)

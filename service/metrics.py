@@ -2,9 +2,16 @@
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+disable_created_metrics()  # no *_created series: scrape output stays readable
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
     "byorl_requests", "HTTP requests by route and status.", ["method", "route", "status"],

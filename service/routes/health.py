@@ -12,13 +12,13 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> Health:
+def check_health() -> Health:
     """The process is alive."""
     return Health(status="ok")
 
 
 @router.get("/readyz", responses={503: {"model": Health}})
-async def readyz(svc: Service, response: Response) -> Health:
+async def check_readiness(svc: Service, response: Response) -> Health:
     """Model and indexes loaded, and the broker reachable when one is configured."""
     checks = {"model": svc.session is not None, "indexes": svc.gallery is not None,
               "broker": await run_in_threadpool(svc.queue.ping)}
@@ -28,6 +28,7 @@ async def readyz(svc: Service, response: Response) -> Health:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics() -> Response:
-    """Prometheus metrics: requests, latencies, batch sizes, queue depths."""
+def get_metrics() -> Response:
+    """Prometheus metrics: requests, latencies, batch sizes, queue depths (a thread: the job
+    queue depth may ask Redis)."""
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -82,13 +82,13 @@ class Stack:
             except httpx.TransportError:
                 return False
 
-        wait_for(ready, 120, "the api")
+        wait_for(ready, 300, "the api")
 
     def start_worker(self, name: str) -> None:
         self.start(name, [sys.executable, "-m", "celery", "-A", "service.worker", "worker",
                           "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
                           "-n", f"{name}@%h", "--without-gossip", "--without-mingle"])
-        wait_for(lambda: " ready." in self.log(name), 120, f"worker {name}")
+        wait_for(lambda: " ready." in self.log(name), 300, f"worker {name}")
 
     def stop_all(self) -> None:
         for name in list(self.procs):
