@@ -11,6 +11,8 @@ from service.jobs import TASK, make_celery
 from service.settings import Settings
 
 settings = Settings()
+if not settings.redis_url:
+    raise SystemExit("the worker needs BYORL_REDIS_URL (without it the api runs jobs itself)")
 app = make_celery(settings)
 
 
