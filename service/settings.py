@@ -48,10 +48,10 @@ class Settings(BaseSettings):
     def job_kill_after_s(self) -> int:
         """Hard limit: the process of a job still running this long (past the soft limit) is
         killed."""
-        return self.job_time_limit_s + max(10, self.job_time_limit_s // 20)
+        return self.job_time_limit_s + max(5, self.job_time_limit_s // 20)
 
     @property
     def visibility_timeout_s(self) -> int:
         """Redis re-delivers an unacknowledged job after this long: it must outlast any job, so
         only the job of a dead worker is delivered again."""
-        return self.job_kill_after_s + max(10, self.job_time_limit_s // 10)
+        return self.job_kill_after_s + max(5, self.job_time_limit_s // 10)
