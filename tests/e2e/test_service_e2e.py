@@ -183,7 +183,7 @@ def test_a_killed_worker_loses_no_job(stack, api, data):
     r = api.post("/linear-head", json={"classes": ["cat", "ship"],
                                        "labels": [labels[i] for i in few],
                                        "images": [images[i] for i in few], "robust": True,
-                                       "epochs": 20, "attack_steps": 2, "min_steps": 20,
+                                       "epochs": 10, "attack_steps": 1, "min_steps": 10,
                                        "validation_fraction": 0})
     job_id = r.json()["job_id"]
     job = wait_for(lambda: (j := api.get(f"/jobs/{job_id}").json())["progress"] > 0 and j,
