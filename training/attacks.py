@@ -111,7 +111,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * steps) for q in p if q <= 1})
+    return sorted({math.ceil(round(q * steps, 6)) for q in p if q <= 1})
 
 
 class APGD:

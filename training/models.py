@@ -76,7 +76,8 @@ def _resnet(blocks: tuple[int, ...], base: int) -> Callable[..., PreActResNet]:
 
 
 _REGISTRY: dict[str, Callable[..., PreActResNet]] = {
-    # One block per stage, widths 32-256: the fast CPU network.
+    # One block per stage: the fast CPU network (widths 32-256) and a tiny one for smoke tests.
+    "preact_resnet_tiny": _resnet((1, 1, 1, 1), 8),
     "preact_resnet_small": _resnet((1, 1, 1, 1), 32),
     "preact_resnet18": _resnet((2, 2, 2, 2), 64),
     "preact_resnet34": _resnet((3, 4, 6, 3), 64),

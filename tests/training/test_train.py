@@ -1,0 +1,96 @@
+"""Real training steps on CIFAR-10 images, a SIGKILLed run resumed, a 2-process DDP run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import load_checkpoint, load_encoder
+from training.config import TrainConfig
+from training.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BYORL_CACHE": ""}
+
+
+def tiny_args(images: Path, out: Path, epochs: float = 3) -> list[str]:
+    return ["--out", str(out), "--data", str(images), "--arch", "preact_resnet_tiny",
+            "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "32",
+            "--epochs", str(epochs),
+            "--warmup-epochs", "1", "--attack", "pgd", "--steps", "2", "--device", "cpu",
+            "--checkpoint-every", "1", "--log-every", "1", "--seed", "3"]
+
+
+def run_cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "training.cli", "train", *args], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_few_byorl_steps_write_a_run(image_folder, tmp_path):
+    cfg = TrainConfig()
+    cfg.data.source, cfg.out, cfg.device = str(image_folder), str(tmp_path / "run"), "cpu"
+    cfg.model.arch, cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim = (
+        "preact_resnet_tiny", 1, 32, 16)
+    cfg.attack.method, cfg.attack.steps = "apgd", 3
+    cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs = 40, 1, 0.5
+    cfg.log_every = 1
+    run = train(cfg, progress=False)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert all(torch.isfinite(torch.tensor(float(v))) for v in m.values())
+        assert 0 <= m["loss"] <= 8
+        assert m["cos_adv"] < m["cos_clean"]  # the attack really lowers the similarity
+        assert m["pred_std"] > 0.01  # predictions not collapsed
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 3 and ckpt["config"] == cfg.to_dict()
+    encoder, config = load_encoder(run)
+    assert config["model"]["arch"] == "preact_resnet_tiny"
+    assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, encoder.num_features)
+
+
+def test_killed_run_resumes_to_the_same_state(image_folder, tmp_path):
+    straight = run_cli(tiny_args(image_folder, tmp_path / "straight"))
+    assert straight.wait(timeout=300) == 0, straight.stdout.read().decode()
+    total = load_checkpoint(tmp_path / "straight")["step"]
+    assert total == 9
+
+    killed = run_cli(tiny_args(image_folder, tmp_path / "killed"), start_new_session=True)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill as soon as a few steps are saved
+        if ckpt.exists() and load_checkpoint(ckpt)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    interrupted_at = load_checkpoint(ckpt)["step"]
+    assert 3 <= interrupted_at < total
+
+    resumed = run_cli(tiny_args(image_folder, tmp_path / "killed"))
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(ckpt)
+    assert b["step"] == total
+    for key in ("online", "target"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_two_process_ddp_run_takes_steps(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         "0", "-m", "training.cli", "train", *tiny_args(image_folder, out, epochs=1)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # each process's RNG kept for resuming
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # only rank 0 logs
+    assert all(torch.isfinite(v).all() for v in ckpt["online"].values())
