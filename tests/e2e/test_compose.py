@@ -6,13 +6,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 
 
-def compose_config() -> dict:
+@pytest.fixture(scope="module")
+def config() -> dict:
+    """`docker-compose config`: the file as the compose client resolves it."""
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is missing: `make setup` installs it (apt-get)"
     out = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "config"],
@@ -21,8 +24,7 @@ def compose_config() -> dict:
     return yaml.safe_load(out.stdout)
 
 
-def test_compose_file_is_valid_and_complete():
-    config = compose_config()
+def test_compose_file_is_valid_and_complete(config):
     services = config["services"]
     assert set(services) == {"redis", "api", "worker", "api-gpu", "worker-gpu"}
     assert {n for n, s in services.items() if "gpu" in s.get("profiles", [])} == {
@@ -39,8 +41,8 @@ def test_compose_file_is_valid_and_complete():
     assert "data" in config["volumes"]
 
 
-def test_gpu_profile_reserves_a_gpu():
-    services = compose_config()["services"]
+def test_gpu_profile_reserves_a_gpu(config):
+    services = config["services"]
     for name in ("api-gpu", "worker-gpu"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
