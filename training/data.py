@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
-DEFAULT_CACHE = Path(os.environ.get("BYORL_CACHE", Path.home() / ".cache" / "byorl"))
+DEFAULT_CACHE = Path(os.environ.get("BYORL_CACHE") or Path.home() / ".cache" / "byorl")
 VAL_SIZE = 1024
 
 

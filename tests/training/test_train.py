@@ -15,7 +15,7 @@ from training.config import TrainConfig
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BYORL_CACHE": ""}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BYORL_CACHE": str(ROOT / ".cache" / "byorl")}
 
 
 def tiny_args(images: Path, out: Path, epochs: float = 3) -> list[str]:
@@ -47,7 +47,7 @@ def test_few_byorl_steps_write_a_run(image_folder, tmp_path):
         assert 0 <= m["loss"] <= 8
         assert m["cos_adv"] < m["cos_clean"]  # the attack really lowers the similarity
         assert m["pred_std"] > 0.01  # predictions not collapsed
-    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
     ckpt = load_checkpoint(run)
     assert ckpt["step"] == 3 and ckpt["config"] == cfg.to_dict()
     encoder, config = load_encoder(run)
@@ -85,8 +85,8 @@ def test_killed_run_resumes_to_the_same_state(image_folder, tmp_path):
 def test_two_process_ddp_run_takes_steps(image_folder, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         "0", "-m", "training.cli", "train", *tiny_args(image_folder, out, epochs=1)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "training.cli", "train", *tiny_args(image_folder, out, epochs=1)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ckpt = load_checkpoint(out)
