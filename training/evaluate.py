@@ -201,6 +201,8 @@ def evaluate_robustness(
     `images` are uint8 or floats in [0, 1]. The model is evaluated in eval mode (its mode is
     restored afterwards). The sanity checks always run and are reported under "checks".
     """
+    if len(labels) == 0 or len(images) != len(labels):
+        raise ValueError(f"need one label per image, at least one: {len(images)}, {len(labels)}")
     was_training = model.training
     model.eval()
     try:
