@@ -6,10 +6,11 @@ images, measured side by side in one run; prints both robust accuracies and the 
 
 Without a checkpoint the model is a small CNN trained for a few hundred steps on CIFAR-10
 training images: cheap enough for the full suite on a CPU, robust enough at a small eps that
-the later attacks still have points to work on. The per-attack seconds are wall time. torchattacks' "standard" AutoAttack runs APGD
+the later attacks still have points to work on. torchattacks' "standard" AutoAttack runs APGD
 and APGD-T with its default 10 steps (the reference implementation uses 100) plus FAB-T and
 Square (5000 queries): it is cheaper and weaker than the reference, and far weaker than the
-paper's suite.
+paper's suite. Per-attack seconds are wall time; the ratio is also given in CPU time, which a
+busy machine does not distort when the run uses one thread.
 """
 
 import argparse
