@@ -13,7 +13,7 @@ setup:
 		(apt-get update -q && apt-get install -y -q redis-server docker-compose)
 
 # The service on the bundled default encoder; jobs run in-process unless BYORL_REDIS_URL is set.
-run:
+run: setup
 	$(VENV)/bin/uvicorn service.main:app --host $(HOST) --port $(PORT)
 
 test: setup
