@@ -230,11 +230,11 @@ for i in range(1000):
 
 
 def test_a_save_killed_mid_write_leaves_a_loadable_index(tmp_path):
-    """SIGKILL a process while it rewrites a 50 MB index: the file is always the old or the new."""
+    """SIGKILL a process while it rewrites a 25 MB index: the file is always the old or the new."""
     path = tmp_path / "index.bin"
     rng = np.random.default_rng(0)
     base = EmbeddingIndex(64, "model-a")
-    base.add(keys_of(200_000), rng.standard_normal((200_000, 64)))
+    base.add(keys_of(100_000), rng.standard_normal((100_000, 64)))
     base.save(path)
     probe = base.get("item-123").vector
     expected, interrupted = len(base), 0
