@@ -1,6 +1,7 @@
 """The `byorl` command line: train, evaluate, export, index, experiments."""
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -98,7 +99,11 @@ def export(
     """Export the encoder to ONNX with a model card; fails unless ONNX Runtime matches PyTorch."""
     from training.export import export_encoder
 
-    card = export_encoder(run, out, json.loads(metrics.read_text()) if metrics else None, images)
+    command = ["byorl", "export", str(run), "--out", str(out)]
+    command += ["--images", images] if images else []
+    command += ["--metrics", str(metrics)] if metrics else []
+    card = export_encoder(run, out, json.loads(metrics.read_text()) if metrics else None, images,
+                          command=shlex.join(command))
     typer.echo(f"{card['model_id']}: max |onnx - torch| {card['parity']['max_abs_diff']} -> {out}")
 
 
