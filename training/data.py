@@ -36,6 +36,15 @@ class ImageSet:
     def subset(self, idx: torch.Tensor) -> "ImageSet":
         return ImageSet(self.images[idx], self.labels[idx], self.classes)
 
+    def random_subset(self, size: int, seed: int = 0) -> "ImageSet":
+        """`size` items drawn with a seed (all of them when size is 0 or too large): image
+        folders are sorted by class, so the first `size` would not do."""
+        if not 0 < size < len(self):
+            return self
+        return self.subset(
+            torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size]
+        )
+
 
 def decode_image(data: bytes, size: int | None) -> np.ndarray:
     """Bytes of any Pillow format -> (3, H, W) uint8, resized to size x size when size is set."""

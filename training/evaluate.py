@@ -322,9 +322,7 @@ def evaluate_checkpoint(
     load = dict(size=config["data"]["image_size"], root=config["data"]["root"])
     train, test = load_images(source, "train", **load), load_images(source, "test", **load)
     labeled_idx, val_idx = label_subset(len(train), labels, seed, val_size)
-    if 0 < n_test < len(test):  # image folders are sorted by class: never the first n_test
-        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-                           [:n_test])
+    test = test.random_subset(n_test, seed)
     report = {
         "checkpoint": str(path), "encoder": config["model"], "encoder_attack": run_attack,
         "data": source, "labels": {"amount": labels, "count": len(labeled_idx),

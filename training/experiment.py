@@ -201,14 +201,6 @@ def run_cell(
             "training": {**history, **extra}, "evaluation": evaluation}
 
 
-def _eval_subset(test: ImageSet, size: int, seed: int) -> ImageSet:
-    """A seeded random subset: image folders are sorted by class, so never the first `size`."""
-    if not size or size >= len(test):
-        return test
-    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    return test.subset(perm[:size])
-
-
 def run_experiment(
     config: ExperimentConfig,
     progress: Progress | None = None,
@@ -239,8 +231,8 @@ def run_experiment(
             if data is None:
                 load = dict(size=config.image_size, root=config.data_root)
                 data = (load_images(config.data, "train", **load),
-                        _eval_subset(load_images(config.data, "test", **load),
-                                     config.eval_size, config.seed))
+                        load_images(config.data, "test", **load).random_subset(
+                            config.eval_size, config.seed))
             cell = run_cell(config, method, amount, threat, *data, progress=cell_progress)
             _write_json(path, cell)
             ran.append(key)
