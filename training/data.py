@@ -66,29 +66,20 @@ def _split_and_class(parts: tuple[str, ...], split: str, has_splits: bool) -> st
 
 def _read_entries(source: Path, split: str) -> list[tuple[str, bytes]]:
     """(class name, file bytes) of every image of `split` in a folder or a .tar(.gz) archive."""
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        rel = [p.relative_to(source).parts for p in files]
-        has_splits = any(len(r) > 2 and r[0] in ("train", "test") for r in rel)
-        out = []
-        for path, parts in zip(files, rel, strict=True):
-            cls = _split_and_class(parts, split, has_splits)
-            if cls is not None:
-                out.append((cls, path.read_bytes()))
-        return out
-    with tarfile.open(source) as tar:  # one sequential pass: seeking in a .gz is quadratic
-        files = sorted(
-            (m.name, tar.extractfile(m).read())
-            for m in tar
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
-    parts = [Path(name).parts for name, _ in files]
-    has_splits = any(("train" in p[:-2] or "test" in p[:-2]) for p in parts)
+    if source.is_dir():  # files are read only when they belong to the split
+        files = [(p.relative_to(source).parts, p) for p in source.rglob("*")
+                 if p.suffix.lower() in IMAGE_EXTENSIONS]
+    else:
+        with tarfile.open(source) as tar:  # one sequential pass: seeking in a .gz is quadratic
+            files = [(Path(m.name).parts, tar.extractfile(m).read()) for m in tar
+                     if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]
+    files.sort(key=lambda f: f[0])
+    has_splits = any(("train" in p[:-2] or "test" in p[:-2]) for p, _ in files)
     out = []
-    for (_, data), p in zip(files, parts, strict=True):
-        cls = _split_and_class(p, split, has_splits)
+    for parts, data in files:
+        cls = _split_and_class(parts, split, has_splits)
         if cls is not None:
-            out.append((cls, data))
+            out.append((cls, data if isinstance(data, bytes) else data.read_bytes()))
     return out
 
 
