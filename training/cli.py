@@ -273,6 +273,9 @@ def evaluate(
     data: str | None = typer.Option(None, help="Image source (default: the run's)."),
     head_min_steps: int | None = typer.Option(None, help="Least optimiser steps of a head."),
     head_attack_steps: int | None = typer.Option(None, help="PGD steps training robust heads."),
+    head_epochs: int | None = typer.Option(None, help="Head epochs (lr / 10 after half)."),
+    head_steps_per_epoch: int | None = typer.Option(
+        None, help="Fixed batches per head epoch (default: whole passes, >= min steps)."),
     val_size: int = typer.Option(1024, help="Held-out training images for early stopping."),
     seed: int = typer.Option(0, help="Seed of the label subset and the test images."),
     device: str = typer.Option("auto", help="auto, cpu, cuda"),
@@ -286,7 +289,9 @@ def evaluate(
     from training.heads import HeadConfig
 
     heads = ("nonrobust", "robust") if head == "both" else (head,)
-    overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps}
+    overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps,
+                 "steps_per_epoch": head_steps_per_epoch, "epochs": head_epochs,
+                 "decay_epoch": head_epochs // 2 if head_epochs else None}
     config = HeadConfig(**{k: v for k, v in overrides.items() if v is not None})
 
     def report(done: int, total: int, what: str) -> None:

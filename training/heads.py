@@ -5,6 +5,8 @@ Protocol: Adam, 50 epochs, lr 2e-3 divided by 10 after half of them, early stopp
 handful of optimiser steps (500 labels at batch 128 = 4 steps), and 50 such epochs underfit, so
 each of the 50 epochs repeats the labeled set until the run totals at least `min_steps` steps:
 the schedule and the early-stopping grid stay the paper's, only the step count grows.
+`steps_per_epoch` instead fixes the batches per epoch (drawn from a stream of shuffled passes):
+robust heads on all labels cost a PGD attack per batch, which a CPU cannot afford for 50 passes.
 
 The head sees features standardised with the labeled set's clean statistics, folded into W and
 b at the end: Adam's fixed step then means the same for any encoder's feature scale (a random
@@ -38,12 +40,15 @@ class HeadConfig:
     decay_epoch: int = 25  # lr / 10 from this epoch on
     batch_size: int = 128
     min_steps: int = 2000  # repeat the labeled set within each epoch until the run has this many
+    steps_per_epoch: int = 0  # > 0: fixed batches per epoch from a shuffled stream (CPU budgets)
     seed: int = 0
 
     def __post_init__(self):
         check_budget(self.norm, self.eps)
-        if min(self.attack_steps, self.epochs, self.batch_size) < 1 or self.min_steps < 0:
-            raise ValueError("attack_steps, epochs and batch_size must be >= 1, min_steps >= 0")
+        if min(self.attack_steps, self.epochs, self.batch_size) < 1:
+            raise ValueError("attack_steps, epochs and batch_size must be >= 1")
+        if min(self.min_steps, self.steps_per_epoch) < 0:
+            raise ValueError("min_steps and steps_per_epoch must be >= 0")
 
 
 class Classifier(nn.Module):
@@ -98,6 +103,12 @@ def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> t
     )
 
 
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless shuffled passes over range(n) in batches (a pass's last batch may be short)."""
+    while True:
+        yield from torch.randperm(n, generator=gen).split(batch_size)
+
+
 def _pgd(model: nn.Module, config: HeadConfig) -> PGD:
     def loss_fn(x_adv, y):
         return F.cross_entropy(model(x_adv), y, reduction="none")
@@ -128,7 +139,7 @@ def fit_linear_head(
     """Fit W e(x) + b on the frozen encoder; return the head of the best validation epoch.
 
     history: per-epoch train_loss and train_acc (on the batches trained on, adversarial for
-    robust heads), val_acc, lr; best_epoch, best_val_acc, passes_per_epoch, optimizer_steps.
+    robust heads), val_acc, lr; best_epoch, best_val_acc, steps_per_epoch, optimizer_steps.
 
     Non-robust heads train on features computed once. Robust heads attack the input pixels with
     PGD on the cross-entropy through the frozen encoder (eval mode) at every batch. Ties in
@@ -146,6 +157,8 @@ def fit_linear_head(
     opt = torch.optim.Adam(head.parameters(), lr=config.lr)
     batches_per_pass = math.ceil(len(train) / config.batch_size)
     passes = max(1, math.ceil(config.min_steps / (config.epochs * batches_per_pass)))
+    steps_per_epoch = config.steps_per_epoch or passes * batches_per_pass
+    batches = shuffled_batches(len(train), config.batch_size, gen)
 
     history = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
     best_acc, best_state, best_epoch, steps = -1.0, None, None, 0
@@ -154,24 +167,24 @@ def fit_linear_head(
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum, correct, seen = 0.0, 0, 0
-        for _ in range(passes):
-            for idx in torch.randperm(len(train), generator=gen).split(config.batch_size):
-                y = train.labels[idx].to(dev)
-                if config.robust:
-                    x = _pgd(model, config).perturb(to_float(train.images[idx]).to(dev), y)
-                    with torch.no_grad():
-                        f = encoder(x)
-                else:
-                    f = feats[idx].to(dev)
-                logits = head(f)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                loss_sum += loss.item() * len(idx)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(idx)
+        for _ in range(steps_per_epoch):
+            idx = next(batches)
+            y = train.labels[idx].to(dev)
+            if config.robust:
+                x = _pgd(model, config).perturb(to_float(train.images[idx]).to(dev), y)
+                with torch.no_grad():
+                    f = encoder(x)
+            else:
+                f = feats[idx].to(dev)
+            logits = head(f)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(idx)
         history["train_loss"].append(loss_sum / seen)
         history["train_acc"].append(correct / seen)
         history["lr"].append(lr)
@@ -193,7 +206,7 @@ def fit_linear_head(
     history.update(
         best_epoch=best_epoch if val is not None else config.epochs - 1,
         best_val_acc=best_acc if val is not None else None,
-        passes_per_epoch=passes,
+        steps_per_epoch=steps_per_epoch,
         optimizer_steps=steps,
         val_metric="robust accuracy (PGD)" if config.robust else "clean accuracy",
     )

@@ -11,7 +11,14 @@ from torch import nn
 from training.attacks import ThreatModel
 from training.data import ImageSet, load_images
 from training.evaluate import evaluate_robustness
-from training.heads import Classifier, HeadConfig, StandardizedLinear, encode, fit_linear_head
+from training.heads import (
+    Classifier,
+    HeadConfig,
+    StandardizedLinear,
+    encode,
+    fit_linear_head,
+    shuffled_batches,
+)
 from training.models import create_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,3 +112,17 @@ def test_few_labels_get_enough_optimiser_steps(image_folder):
     assert recipe["best_epoch"] == 49  # no validation set: the last epoch
     assert recipe["train_acc"][-1] > 0.9
     assert recipe["train_acc"][-1] > literal["train_acc"][-1] + 0.2
+
+
+def test_fixed_steps_per_epoch_stream_whole_shuffled_passes():
+    """steps_per_epoch caps the work (robust heads on all labels); the batches still come from
+    whole shuffled passes, so every labeled image is used once before any is used twice."""
+    batches = shuffled_batches(10, 4, torch.Generator().manual_seed(0))
+    first_pass = torch.cat([next(batches) for _ in range(3)])  # 4 + 4 + 2
+    assert sorted(first_pass.tolist()) == list(range(10))
+    train = toy_problem(100, 0)
+    config = HeadConfig(epochs=3, decay_epoch=2, batch_size=16, steps_per_epoch=5)
+    _, history = fit_linear_head(nn.Flatten(), train, None, 4, config)
+    assert history["optimizer_steps"] == 15 and history["steps_per_epoch"] == 5
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        HeadConfig(steps_per_epoch=-1)
