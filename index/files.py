@@ -12,10 +12,12 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None
 
     The bytes go to a temporary file in the same directory, are flushed and fsynced, then
     renamed over `path` (atomic on POSIX), and the directory is fsynced so the rename itself is
-    durable. A killed writer may leave a `.NAME.tmp-*` file behind, never a torn `path`.
+    durable. A killed writer may leave a `.NAME.tmp-*` file behind, never a torn `path`; the
+    next write of `path` removes such leftovers of writers that no longer run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
@@ -32,6 +34,25 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` files whose writer process is gone (killed mid-write)."""
+    prefix = f".{path.name}.tmp-"
+    for tmp in path.parent.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

@@ -1,4 +1,7 @@
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -31,3 +34,16 @@ def test_sha256_file_reads_in_chunks(tmp_path):
     data = bytes(range(256)) * 5000
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", chunk_size=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "f.bin"
+    stale = tmp_path / f".f.bin.tmp-{dead.pid}-0123abcd"
+    live = tmp_path / f".f.bin.tmp-{os.getpid()}-4567ef01"  # a writer still running: kept
+    other = tmp_path / f".g.bin.tmp-{dead.pid}-89abcdef"  # another file's temporary: kept
+    for p in (stale, live, other):
+        p.write_bytes(b"half")
+    atomic_write(path, [b"new"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f.bin", live.name, other.name])

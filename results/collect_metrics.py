@@ -1,0 +1,68 @@
+"""Collect `byorl evaluate` reports and training logs of the CPU reference runs into one
+metrics.json (the model cards' `metrics`, the README table's source).
+
+    python results/collect_metrics.py runs/final results/cpu-default/metrics.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+MODELS = {"byorl": "byorl-linf", "byol": "byol"}
+LABELS = {"500_labels": "500", "all_labels": "1.0"}
+
+
+def evaluate_command(report: dict, kind: str, out: Path) -> str:
+    """The `byorl evaluate` call that wrote a report, rebuilt from what the report records."""
+    head = report["heads"][kind]["config"]
+    cmd = (f"byorl evaluate {report['checkpoint']} --labels {report['labels']['amount']:g} "
+           f"--head {kind} --mode {report['mode']} --n-test {report['n_test']} --device cpu")
+    if kind == "robust":
+        cmd += (f" --head-attack-steps {head['attack_steps']} --head-epochs {head['epochs']}"
+                f" --head-steps-per-epoch {head['steps_per_epoch']}")
+    return cmd + f" --out {out}"
+
+
+def training_summary(run: Path) -> dict:
+    """Steps, epochs and wall clock (summed from the logged throughput) of a run."""
+    config = json.loads((run / "config.json").read_text())
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    batch, every = config["optim"]["batch_size"], config["log_every"]
+    last = log[-1]
+    return {
+        "steps": last["step"], "epochs": round(last["epoch"], 2),
+        "images_seen": last["step"] * batch,
+        "wall_clock_min": round(sum(every * batch / r["images_per_s"] for r in log) / 60, 1),
+        "final_loss": round(last["loss"], 4), "final_cos_clean": round(last["cos_clean"], 4),
+        "final_cos_adv": round(last["cos_adv"], 4), "final_pred_std": round(last["pred_std"], 4),
+        "config": config,
+    }
+
+
+def main(final: Path, out: Path) -> None:
+    metrics = {}
+    for model, name in MODELS.items():
+        evaluations = {}
+        for key, labels in LABELS.items():
+            heads, entry = {}, {}
+            for kind in ("nonrobust", "robust"):
+                d = final / f"{name}-{labels}-{kind}"
+                report = json.loads((d / "evaluation.json").read_text())
+                ev = report["heads"][kind]["evaluation"]
+                heads[kind] = {"clean_accuracy": ev["clean_accuracy"],
+                               "robust_accuracy": ev["robust_accuracy"],
+                               "checks_passed": ev["checks_passed"],
+                               "command": evaluate_command(report, kind, d)}
+                entry = {"threat_model": report["threat_model"], "mode": report["mode"],
+                         "data": report["data"], "labels": report["labels"]["count"],
+                         "n_test": report["n_test"]}
+            evaluations[key] = {**entry, "heads": heads}
+        run = Path(json.loads((final / f"{name}-500-nonrobust" / "evaluation.json").read_text())
+                   ["checkpoint"])
+        metrics[model] = {"evaluations": evaluations, "training": training_summary(run)}
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
