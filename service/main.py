@@ -32,8 +32,9 @@ def load_state(settings: Settings) -> AppState:
                            f"says {card['embedding_dim']}")
     batcher = Batcher(lambda x: model_card.embed(session, x, s.max_batch), s.max_batch,
                       s.batch_wait_ms)
-    return AppState(settings, card, session, batcher, Gallery(data), JobStore(data),
-                    HeadStore(data), ReportStore(data), make_queue(settings))
+    jobs = JobStore(data, settings.job_lost_after_s)
+    return AppState(settings, card, session, batcher, Gallery(data), jobs, HeadStore(data),
+                    ReportStore(data), make_queue(settings))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

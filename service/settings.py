@@ -55,3 +55,9 @@ class Settings(BaseSettings):
         """Redis re-delivers an unacknowledged job after this long: it must outlast any job, so
         only the job of a dead worker is delivered again."""
         return self.job_kill_after_s + max(5, self.job_time_limit_s // 10)
+
+    @property
+    def job_lost_after_s(self) -> int:
+        """A job still "running" this long after its start is reported failed: past the hard
+        limit and the redelivery of a dead worker's job (swept at least once a minute)."""
+        return self.visibility_timeout_s + 120

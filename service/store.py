@@ -66,8 +66,13 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 class JobStore:
-    def __init__(self, root: Path):
+    """Job records. `lost_after_s`: a job still "running" this long after its start is reported
+    failed: its process was killed past the hard time limit (Celery acknowledges such a job and
+    never runs it again), and a dead worker's job is redelivered, restarting the clock, sooner."""
+
+    def __init__(self, root: Path, lost_after_s: float | None = None):
         self.root = Path(root) / "jobs"
+        self.lost_after_s = lost_after_s
 
     def create(self, kind: str, params: dict, **arrays: np.ndarray) -> dict:
         """A queued job whose inputs are on disk before anyone can see its id."""
@@ -83,14 +88,28 @@ class JobStore:
         return job
 
     def get(self, job_id: str) -> dict:
+        return self._seen(self._read(job_id))
+
+    def _read(self, job_id: str) -> dict:
         path = self.root / check_name(job_id, "job") / "job.json"
         if not path.exists():
             raise NotFound("job", job_id)
         return read_json(path)
 
+    def _seen(self, job: dict) -> dict:
+        """The record as clients see it: a lost job reads as failed (the file is not changed,
+        so a runner that does come back still owns the record)."""
+        started = job.get("started_at")
+        if (job["state"] == "running" and self.lost_after_s is not None and started is not None
+                and time.time() - started > self.lost_after_s):
+            return {**job, "state": "failed", "stage": "failed",
+                    "error": f"no result {self.lost_after_s:.0f} s after the start: the job's "
+                             "process was killed past the hard time limit or lost"}
+        return job
+
     def update(self, job_id: str, **fields) -> dict:
         """Rewrite the record; only the job's runner writes after creation, so no lost update."""
-        job = {**self.get(job_id), **fields}
+        job = {**self._read(job_id), **fields}
         write_json(self.root / job_id / "job.json", job)
         return job
 
@@ -98,7 +117,7 @@ class JobStore:
         return read_npz(self.root / check_name(job_id, "job") / "input.npz")
 
     def list(self) -> list[dict]:
-        jobs = [read_json(p) for p in self.root.glob("*/job.json")]
+        jobs = [self._seen(read_json(p)) for p in self.root.glob("*/job.json")]
         return sorted(jobs, key=lambda j: j["created_at"])
 
 
