@@ -61,7 +61,20 @@ def main(final: Path, out: Path) -> None:
                    ["checkpoint"])
         metrics[model] = {"evaluations": evaluations, "training": training_summary(run)}
     out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(results_table(metrics))
     print(f"-> {out}")
+
+
+def results_table(metrics: dict) -> str:
+    """The README's results table (Markdown) from collected metrics."""
+    rows = ["| encoder | labels | head | clean | robust (linf 8/255) |", "|---|---|---|---|---|"]
+    for model, m in metrics.items():
+        for ev in m["evaluations"].values():
+            for kind, h in ev["heads"].items():
+                rows.append(f"| {model.upper()} | {ev['labels']:,} | {kind} | "
+                            f"{100 * h['clean_accuracy']:.1f} % | "
+                            f"{100 * h['robust_accuracy']:.1f} % |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
