@@ -36,6 +36,9 @@ def training_summary(run: Path) -> dict:
         "final_loss": round(last["loss"], 4), "final_cos_clean": round(last["cos_clean"], 4),
         "final_cos_adv": round(last["cos_adv"], 4), "final_pred_std": round(last["pred_std"], 4),
         "config": config,
+        "command": f"byorl train --config results/cpu-default/train-{run.name[4:]}/config.json"
+                   f" --out {config['out']}",
+        "reproduce_all": "bash results/cpu-default/reproduce.sh",
     }
 
 

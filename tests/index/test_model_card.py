@@ -1,11 +1,15 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from index.model_card import ModelCardError, embed, load_onnx_session, read_card, validate_card
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_read_card_validates_fields_and_types(model_dir, tmp_path):
@@ -53,3 +57,27 @@ def test_embed_takes_uint8_or_float_and_any_batch_size(model_dir):
     np.testing.assert_allclose(embed(session, images, batch_size=3), whole, atol=1e-5)
     np.testing.assert_allclose(embed(session, images.astype(np.float64) / 255), whole, atol=1e-5)
     assert embed(session, images[:0]).shape == (0, 256)
+
+
+@pytest.mark.parametrize("name", ["default", "byol-reference"])
+def test_bundled_models_load_embed_and_carry_their_measured_metrics(name, image_folder):
+    """The encoders shipped in models/ (the service's default and its BYOL reference): valid
+    card, ONNX under 20 MB that loads (sha256 checked) and embeds, and the card's metrics are
+    the collected evaluation reports, every sanity check passed, robust <= clean."""
+    model_dir = ROOT / "models" / name
+    card = read_card(model_dir)
+    assert (model_dir / "encoder.onnx").stat().st_size < 20 * 2**20
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)
+                       for p in sorted(f for f in image_folder.rglob("*") if f.is_file())[:4]])
+    out = embed(load_onnx_session(model_dir, threads=1), images)
+    assert out.shape == (4, card["embedding_dim"]) and np.isfinite(out).all()
+
+    collected = json.loads((ROOT / "results" / "cpu-default" / "metrics.json").read_text())
+    assert card["metrics"] == collected
+    model = "byorl" if name == "default" else "byol"
+    assert (card["threat_model"]["attack"] == "pgd") == (model == "byorl")
+    for evaluation in collected[model]["evaluations"].values():
+        assert evaluation["n_test"] == 1000 and evaluation["threat_model"]["norm"] == "linf"
+        for head in ("nonrobust", "robust"):
+            h = evaluation["heads"][head]
+            assert h["checks_passed"] and 0 <= h["robust_accuracy"] <= h["clean_accuracy"]
