@@ -1,5 +1,6 @@
 """Atomic checkpoint files and loading a trained encoder back from a run or checkpoint."""
 
+import json
 import os
 from pathlib import Path
 
@@ -33,7 +34,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def load_encoder(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, dict]:
-    """The online encoder of a run directory or checkpoint, in eval mode, and the run's config."""
+    """The online encoder of a run directory or checkpoint, or of an exported model directory
+    (models/default: no checkpoint needed to evaluate or demo it), in eval mode, and the run's
+    config."""
+    if (Path(path) / "card.json").exists():
+        from training.export import load_torch_encoder  # export imports this module
+
+        card = json.loads((Path(path) / "card.json").read_text())
+        return load_torch_encoder(path, map_location), card["training"]["config"]
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["config"]
     encoder = create_model(config["model"]["arch"], width=config["model"]["width"])

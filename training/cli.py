@@ -234,8 +234,8 @@ def landscape(
 
 @app.command("retrieval-demo")
 def retrieval_demo(
-    byol: Path = typer.Option(..., help="The BYOL run (or checkpoint)."),
-    byorl: Path = typer.Option(..., help="The BYORL run (or checkpoint)."),
+    byol: Path = typer.Option(..., help="The BYOL run, checkpoint or exported model."),
+    byorl: Path = typer.Option(..., help="The BYORL run, checkpoint or exported model."),
     data: str = typer.Option("cifar10", help="Gallery = its training images, queries = test."),
     out: Path = typer.Option(Path("retrieval"), help="Directory for retrieval.{png,json}."),
     threat: str = typer.Option("linf:8/255", help="NORM:EPS of the attack."),
@@ -261,7 +261,7 @@ def retrieval_demo(
 
 @app.command()
 def evaluate(
-    run: Path = typer.Argument(..., help="A run directory or checkpoint file."),
+    run: Path = typer.Argument(..., help="A run, checkpoint or exported model directory."),
     labels: float = typer.Option(500, help="Labels for the heads: a count (> 1) or a fraction."),
     head: str = typer.Option("nonrobust", help="robust, nonrobust or both."),
     norm: str | None = typer.Option(None, help="linf or l2 (default: the run's)."),

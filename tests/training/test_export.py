@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from index.files import sha256_file
 from index.model_card import load_onnx_session, read_card
+from training.checkpoint import load_encoder
 from training.cli import app
 from training.config import TrainConfig
 from training.data import load_images
@@ -102,6 +103,16 @@ def test_load_torch_encoder_restores_the_exported_weights(exported):
     out, encoder, _ = exported
     loaded = load_torch_encoder(out)
     assert not loaded.training
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), encoder(x))
+
+
+def test_load_encoder_takes_an_exported_model_directory(exported):
+    """`byorl evaluate` / `retrieval-demo` accept models/default-like directories too."""
+    out, encoder, config = exported
+    loaded, loaded_config = load_encoder(out)
+    assert loaded_config == json.loads(json.dumps(config.to_dict())) and not loaded.training
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), encoder(x))
