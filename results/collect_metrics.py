@@ -23,8 +23,9 @@ def evaluate_command(report: dict, kind: str, out: Path) -> str:
     return cmd + f" --out {out}"
 
 
-def training_summary(run: Path) -> dict:
-    """Steps, epochs and wall clock (summed from the logged throughput) of a run."""
+def training_summary(run: Path, name: str) -> dict:
+    """Steps, epochs and wall clock (summed from the logged throughput) of a run, and the train
+    command from its config as kept in results/cpu-default/train-NAME/."""
     config = json.loads((run / "config.json").read_text())
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     batch, every = config["optim"]["batch_size"], config["log_every"]
@@ -36,7 +37,7 @@ def training_summary(run: Path) -> dict:
         "final_loss": round(last["loss"], 4), "final_cos_clean": round(last["cos_clean"], 4),
         "final_cos_adv": round(last["cos_adv"], 4), "final_pred_std": round(last["pred_std"], 4),
         "config": config,
-        "command": f"byorl train --config results/cpu-default/train-{run.name[4:]}/config.json"
+        "command": f"byorl train --config results/cpu-default/train-{name}/config.json"
                    f" --out {config['out']}",
         "reproduce_all": "bash results/cpu-default/reproduce.sh",
     }
@@ -47,7 +48,7 @@ def main(final: Path, out: Path) -> None:
     for model, name in MODELS.items():
         evaluations = {}
         for key, labels in LABELS.items():
-            heads, entry = {}, {}
+            heads = {}
             for kind in ("nonrobust", "robust"):
                 d = final / f"{name}-{labels}-{kind}"
                 report = json.loads((d / "evaluation.json").read_text())
@@ -56,13 +57,11 @@ def main(final: Path, out: Path) -> None:
                                "robust_accuracy": ev["robust_accuracy"],
                                "checks_passed": ev["checks_passed"],
                                "command": evaluate_command(report, kind, d)}
-                entry = {"threat_model": report["threat_model"], "mode": report["mode"],
-                         "data": report["data"], "labels": report["labels"]["count"],
-                         "n_test": report["n_test"]}
-            evaluations[key] = {**entry, "heads": heads}
-        run = Path(json.loads((final / f"{name}-500-nonrobust" / "evaluation.json").read_text())
-                   ["checkpoint"])
-        metrics[model] = {"evaluations": evaluations, "training": training_summary(run)}
+            evaluations[key] = {"threat_model": report["threat_model"], "mode": report["mode"],
+                                "data": report["data"], "labels": report["labels"]["count"],
+                                "n_test": report["n_test"], "heads": heads}
+        run = Path(report["checkpoint"])
+        metrics[model] = {"evaluations": evaluations, "training": training_summary(run, name)}
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     print(results_table(metrics))
     print(f"-> {out}")

@@ -1,11 +1,11 @@
 """Atomic checkpoint files and loading a trained encoder back from a run or checkpoint."""
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from index.model_card import read_card
 from training.models import create_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,8 +40,7 @@ def load_encoder(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module,
     if (Path(path) / "card.json").exists():
         from training.export import load_torch_encoder  # export imports this module
 
-        card = json.loads((Path(path) / "card.json").read_text())
-        return load_torch_encoder(path, map_location), card["training"]["config"]
+        return load_torch_encoder(path, map_location), read_card(path)["training"]["config"]
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["config"]
     encoder = create_model(config["model"]["arch"], width=config["model"]["width"])

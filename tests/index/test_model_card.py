@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
 
 from index.model_card import ModelCardError, embed, load_onnx_session, read_card, validate_card
+from training.data import decode_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def test_bundled_models_load_embed_and_carry_their_measured_metrics(name, image_
     model_dir = ROOT / "models" / name
     card = read_card(model_dir)
     assert (model_dir / "encoder.onnx").stat().st_size < 20 * 2**20
-    images = np.stack([np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)
+    images = np.stack([decode_image(p.read_bytes(), 32)
                        for p in sorted(f for f in image_folder.rglob("*") if f.is_file())[:4]])
     out = embed(load_onnx_session(model_dir, threads=1), images)
     assert out.shape == (4, card["embedding_dim"]) and np.isfinite(out).all()
