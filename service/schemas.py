@@ -110,9 +110,9 @@ class LabeledSet(Strict):
 
     classes: list[str] = Field(min_length=2, description="Class names; label i is classes[i]")
     labels: list[int] = Field(min_length=2)
-    images: list[Base64Image] | None = None
+    images: list[Base64Image] | None = Field(None, min_length=1)
     index: Name | None = None
-    keys: list[Key] | None = None
+    keys: list[Key] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -120,7 +120,7 @@ class LabeledSet(Strict):
             self.index is None
         ):
             raise ValueError("give either images, or index and keys")
-        if len(self.images or self.keys) != len(self.labels):
+        if len(self.images if self.images is not None else self.keys) != len(self.labels):
             raise ValueError("one label per image (or key)")
         return self
 
