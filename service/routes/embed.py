@@ -33,6 +33,8 @@ async def read_image_bytes(request: Request, limit: int) -> list[bytes]:
     if content_type.startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=limit, max_fields=16)
+        except APIError:  # the body limit, found while the form streamed: keep its 413
+            raise
         except HTTPException as exc:
             if str(exc.detail).startswith("Too many files"):
                 raise APIError(413, "too_many_images",

@@ -47,3 +47,15 @@ def test_every_image_goes_through_the_batcher_once(client, image_bytes):
     assert codes == [200] * 16
     assert metric(client, "byorl_batch_images_sum") - images_before == 32
     assert 1 <= metric(client, "byorl_batch_images_count") - calls_before <= 16
+
+
+def test_a_chunked_multipart_body_over_the_limit_is_a_413(client, settings):
+    """No Content-Length: the limit is found while the form streams, and answered as a 413."""
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+            f"filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    chunks = [head] + [b"x" * 65536] * (settings.max_body_bytes // 65536 + 2)
+    r = client.post("/embed", content=iter(chunks),
+                    headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "payload_too_large"
