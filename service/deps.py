@@ -1,17 +1,14 @@
-"""What route handlers receive: the loaded service, and the API-key check."""
+"""What route handlers receive: the loaded service."""
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
 import onnxruntime as ort
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import APIKeyHeader
 
 from service.batcher import Batcher
-from service.errors import APIError
 from service.gallery import Gallery
 from service.images import decode_base64, decode_images
 from service.jobs import CeleryQueue, EmbeddedQueue
@@ -64,14 +61,3 @@ def get_state(request: Request) -> AppState:
 
 
 Service = Annotated[AppState, Depends(get_state)]
-
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
-
-
-def require_api_key(svc: Service, key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """401 unless the X-API-Key header matches the configured key (when one is configured)."""
-    expected = svc.settings.api_key
-    if expected is None:
-        return
-    if key is None or not hmac.compare_digest(key.encode(), expected.get_secret_value().encode()):
-        raise APIError(401, "unauthorized", "missing or invalid X-API-Key header")

@@ -8,12 +8,29 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from index import faiss_index as fi
+from service.schemas import ErrorBody
 from service.store import Conflict, NotFound
+
+CLIENT_CLOSED_REQUEST = 499
+
+# What each error status means, as the OpenAPI document says it.
+ERROR_STATUSES = {
+    400: "Malformed JSON or multipart body",
+    401: "Missing or invalid X-API-Key header",
+    404: "Unknown index, key, head, job or audit",
+    409: "Contradicts what is stored: a name or key taken, another model, an unfinished audit",
+    413: "Over a documented limit: body, images, metadata, results or response size",
+    415: "Neither JSON nor multipart",
+    422: "Invalid request: the message names the field",
+    503: "The job queue is unreachable",
+    "default": "Any other error (405, 500), in the same shape",
+}
 
 
 class APIError(HTTPException):
@@ -27,6 +44,11 @@ class APIError(HTTPException):
 
 def not_found(kind: str, name: str) -> APIError:
     return APIError(404, f"{kind}_not_found", f"unknown {kind} {name!r}")
+
+
+def error_responses(*statuses: int | str) -> dict[int | str, dict]:
+    """The `responses` of a route that can answer these error statuses (for /docs)."""
+    return {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
 
 
 def error_response(status: int, code: str, message: str, headers=None) -> JSONResponse:
@@ -48,7 +70,15 @@ def describe_validation(errors) -> tuple[int, str, str]:
     return 422, "validation_error", "; ".join(parts) + more
 
 
-def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client hung up mid-request: no one reads an answer and no server error happened
+    (499, nginx's "client closed request", in the metrics; nothing logged)."""
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's "error parsing the body"
+        return _client_gone(request, exc.__cause__)
     phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     code = getattr(exc, "code", None) or phrase
     return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
@@ -84,6 +114,7 @@ def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationError, _validation_error)

@@ -7,12 +7,13 @@ job queue; nothing heavy happens at import. The api process never imports PyTorc
 from contextlib import asynccontextmanager
 
 import numpy as np
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from index import model_card
+from service.auth import ApiKeyMiddleware, declare_api_key, open_paths
 from service.batcher import Batcher
-from service.deps import AppState, require_api_key
-from service.errors import install_error_handlers
+from service.deps import AppState
+from service.errors import error_responses, install_error_handlers
 from service.gallery import Gallery
 from service.jobs import make_queue
 from service.metrics import JOB_QUEUE, MetricsMiddleware
@@ -55,13 +56,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Adversarially robust self-supervised image embeddings, served.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=error_responses("default"),  # FastAPI would document its own 422 shape
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
     app.include_router(health.router)
     for module in (embed, gallery, search, heads, audits, jobs, models):
-        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+        app.include_router(module.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:  # checked before the body limit and before any parsing
+        keyless = open_paths(app, [health.router])
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(),
+                           open_paths=keyless)
+        declare_api_key(app, keyless)
+    app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
     return app
 
 

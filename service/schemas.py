@@ -15,6 +15,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a default
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable and machine-readable, e.g. index_not_found")
+    message: str = Field(description="What was wrong, naming the field or limit")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: {"error": {"code": ..., "message": ...}}."""
+
+    error: ErrorDetail
+
+
 class ThreatModel(Strict):
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(8 / 255, ge=0, le=64, description="Budget in [0, 1] pixel units")

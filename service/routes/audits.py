@@ -6,7 +6,7 @@ import numpy as np
 from fastapi import APIRouter, Body
 
 from service.deps import Service
-from service.errors import APIError
+from service.errors import APIError, error_responses
 from service.routes.gallery import check_model
 from service.routes.heads import check_labels, head_of_served_model
 from service.routes.jobs import submit_job
@@ -16,7 +16,7 @@ from service.store import NotFound
 router = APIRouter(prefix="/audits", tags=["audits"])
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=error_responses(400, 404, 409, 413, 422, 503))
 async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service) -> JobAccepted:
     """Start an audit; its report is at GET /audits/{id} once the job succeeded."""
     arrays = {}
@@ -38,7 +38,7 @@ def list_audits(svc: Service) -> list[Job]:
     return [Job(**j) for j in svc.jobs.list() if j["kind"] == "audit"]
 
 
-@router.get("/{audit_id}")
+@router.get("/{audit_id}", responses=error_responses(404, 409))
 def get_audit_report(audit_id: str, svc: Service) -> dict:
     """The stored report; 409 while the audit's job has not succeeded."""
     try:

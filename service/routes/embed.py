@@ -5,7 +5,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.deps import Service
-from service.errors import APIError
+from service.errors import APIError, error_responses
 from service.images import decode_base64
 from service.schemas import Embeddings, Images
 
@@ -49,7 +49,8 @@ async def read_image_bytes(request: Request, limit: int) -> list[bytes]:
                    f"send application/json or multipart/form-data, not {content_type}")
 
 
-@router.post("/embed", openapi_extra={"requestBody": BODY})
+@router.post("/embed", openapi_extra={"requestBody": BODY},
+             responses=error_responses(400, 413, 415, 422))
 async def embed_images(request: Request, svc: Service) -> Embeddings:
     """Embed a batch of images; concurrent requests share one ONNX Runtime call."""
     limit = svc.settings.max_images

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import AppState, Service
-from service.errors import APIError
+from service.errors import APIError, error_responses
 from service.schemas import IndexCreate, IndexInfo, Item, ItemsAdd, ItemsAdded, ItemsPage, Removed
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
@@ -31,7 +31,7 @@ def list_indexes(svc: Service) -> list[IndexInfo]:
     return [index_info(svc, name) for name in svc.gallery.names()]
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=error_responses(400, 409, 413, 422))
 def create_index(body: IndexCreate, svc: Service) -> IndexInfo:
     """An empty index for embeddings of the served model."""
     try:
@@ -43,18 +43,19 @@ def create_index(body: IndexCreate, svc: Service) -> IndexInfo:
     return index_info(svc, body.name)
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=error_responses(404))
 def get_index(name: str, svc: Service) -> IndexInfo:
     return index_info(svc, name)
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete("/{name}", status_code=204, responses=error_responses(404))
 def delete_index(name: str, svc: Service) -> Response:
     svc.gallery.delete(name)
     return Response(status_code=204)
 
 
-@router.post("/{name}/items", status_code=201)
+@router.post("/{name}/items", status_code=201,
+             responses=error_responses(400, 404, 409, 413, 422))
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
     check_model(svc, name)
@@ -65,7 +66,7 @@ async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     return ItemsAdded(index=name, added=len(body.keys), count=len(svc.gallery.get(name)))
 
 
-@router.get("/{name}/items")
+@router.get("/{name}/items", responses=error_responses(404, 413, 422))
 def list_items(
     name: str, svc: Service,
     offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -76,7 +77,7 @@ def list_items(
     return ItemsPage(index=name, count=len(keys), offset=offset, items=items)
 
 
-@router.delete("/{name}/items/{key:path}")
+@router.delete("/{name}/items/{key:path}", responses=error_responses(404))
 def remove_item(name: str, key: str, svc: Service) -> Removed:
     removed = svc.gallery.remove(name, [key])
     return Removed(index=name, removed=removed, count=len(svc.gallery.get(name)))

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import AppState, Service
-from service.errors import APIError
+from service.errors import APIError, error_responses
 from service.routes.gallery import check_model
 from service.routes.jobs import submit_job
 from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
@@ -42,7 +42,8 @@ def head_of_served_model(svc: AppState, head_id: str) -> dict:
     return card
 
 
-@router.post("/linear-head", status_code=202)
+@router.post("/linear-head", status_code=202,
+             responses=error_responses(400, 404, 409, 413, 422, 503))
 async def create_linear_head(body: LinearHeadRequest, svc: Service) -> JobAccepted:
     """Fit a linear head (adversarially when robust) as a job; the head id is the job id."""
     check_labels(body.labels, len(body.classes), at_least_two=True)
@@ -57,18 +58,19 @@ def list_heads(svc: Service) -> list[Head]:
     return [Head(**c) for c in svc.heads.list()]
 
 
-@router.get("/heads/{head_id}")
+@router.get("/heads/{head_id}", responses=error_responses(404))
 def get_head(head_id: str, svc: Service) -> Head:
     return Head(**svc.heads.card(head_id))
 
 
-@router.delete("/heads/{head_id}", status_code=204)
+@router.delete("/heads/{head_id}", status_code=204, responses=error_responses(404))
 def delete_head(head_id: str, svc: Service) -> Response:
     svc.heads.delete(head_id)
     return Response(status_code=204)
 
 
-@router.post("/heads/{head_id}/predict")
+@router.post("/heads/{head_id}/predict",
+             responses=error_responses(400, 404, 409, 413, 422))
 async def predict_with_head(head_id: str, body: Images, svc: Service) -> Predictions:
     """Class probabilities of images: softmax(W e(x) + b) on the served encoder."""
     card = head_of_served_model(svc, head_id)

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import AppState, Service
-from service.errors import APIError
+from service.errors import APIError, error_responses
 from service.schemas import Job, JobAccepted
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -28,7 +28,7 @@ def list_jobs(svc: Service) -> list[Job]:
     return [Job(**j) for j in svc.jobs.list()]
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=error_responses(404))
 def get_job(job_id: str, svc: Service) -> Job:
     """State (queued, running, succeeded, failed), progress in [0, 1], and the result."""
     return Job(**svc.jobs.get(job_id))

@@ -4,14 +4,14 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import Service
-from service.errors import APIError
+from service.errors import APIError, error_responses
 from service.routes.gallery import check_model
 from service.schemas import Hit, SearchRequest, SearchResults
 
 router = APIRouter(tags=["gallery"])
 
 
-@router.post("/search")
+@router.post("/search", responses=error_responses(400, 404, 409, 413, 422))
 async def search_index(body: SearchRequest, svc: Service) -> SearchResults:
     """Top-k keys by cosine similarity, with their metadata, one list per query."""
     index = svc.gallery.get(body.index)

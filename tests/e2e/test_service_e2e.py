@@ -5,31 +5,16 @@ processes and a uvicorn server, talking over HTTP and Redis; the compose topolog
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_for, wait_ready
+
 JOB_TIME_LIMIT_S = 40  # every job here takes seconds; a dead worker's job is re-sent after 50 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Stack:
@@ -47,22 +32,14 @@ class Stack:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=self.tmp, start_new_session=True)
-        self.procs[name] = proc
-        return proc
+        self.procs[name] = start_process(argv, self.env, self.tmp / f"{name}.log", self.tmp)
+        return self.procs[name]
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
-        proc = self.procs.pop(name)
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        proc.wait(30)
+        kill_group(self.procs.pop(name), sig)
 
     def start_redis(self) -> None:
         self.start("redis", ["redis-server", "--port", str(self.redis_port), "--bind",
@@ -73,16 +50,8 @@ class Stack:
             30, "redis")
 
     def start_api(self) -> None:
-        self.start("api", [sys.executable, "-m", "uvicorn", "service.main:app", "--host",
-                           "127.0.0.1", "--port", str(self.api_port)])
-
-        def ready():
-            try:
-                return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, 300, "the api")
+        self.start("api", uvicorn_argv(self.api_port))
+        wait_ready(self.url)
 
     def start_worker(self, name: str) -> None:
         self.start(name, [sys.executable, "-m", "celery", "-A", "service.worker", "worker",

@@ -1,14 +1,19 @@
 """Fixtures of the service tests: the app on a tiny model, labeled images, hostile images."""
 
 import base64
+import os
+import signal
 import struct
 import zlib
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.settings import Settings
+from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
 
 
 def grey_png(width: int, height: int, rows) -> bytes:
@@ -45,11 +50,36 @@ def labeled(image_bytes) -> tuple[list[str], list[int], list[str]]:
     return images, labels, classes
 
 
+SMALL_LIMITS = {"threads": 1, "max_images": 16, "max_bulk_images": 64, "max_body_bytes": 2**20}
+
+
 @pytest.fixture(scope="session")
 def settings(model_dir, tmp_path_factory) -> Settings:
     """Embedded jobs, small limits (so that the limit tests stay small), one thread."""
-    return Settings(model_dir=model_dir, data_dir=tmp_path_factory.mktemp("data"), threads=1,
-                    max_images=16, max_bulk_images=64, max_body_bytes=2**20)
+    return Settings(model_dir=model_dir, data_dir=tmp_path_factory.mktemp("data"), **SMALL_LIMITS)
+
+
+@dataclass
+class LiveApi:
+    url: str
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def live_api(model_dir, tmp_path_factory):
+    """The app under a real uvicorn in its own process: embedded jobs, the same small limits."""
+    tmp = tmp_path_factory.mktemp("live")
+    env = {**os.environ, "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp / "data"),
+           "BYORL_REDIS_URL": "", "BYORL_API_KEY": "",
+           **{f"BYORL_{k.upper()}": str(v) for k, v in SMALL_LIMITS.items()}}
+    port = free_port()
+    api = LiveApi(f"http://127.0.0.1:{port}", tmp / "api.log")
+    proc = start_process(uvicorn_argv(port), env, api.log, tmp)
+    try:
+        wait_ready(api.url)
+        yield api
+    finally:
+        kill_group(proc, signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")

@@ -129,20 +129,6 @@ def test_bad_input_lost_nothing(client, bad_setup):
     assert client.get("/jobs").json() == []
 
 
-def test_api_key(settings):
-    keyed = Settings(model_dir=settings.model_dir, data_dir=settings.data_dir, threads=1,
-                     api_key="s3cret")
-    with TestClient(create_app(keyed)) as c:
-        for headers in ({}, {"X-API-Key": "wrong"}):
-            r = c.post("/embed", json={"images": [IMG]}, headers=headers)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-            assert c.get("/indexes", headers=headers).status_code == 401
-        assert c.post("/embed", json={"images": [IMG]},
-                      headers={"X-API-Key": "s3cret"}).status_code == 200
-        for probe in ("/healthz", "/readyz", "/metrics"):  # orchestrators call these keyless
-            assert c.get(probe).status_code == 200
-
-
 def test_probes_models_metrics_and_docs(client, model_dir):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()

@@ -1,0 +1,56 @@
+"""Real servers for tests: free ports, polling, and the api under uvicorn in its own process."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_process(argv: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
+    """A process in its own session (so that it and its children are killed as one group)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+def uvicorn_argv(port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+            "--port", str(port)]
+
+
+def wait_ready(url: str, timeout: float = 300) -> None:
+    def ready():
+        try:
+            return httpx.get(url + "/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(ready, timeout, f"the api at {url}")
