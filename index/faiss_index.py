@@ -200,17 +200,21 @@ class EmbeddingIndex:
         with self._lock.read():
             return list(self._ids)
 
-    def get(self, key: str) -> Item:
+    def get(self, key: str, *, raw_metadata: bool = False) -> Item:
+        """The item under key; `raw_metadata` as in `search`."""
         with self._lock.read():
             if key not in self._ids:
                 raise UnknownKeyError(f"unknown key {key!r}")
             vector = self._index.reconstruct(self._ids[key])
-            return Item(key, vector, self._metadata(key))
+            return Item(key, vector, self._metadata(key, raw_metadata))
 
     def search(self, queries, k: int = 10, *, model_id: str | None = None,
-               nprobe: int | None = None, ef_search: int | None = None) -> list[list[Hit]]:
+               nprobe: int | None = None, ef_search: int | None = None,
+               raw_metadata: bool = False) -> list[list[Hit]]:
         """The k most cosine-similar items of each query (a vector or an (n, dim) batch), best
-        first; fewer than k when the index holds fewer items."""
+        first; fewer than k when the index holds fewer items. `raw_metadata`: metadata as its
+        stored JSON text (shared, not copied), for a server that writes it into a response
+        without building Python objects of every hit's metadata."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = self._normalised(queries, model_id)
@@ -222,7 +226,7 @@ class EmbeddingIndex:
             index = self._gpu() if k <= GPU_MAX_K else self._index
             scores, ids = index.search(q, min(k, len(self._ids)), params=params)
             return [
-                [Hit(self._keys[i], float(s), self._metadata(self._keys[i]))
+                [Hit(self._keys[i], float(s), self._metadata(self._keys[i], raw_metadata))
                  for s, i in zip(srow, irow, strict=True) if i >= 0]
                 for srow, irow in zip(scores, ids, strict=True)
             ]
@@ -362,9 +366,9 @@ class EmbeddingIndex:
             raise InvalidVectorError(f"zero vectors have no direction (rows {rows})")
         return np.ascontiguousarray(x / norms)
 
-    def _metadata(self, key: str) -> Any:
+    def _metadata(self, key: str, raw: bool = False) -> Any:
         text = self._meta[key]
-        return None if text is None else json.loads(text)
+        return text if raw or text is None else json.loads(text)
 
     def _search_params(self, nprobe: int | None, ef_search: int | None):
         if self._ivf:

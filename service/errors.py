@@ -95,6 +95,7 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (fi.ModelMismatchError, 409, "model_mismatch"),
     (fi.DimensionMismatchError, 422, "dimension_mismatch"),
     (fi.InvalidVectorError, 422, "invalid_vector"),
+    (fi.InvalidMetadataError, 422, "invalid_metadata"),
     (fi.TrainingError, 422, "index_training_failed"),
     (Conflict, 409, "conflict"),
 ]

@@ -8,6 +8,7 @@ from service.store import NAME
 
 Base64Image = Annotated[str, Field(description="A PNG, JPEG or WebP image, base64 (or data URL)")]
 Key = Annotated[str, Field(min_length=1, max_length=256)]
+ClassName = Annotated[str, Field(min_length=1, max_length=256)]
 Name = Annotated[str, Field(pattern=NAME.pattern)]
 
 
@@ -119,7 +120,8 @@ class SearchResults(BaseModel):
 class LabeledSet(Strict):
     """Images with labels, or keys of items already in an index with labels."""
 
-    classes: list[str] = Field(min_length=2, description="Class names; label i is classes[i]")
+    classes: list[ClassName] = Field(min_length=2,
+                                     description="Class names; label i is classes[i]")
     labels: list[int] = Field(min_length=2)
     images: list[Base64Image] | None = Field(None, min_length=1)
     index: Name | None = None

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1)  # width * height before decoding
     max_image_side: int = Field(8192, ge=1)
     min_image_side: int = Field(8, ge=1)
+    max_metadata_bytes: int = Field(16 * 2**10, ge=4)  # one item's metadata, as JSON text
+    # What one answer may hold: hits of one /search (queries x k), and the bytes of a /search
+    # answer or a page of items (the metadata that a gallery returns is stored text).
+    max_search_results: int = Field(10_000, ge=1)
+    max_response_bytes: int = Field(16 * 2**20, ge=1024)
+    max_classes: int = Field(1000, ge=2)  # of a head: its /predict answers images x classes
 
     # Dynamic batching of /embed-like requests into one ONNX Runtime call.
     batch_wait_ms: float = Field(4.0, ge=0)

@@ -1,13 +1,15 @@
 """Galleries: named indexes of embedded images under user keys, with JSON metadata."""
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import AppState, Service
 from service.errors import APIError, error_responses
-from service.schemas import IndexCreate, IndexInfo, Item, ItemsAdd, ItemsAdded, ItemsPage, Removed
+from service.responses import items_response
+from service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 
@@ -24,6 +26,20 @@ def check_model(svc: AppState, name: str) -> None:
     if index.model_id != svc.model_id:
         raise APIError(409, "model_mismatch", f"index {name!r} holds embeddings of model "
                        f"{index.model_id!r}; the service runs {svc.model_id!r}")
+
+
+def check_metadata(metadata: list[Any] | None, limit: int) -> None:
+    """Each item's metadata within the limit, measured as the JSON text the index stores (and
+    every search that finds the item returns)."""
+    for i, value in enumerate(metadata or []):
+        try:
+            size = len(json.dumps(value, allow_nan=False))
+        except ValueError:
+            raise APIError(422, "invalid_metadata", f"metadata[{i}] holds NaN or infinity, "
+                           "which JSON cannot") from None
+        if size > limit:
+            raise APIError(413, "metadata_too_large", f"metadata[{i}] is {size} bytes as JSON; "
+                           f"the limit is {limit} bytes per item")
 
 
 @router.get("")
@@ -59,6 +75,7 @@ def delete_index(name: str, svc: Service) -> Response:
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
     check_model(svc, name)
+    check_metadata(body.metadata, svc.settings.max_metadata_bytes)
     pixels = await svc.decode_base64(body.images, svc.settings.max_bulk_images)
     vectors = await svc.embed(pixels)
     await run_in_threadpool(svc.gallery.add, name, body.keys, vectors, pixels, body.metadata,
@@ -66,15 +83,16 @@ async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     return ItemsAdded(index=name, added=len(body.keys), count=len(svc.gallery.get(name)))
 
 
-@router.get("/{name}/items", responses=error_responses(404, 413, 422))
+@router.get("/{name}/items", response_model=ItemsPage,
+            responses=error_responses(404, 413, 422))
 def list_items(
     name: str, svc: Service,
     offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> ItemsPage:
+) -> Response:
     index = svc.gallery.get(name)
     keys = index.keys()
-    items = [Item(key=k, metadata=index.get(k).metadata) for k in keys[offset : offset + limit]]
-    return ItemsPage(index=name, count=len(keys), offset=offset, items=items)
+    items = [(k, index.get(k, raw_metadata=True).metadata) for k in keys[offset : offset + limit]]
+    return items_response(name, len(keys), offset, items, svc.settings.max_response_bytes)
 
 
 @router.delete("/{name}/items/{key:path}", responses=error_responses(404))

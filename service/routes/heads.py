@@ -46,6 +46,9 @@ def head_of_served_model(svc: AppState, head_id: str) -> dict:
              responses=error_responses(400, 404, 409, 413, 422, 503))
 async def create_linear_head(body: LinearHeadRequest, svc: Service) -> JobAccepted:
     """Fit a linear head (adversarially when robust) as a job; the head id is the job id."""
+    if len(body.classes) > svc.settings.max_classes:
+        raise APIError(413, "too_many_classes", f"{len(body.classes)} classes; the limit is "
+                       f"{svc.settings.max_classes}")
     check_labels(body.labels, len(body.classes), at_least_two=True)
     pixels = await labeled_pixels(svc, body)
     params = body.model_dump(exclude={"images", "labels", "keys"})

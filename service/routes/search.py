@@ -1,20 +1,25 @@
 """POST /search: images or embeddings -> the k most similar items of an index."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import Service
 from service.errors import APIError, error_responses
+from service.responses import search_response
 from service.routes.gallery import check_model
-from service.schemas import Hit, SearchRequest, SearchResults
+from service.schemas import SearchRequest, SearchResults
 
 router = APIRouter(tags=["gallery"])
 
 
-@router.post("/search", responses=error_responses(400, 404, 409, 413, 422))
-async def search_index(body: SearchRequest, svc: Service) -> SearchResults:
+@router.post("/search", response_model=SearchResults,
+             responses=error_responses(400, 404, 409, 413, 422))
+async def search_index(body: SearchRequest, svc: Service) -> Response:
     """Top-k keys by cosine similarity, with their metadata, one list per query."""
     index = svc.gallery.get(body.index)
+    limit, asked = svc.settings.max_search_results, len(body.images or body.embeddings) * body.k
+    if asked > limit:
+        raise APIError(413, "too_many_results", f"queries x k = {asked}; the limit is {limit}")
     if body.images is not None:
         check_model(svc, body.index)
         queries = await svc.embed(await svc.decode_base64(body.images, svc.settings.max_images))
@@ -27,6 +32,5 @@ async def search_index(body: SearchRequest, svc: Service) -> SearchResults:
             bad = next(len(q) for q in queries if len(q) != index.dim)
             raise APIError(422, "dimension_mismatch", f"index {body.index!r} holds embeddings of "
                            f"dimension {index.dim}, got one of dimension {bad}")
-    hits = await run_in_threadpool(index.search, queries, body.k)
-    results = [[Hit(key=h.key, score=h.score, metadata=h.metadata) for h in row] for row in hits]
-    return SearchResults(index=body.index, model_id=index.model_id, results=results)
+    hits = await run_in_threadpool(index.search, queries, body.k, raw_metadata=True)
+    return search_response(body.index, index.model_id, hits, svc.settings.max_response_bytes)

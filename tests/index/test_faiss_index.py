@@ -1,3 +1,4 @@
+import json
 import os
 import random
 import signal
@@ -112,6 +113,18 @@ def test_get_returns_the_normalised_vector_and_a_copy_of_the_metadata(vectors):
     assert index.get("item-3").metadata == {"i": 3}
     with pytest.raises(UnknownKeyError, match="unknown key 'nope'"):
         index.get("nope")
+
+
+def test_raw_metadata_is_the_stored_json_text(vectors):
+    index = filled(vectors[:10])
+    index.update("item-4", metadata={"tags": ["a", "\u00e9"], "n": 1.5})
+    index.add(["bare"], vectors[20])
+    hits = index.search(vectors[4], 10, raw_metadata=True)[0]
+    raw = {h.key: h.metadata for h in hits}
+    assert raw["bare"] is None and json.loads(raw["item-4"]) == {"tags": ["a", "\u00e9"], "n": 1.5}
+    assert {k: None if t is None else json.loads(t) for k, t in raw.items()} == {
+        h.key: h.metadata for h in index.search(vectors[4], 10)[0]}
+    assert index.get("item-3", raw_metadata=True).metadata == json.dumps({"i": 3})
 
 
 def test_update_metadata_only_and_unknown_keys(vectors):

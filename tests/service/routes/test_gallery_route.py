@@ -45,3 +45,23 @@ def test_delete_index(client, labeled):
     assert client.delete("/indexes/scratch").status_code == 204
     assert client.get("/indexes/scratch").status_code == 404
     assert client.post("/indexes", json={"name": "scratch"}).json()["count"] == 0  # reusable
+
+
+def test_metadata_over_the_per_item_limit_is_refused_whole(client, settings, labeled):
+    images, limit = labeled[0], settings.max_metadata_bytes
+    assert client.post("/indexes", json={"name": "meta"}).status_code == 201
+    fits, over = {"s": "x" * (limit - 10)}, {"s": "x" * limit}  # JSON adds 9 bytes: {"s": ""}
+    r = client.post("/indexes/meta/items", json={"keys": ["a", "b"], "images": images[:2],
+                                                 "metadata": [fits, over]})
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"] == {"code": "metadata_too_large", "message": (
+        f"metadata[1] is {limit + 9} bytes as JSON; the limit is {limit} bytes per item")}
+    r = client.post("/indexes/meta/items", content=b'{"keys": ["a"], "images": ["%s"], '
+                    b'"metadata": [NaN]}' % images[0].encode(),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_metadata", r.text
+    assert client.get("/indexes/meta").json()["count"] == 0  # nothing of either was stored
+    r = client.post("/indexes/meta/items", json={"keys": ["a"], "images": images[:1],
+                                                 "metadata": [fits]})
+    assert r.status_code == 201 and client.get("/indexes/meta/items").json()["items"] == [
+        {"key": "a", "metadata": fits}]
