@@ -1,9 +1,11 @@
 """Where jobs run: Celery workers on Redis, or (no broker configured) child processes of the api.
 
 Both run `service.tasks.run_job` on a job id whose record and inputs are already in the data
-directory, so the api's answers (202 + job id, GET /jobs/{id}) are the same in both modes.
+directory, so the api's answers (202 + job id, GET /jobs/{id}) are the same in both modes. In
+both, the api sweeps for jobs whose runner was lost (`sweep_forever`, see `service.leases`).
 """
 
+import asyncio
 import logging
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -11,6 +13,7 @@ from multiprocessing import get_context
 
 import redis
 from celery import Celery
+from fastapi.concurrency import run_in_threadpool
 
 from service import tasks
 from service.settings import Settings
@@ -23,8 +26,10 @@ FAST_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "inte
 
 
 def make_celery(settings: Settings) -> Celery:
-    """The Celery app of api and workers: no job is lost when a worker dies, none runs twice
-    at once (visibility timeout beyond the hard time limit), and workers recycle."""
+    """The Celery app of api and workers: a job whose pool process dies is delivered again at
+    once, a live job's message is not delivered twice (visibility timeout beyond the hard time
+    limit), and workers recycle. (A job whose whole worker died is queued again by the lease
+    sweep, not by Redis, whose visibility timeout is hours.)"""
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
         # Sweep for jobs of dead workers often relative to the timeout (kombu: every 100 s).
@@ -79,14 +84,15 @@ class CeleryQueue:
 class EmbeddedQueue:
     """Child processes started with spawn (PyTorch never loads into the api process, and no
     ONNX Runtime thread pool is forked), recycled after N jobs like Celery's workers. Jobs left
-    unfinished by a stopped api are submitted again when it starts."""
+    unfinished by a stopped api, or whose process died, are submitted again (their lease says
+    whether and how often they may run again)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._closing = False
         self._outstanding: set[Future] = set()
         self._pool = self._new_pool()
-        for job in JobStore(settings.data_dir).list():
+        for job in JobStore.from_settings(settings).list():
             if job["state"] in ("queued", "running"):
                 self.submit(job["id"])
 
@@ -100,7 +106,7 @@ class EmbeddedQueue:
 
     def submit(self, job_id: str) -> None:
         s = self.settings
-        args = (tasks.run_job, job_id, str(s.data_dir), str(s.model_dir), s.device)
+        args = (tasks.run_job, job_id, s)
         try:
             future = self._pool.submit(*args)
         except BrokenProcessPool:  # a job process died (e.g. out of memory): start afresh
@@ -115,14 +121,8 @@ class EmbeddedQueue:
             return
         exc = future.exception()
         log.error("job %s failed: %r", job_id, exc)
-        if not isinstance(exc, BrokenProcessPool):  # run_job recorded the failure itself
-            return
-        jobs = JobStore(self.settings.data_dir)
-        state = jobs.get(job_id)["state"]
-        if state == "running":  # its process died (out of memory?) without recording why
-            jobs.update(job_id, state="failed", stage="failed", error="the job process died")
-        elif state == "queued":  # another job's process died and took the pool with it
-            self.submit(job_id)
+        if isinstance(exc, BrokenProcessPool):  # its process (or another's) died: run_job
+            self.submit(job_id)                 # claims it again if its attempts allow
 
     def depth(self) -> int:
         return max(0, len(self._outstanding) - self.settings.embedded_workers)
@@ -141,3 +141,15 @@ class EmbeddedQueue:
 
 def make_queue(settings: Settings) -> CeleryQueue | EmbeddedQueue:
     return CeleryQueue(settings) if settings.redis_url else EmbeddedQueue(settings)
+
+
+async def sweep_forever(jobs: JobStore, queue: CeleryQueue | EmbeddedQueue, every_s: float
+                        ) -> None:
+    """Queue again, every `every_s` seconds, the jobs whose runner was lost (the api's task)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            for job_id in await run_in_threadpool(jobs.sweep, queue.submit):
+                log.warning("job %s lost its runner: queued again", job_id)
+        except Exception as exc:  # the broker is down, say: the next sweep tries again
+            log.error("job sweep failed: %r", exc)

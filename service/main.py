@@ -4,6 +4,7 @@ The lifespan handler loads the model and the indexes once, starts the dynamic ba
 job queue; nothing heavy happens at import. The api process never imports PyTorch.
 """
 
+import asyncio
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -15,7 +16,7 @@ from service.batcher import Batcher
 from service.deps import AppState
 from service.errors import error_responses, install_error_handlers
 from service.gallery import Gallery
-from service.jobs import make_queue
+from service.jobs import make_queue, sweep_forever
 from service.metrics import JOB_QUEUE, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware
 from service.routes import audits, embed, gallery, heads, health, jobs, models, search
@@ -33,7 +34,7 @@ def load_state(settings: Settings) -> AppState:
                            f"says {card['embedding_dim']}")
     batcher = Batcher(lambda x: model_card.embed(session, x, s.max_batch), s.max_batch,
                       s.batch_wait_ms)
-    jobs = JobStore(data, settings.job_lost_after_s)
+    jobs = JobStore.from_settings(settings)
     return AppState(settings, card, session, batcher, Gallery(data), jobs, HeadStore(data),
                     ReportStore(data), make_queue(settings))
 
@@ -47,7 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.batcher.start()
         JOB_QUEUE.set_function(state.queue.depth)
         app.state.byorl = state
+        sweeper = asyncio.create_task(sweep_forever(state.jobs, state.queue,
+                                                    settings.job_sweep_s))
         yield
+        sweeper.cancel()
         await state.batcher.stop()
         state.queue.close()
 

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,14 @@ class Settings(BaseSettings):
 
     # Jobs.
     job_time_limit_s: int = Field(6 * 3600, ge=1)  # the longest job a worker may run
+    # A job's runner renews its lease every heartbeat; the api sweeps every sweep interval for
+    # jobs whose lease lapsed (runner silent for lease seconds, or its process gone) and queues
+    # them again, at most max_attempts starts in all: a job whose whole worker was killed runs
+    # again within lease + sweep seconds (75 s by default) on a live worker.
+    job_heartbeat_s: float = Field(10, gt=0)
+    job_lease_s: float = Field(60, gt=0)
+    job_sweep_s: float = Field(15, gt=0)
+    job_max_attempts: int = Field(3, ge=1)
     worker_max_tasks_per_child: int = Field(20, ge=1)  # recycle workers to bound memory
     embedded_workers: int = Field(1, ge=1)  # job processes in embedded mode
 
@@ -45,6 +53,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, v):
         return v or None  # BYORL_API_KEY= (empty, as compose passes it) means no key
+
+    @model_validator(mode="after")
+    def _lease_outlasts_heartbeats(self):
+        if self.job_lease_s < 3 * self.job_heartbeat_s:
+            raise ValueError(f"job_lease_s ({self.job_lease_s}) must be at least 3 heartbeats "
+                             f"({3 * self.job_heartbeat_s}): a slow beat must not lose the lease")
+        return self
 
     @property
     def num_threads(self) -> int:
@@ -58,12 +73,7 @@ class Settings(BaseSettings):
 
     @property
     def visibility_timeout_s(self) -> int:
-        """Redis re-delivers an unacknowledged job after this long: it must outlast any job, so
-        only the job of a dead worker is delivered again."""
+        """Redis re-delivers an unacknowledged job after this long: it outlasts any job, so that
+        a live job's message is not delivered again (the job of a dead worker is queued again
+        by the lease sweep long before; its old message, when it comes back, finds it done)."""
         return self.job_kill_after_s + max(5, self.job_time_limit_s // 10)
-
-    @property
-    def job_lost_after_s(self) -> int:
-        """A job still "running" this long after its start is reported failed: past the hard
-        limit and the redelivery of a dead worker's job (swept at least once a minute)."""
-        return self.visibility_timeout_s + 120

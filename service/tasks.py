@@ -1,13 +1,16 @@
 """Jobs as plain functions of the data directory: a Celery worker and the embedded executor
 run the same `run_job`, which reads a job's inputs and writes its outputs and state there.
 
-Jobs are idempotent (re-delivery after a worker died re-runs them from their inputs and
-overwrites the same outputs atomically) and a job that already succeeded is not run again.
-Only this module's functions import PyTorch, and only when they run: the api imports it
-torch-free.
+A run holds the job's lease (`service.leases`): a second delivery of a job that finished, or
+that a live runner holds, does nothing, and a runner whose lease was taken (it was presumed
+dead) stops without recording a result, so a job completes once. Jobs are idempotent: a job
+queued again after its worker died re-runs from its inputs and overwrites the same outputs
+atomically. Only this module's functions import PyTorch, and only when they run: the api
+imports it torch-free.
 """
 
 import functools
+import logging
 import time
 import traceback
 from pathlib import Path
@@ -16,7 +19,11 @@ import numpy as np
 
 from index.model_card import read_card
 from service.gallery import load_index
-from service.store import HeadStore, JobStore, ReportStore
+from service.leases import Heartbeat, runner_identity
+from service.settings import Settings
+from service.store import HeadStore, JobStore, LeaseLost, ReportStore
+
+log = logging.getLogger(__name__)
 
 
 def init_process(threads: int) -> None:
@@ -40,35 +47,53 @@ def _encoder(model_dir: str, device: str):
     return load_torch_encoder(model_dir).to(on).eval(), read_card(model_dir)["model_id"]
 
 
-def run_job(job_id: str, data_dir: str | Path, model_dir: str | Path, device: str = "auto"
-            ) -> dict:
-    """Run a queued job to completion, recording state, progress and result in its record."""
-    jobs = JobStore(data_dir)
-    job = jobs.get(job_id)
-    if job["state"] == "succeeded":  # a duplicate delivery of a finished job
-        return job["result"]
-    jobs.update(job_id, state="running", stage="starting", progress=0.0, error=None,
-                attempts=job["attempts"] + 1, started_at=time.time())
-    last = 0.0
+def run_job(job_id: str, settings: Settings) -> dict | None:
+    """Run a job to completion, recording state, progress and result in its record; None when
+    it is not this runner's to run (finished, held by a live runner, or taken from it)."""
+    jobs, runner = JobStore.from_settings(settings), runner_identity()
+    job = jobs.claim(job_id, runner)
+    if job is None:  # a duplicate delivery
+        return jobs.get(job_id)["result"]
+    heartbeat = Heartbeat(lambda: jobs.update(job_id, runner), settings.job_heartbeat_s,
+                          LeaseLost)
+    heartbeat.start()
+    try:
+        return _run(jobs, job, runner, settings, heartbeat)
+    except LeaseLost:
+        log.warning("job %s was queued again while this process ran it: stopped", job_id)
+        return None
+    finally:
+        heartbeat.stop()
+
+
+def _run(jobs: JobStore, job: dict, runner: dict, settings: Settings, heartbeat: Heartbeat
+         ) -> dict:
+    job_id, last = job["id"], 0.0
 
     def progress(done: int, total: int, what: str = "") -> None:
         nonlocal last
+        if heartbeat.lost:
+            raise LeaseLost(job_id)
         if time.monotonic() - last > 0.2 or done == total:  # bound the record's rewrites
             last = time.monotonic()
-            jobs.update(job_id, progress=round(done / max(total, 1), 4), stage=what or job["kind"])
+            jobs.update(job_id, runner, progress=round(done / max(total, 1), 4),
+                        stage=what or job["kind"])
 
     try:
-        encoder, model_id = _encoder(str(model_dir), device)
+        encoder, model_id = _encoder(str(settings.model_dir), settings.device)
         if model_id != job["params"]["model_id"]:
             raise RuntimeError(f"job was submitted for model {job['params']['model_id']!r}, "
                                f"this worker serves {model_id!r}")
         run = {"linear_head": fit_head, "audit": run_audit}[job["kind"]]
-        result = run(Path(data_dir), job_id, job["params"], jobs.inputs(job_id), encoder, progress)
+        result = run(Path(settings.data_dir), job_id, job["params"], jobs.inputs(job_id),
+                     encoder, progress)
+    except LeaseLost:
+        raise
     except Exception as exc:
-        jobs.update(job_id, state="failed", stage="failed", finished_at=time.time(),
+        jobs.update(job_id, runner, state="failed", stage="failed", finished_at=time.time(),
                     error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
-    jobs.update(job_id, state="succeeded", stage="done", progress=1.0, result=result,
+    jobs.update(job_id, runner, state="succeeded", stage="done", progress=1.0, result=result,
                 finished_at=time.time())
     return result
 

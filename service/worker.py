@@ -17,8 +17,8 @@ app = make_celery(settings)
 
 
 @app.task(name=TASK)
-def run_job(job_id: str) -> dict:
-    return tasks.run_job(job_id, settings.data_dir, settings.model_dir, settings.device)
+def run_job(job_id: str) -> dict | None:
+    return tasks.run_job(job_id, settings)
 
 
 @worker_process_init.connect

@@ -1,5 +1,7 @@
 """Job functions run in this process (with PyTorch), on a real data directory and model."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -7,9 +9,15 @@ import torch
 from index.model_card import embed, load_onnx_session, read_card
 from service import tasks
 from service.gallery import Gallery
+from service.settings import Settings
 from service.store import HeadStore, JobStore, ReportStore
+from tests.live import wait_for
 from training.export import load_torch_encoder
 from training.heads import Classifier
+
+
+def run(job_id: str, data, model_dir) -> dict | None:
+    return tasks.run_job(job_id, Settings(data_dir=data, model_dir=model_dir, threads=1))
 
 
 def easy_set(n: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -30,7 +38,7 @@ def fitted(model_dir, tmp_path_factory):
               "min_steps": 40, "validation_fraction": 0.25,
               "model_id": read_card(model_dir)["model_id"]}
     job = JobStore(data).create("linear_head", params, images=images, labels=labels)
-    result = tasks.run_job(job["id"], data, model_dir)
+    result = run(job["id"], data, model_dir)
     return data, job["id"], result, images, labels
 
 
@@ -59,7 +67,7 @@ def test_a_second_delivery_of_a_finished_job_does_nothing(fitted, model_dir):
     data, job_id, result, _, _ = fitted
     head_file = data / "heads" / job_id / "head.npz"
     before = head_file.stat().st_mtime_ns
-    assert tasks.run_job(job_id, data, model_dir) == result
+    assert run(job_id, data, model_dir) == result
     assert JobStore(data).get(job_id)["attempts"] == 1
     assert head_file.stat().st_mtime_ns == before
 
@@ -69,7 +77,7 @@ def test_a_failing_job_records_why(model_dir, tmp_path):
     job = JobStore(tmp_path).create("linear_head", {"model_id": "some-other-model"},
                                     images=images, labels=labels)
     with pytest.raises(RuntimeError, match="some-other-model"):
-        tasks.run_job(job["id"], tmp_path, model_dir)
+        run(job["id"], tmp_path, model_dir)
     record = JobStore(tmp_path).get(job["id"])
     assert record["state"] == "failed" and "some-other-model" in record["error"]
 
@@ -80,7 +88,7 @@ def test_robustness_audit_report(fitted, model_dir):
               "threat": {"norm": "linf", "eps": 8 / 255},
               "model_id": read_card(model_dir)["model_id"]}
     job = JobStore(data).create("audit", params, images=images[:4], labels=labels[:4])
-    result = tasks.run_job(job["id"], data, model_dir)
+    result = run(job["id"], data, model_dir)
     report = ReportStore(data).get(job["id"])
     assert result["audit_id"] == job["id"] and report["head_id"] == head_id
     assert report["n"] == 4 and report["mode"] == "quick"
@@ -101,9 +109,30 @@ def test_retrieval_audit_report(model_dir, tmp_path):
     params = {"audit": "retrieval", "index": "g", "k": 3, "steps": 3,
               "threat": {"norm": "l2", "eps": 0.5}, "model_id": card["model_id"]}
     job = JobStore(tmp_path).create("audit", params, images=images[:2])
-    tasks.run_job(job["id"], tmp_path, model_dir)
+    run(job["id"], tmp_path, model_dir)
     report = ReportStore(tmp_path).get(job["id"])
     assert report["num_queries"] == 2 and report["k"] == 3 and report["gallery_size"] == 12
     assert report["norm"] == "l2" and report["max_perturbation_norm"] <= 0.5 + 1e-4
     for kind in ("adversarial", "random"):
         assert 0 <= report[f"topk_overlap_{kind}"] <= 1
+
+
+def test_a_runner_whose_lease_was_taken_stops_and_records_nothing(model_dir, tmp_path):
+    """The sweep presumed the runner dead and queued the job again: the old run must not
+    complete it (the new run will)."""
+    images, labels = easy_set()
+    params = {"classes": ["dark", "bright"], "robust": False,
+              "threat": {"norm": "linf", "eps": 8 / 255}, "epochs": 1000, "attack_steps": 1,
+              "min_steps": 0, "validation_fraction": 0,
+              "model_id": read_card(model_dir)["model_id"]}
+    jobs = JobStore(tmp_path)
+    job_id = jobs.create("linear_head", params, images=images, labels=labels)["id"]
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(run, job_id, tmp_path, model_dir)
+        wait_for(lambda: jobs.get(job_id)["progress"] > 0, 120, "the job to make progress")
+        assert JobStore(tmp_path, lease_s=0).sweep(lambda _: None) == [job_id]
+        assert outcome.result(timeout=120) is None
+    job = jobs.get(job_id)
+    assert job["state"] == "queued" and job["result"] is None and job["attempts"] == 1
+    assert job["progress"] < 1
+    assert not (tmp_path / "heads" / job_id).exists()
