@@ -3,6 +3,7 @@ that must never import PyTorch (its jobs run in spawned child processes)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import torch
 
 from service.jobs import make_celery
 from service.settings import Settings
+from service.store import JobStore
+from tests.live import wait_for
 from training.export import load_torch_encoder
 from training.heads import Classifier
 
@@ -95,3 +98,22 @@ def test_embedded_jobs_survive_an_api_restart_and_torch_stays_out(model_dir, tmp
     robust, retrieval = out["reports"]
     assert robust["n"] == 4 and 0 <= robust["robust_accuracy"] <= robust["clean_accuracy"]
     assert retrieval["num_queries"] == 2 and retrieval["gallery_size"] == 24
+
+
+def test_an_embedded_job_whose_process_was_killed_runs_again_once(client, settings, labeled):
+    """SIGKILL of the job's process (out of memory, say): the job runs again, in a new process,
+    and completes once."""
+    images, labels, classes = labeled
+    few = [0, 1, 2, 3, 12, 13, 14, 15]  # 4 of each of two classes
+    r = client.post("/linear-head", json={
+        "classes": classes[:2], "labels": [labels[i] for i in few],
+        "images": [images[i] for i in few], "robust": True, "epochs": 10, "attack_steps": 1,
+        "min_steps": 10, "validation_fraction": 0})
+    job_id = r.json()["job_id"]
+    jobs = JobStore(settings.data_dir)
+    wait_for(lambda: jobs.get(job_id)["progress"] > 0, 120, "the job to make progress")
+    os.kill(jobs.get(job_id)["runner"]["pid"], signal.SIGKILL)
+    job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["state"] in (
+        "succeeded", "failed") and j, 180, "the job to finish")
+    assert job["state"] == "succeeded" and job["attempts"] == 2, job["error"]
+    assert client.get(f"/heads/{job_id}").status_code == 200
