@@ -3,9 +3,18 @@
 import base64
 import io
 
+import httpx
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
 from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from service.main import create_app
 from service.settings import Settings
@@ -16,6 +25,8 @@ def png_b64(size=(32, 32)) -> str:
     Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
+
+FUZZ_EXAMPLES = 30  # per operation, at most: about 450 requests in all
 
 IMG = png_b64()
 HEAD = {"classes": ["a", "b"], "labels": [0, 1], "images": [IMG, IMG]}
@@ -160,3 +171,54 @@ def test_broker_unreachable_is_not_ready(model_dir, tmp_path):
         assert r.status_code == 503 and r.json()["checks"]["broker"] is False
         r = c.post("/linear-head", json=HEAD)
         assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable"
+
+
+@pytest.fixture(scope="module")
+def api_schema(live_api, labeled):
+    """The live api's own OpenAPI document, with a gallery of a few items to find."""
+    images = labeled[0][:3]
+    with httpx.Client(base_url=live_api.url) as c:
+        assert c.post("/indexes", json={"name": "gallery"}).status_code == 201
+        assert c.post("/indexes/gallery/items", json={
+            "keys": ["a", "b", "c"], "images": images,
+            "metadata": [{"n": i} for i in range(3)]}).status_code == 201
+    schema = schemathesis.openapi.from_url(live_api.url + "/openapi.json")
+    schema.config.phases.update(phases=["examples", "fuzzing"])  # bounded: no coverage sweep
+    return schema
+
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
+
+
+def fuzz(operation) -> dict[int, int]:
+    """Up to FUZZ_EXAMPLES generated requests (valid and invalid) to one operation, each answer
+    checked; returns how many got each status. (Hypothesis driven directly: schemathesis's
+    pytest plugin predates pytest 9.2.)"""
+    statuses: dict[int, int] = {}
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case):
+        status = case.call_and_validate(checks=CHECKS).status_code
+        statuses[status] = statuses.get(status, 0) + 1
+
+    check()
+    return statuses
+
+
+def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(api_schema):
+    """Schemathesis against the real uvicorn, every operation of the OpenAPI document."""
+    failures, statuses = {}, {}
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    for operation in operations:
+        try:
+            for status, n in fuzz(operation).items():
+                statuses[status] = statuses.get(status, 0) + n
+        except Exception as exc:  # noqa: BLE001 (every operation is tried; all failures shown)
+            failures[operation.label] = str(exc)[:2000]
+    print(f"{len(operations)} operations, {sum(statuses.values())} requests: {statuses}")
+    assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+    assert len(operations) >= 20 and sum(statuses.values()) >= 200
+    assert {200, 201, 404, 422} <= set(statuses)  # found things, made things, and refused
