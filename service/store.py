@@ -144,16 +144,26 @@ class JobStore:
             runner is None or runner_gone(runner)
             or time.time() - job.get("heartbeat_at", 0) > self.lease_s)
 
+    def _hopeless(self, job: dict) -> str | None:
+        """Why a job not finished by its earlier runners must not run again, if so."""
+        started = job["started_at"]
+        if (job["state"] == "running" and self.time_limit_s is not None and started is not None
+                and time.time() - started > self.time_limit_s):
+            return (f"no result within the time limit of {self.time_limit_s:.0f} s: the job's "
+                    "process was killed")
+        if job["attempts"] >= self.max_attempts:
+            return f"its runner was lost in each of its {job['attempts']} attempts"
+        return None
+
     def claim(self, job_id: str, runner: dict) -> dict | None:
         """Start a run of the job as `runner`; None when it must not run here: it finished, or
-        another runner holds a live lease (a duplicate delivery), or it used its attempts."""
+        another runner holds a live lease (a duplicate delivery), or it is hopeless (failed)."""
         with self._locked(job_id) as job:
             if job["state"] in ("succeeded", "failed") or (
                     job["state"] == "running" and not self.lapsed(job)):
                 return None
-            if job["attempts"] >= self.max_attempts:
-                self._write({**job, **_failed(f"its runner was lost in each of its "
-                                              f"{job['attempts']} attempts")})
+            if why := self._hopeless(job):
+                self._write({**job, **_failed(why)})
                 return None
             now = time.time()
             return self._write({**job, "state": "running", "stage": "starting", "progress": 0.0,
@@ -170,12 +180,7 @@ class JobStore:
             with self._locked(job["id"]) as job:
                 if not self.lapsed(job):
                     continue
-                over = self.time_limit_s is not None and job["started_at"] is not None and \
-                    time.time() - job["started_at"] > self.time_limit_s
-                if over or job["attempts"] >= self.max_attempts:
-                    why = (f"no result within the time limit of {self.time_limit_s:.0f} s: the "
-                           "job's process was killed" if over else
-                           f"its runner was lost in each of its {job['attempts']} attempts")
+                if why := self._hopeless(job):
                     self._write({**job, **_failed(why)})
                     continue
                 submit(job["id"])  # under the lock: no runner claims it before it reads queued

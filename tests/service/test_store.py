@@ -104,3 +104,11 @@ def test_the_lease_outlasts_several_heartbeats():
         Settings(job_heartbeat_s=30, job_lease_s=60)
     s = Settings()
     assert s.job_lease_s + s.job_sweep_s <= 300  # a lost job runs again within 5 minutes
+
+
+def test_a_job_killed_past_its_time_limit_is_not_run_again_when_delivered_again(jobs):
+    job_id = jobs.create("audit", {})["id"]
+    jobs.claim(job_id, dead_runner())
+    jobs.update(job_id, started_at=time.time() - 3601)
+    assert jobs.claim(job_id, runner_identity()) is None
+    assert "time limit" in jobs.get(job_id)["error"] and jobs.get(job_id)["attempts"] == 1
