@@ -115,17 +115,6 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, p
     return {"head_id": job_id, "metrics": metrics}
 
 
-def _head_module(data_dir: Path, head_id: str):
-    import torch
-
-    weight, bias = HeadStore(data_dir).weights(head_id)
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight))
-        head.bias.copy_(torch.from_numpy(bias))
-    return head
-
-
 def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, progress) -> dict:
     """The robust accuracy of encoder + head, or the retrieval audit of an index; the report is
     saved under the job's id."""
@@ -138,9 +127,9 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, 
     device = next(encoder.parameters()).device
     if params["audit"] == "robustness":
         from training.evaluate import evaluate_robustness
-        from training.heads import Classifier
+        from training.heads import Classifier, linear_from
 
-        head = _head_module(data_dir, params["head_id"]).to(device)
+        head = linear_from(*HeadStore(data_dir).weights(params["head_id"])).to(device)
         model = Classifier(encoder, head).eval()
         labels = torch.from_numpy(inputs["labels"])
         report = evaluate_robustness(model, images, labels, threat, params["mode"],
