@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from index.files import atomic_write
+from index.model_card import CARD, read_card
 from training.attacks import ThreatModel
 from training.baselines import BaselineConfig, train_classifier, uat_ft
 from training.checkpoint import checkpoint_path, load_checkpoint, load_encoder
@@ -164,8 +165,11 @@ def _cell_settings(config: ExperimentConfig, method: str, threat: ThreatModel,
         baseline.pop("device")
         return {**common, "baseline": baseline}
     given = _given_checkpoint(config, method, threat)
+    encoder = given or {"pretrain": config.pretrain}
+    if given and (Path(given) / CARD).is_file():  # a model directory: pin its exact weights
+        encoder = {"path": given, "onnx_sha256": read_card(given)["onnx_sha256"]}
     return {**common, "head": dataclasses.asdict(head_config(config, head, threat)),
-            "encoder": given or {"pretrain": config.pretrain}}
+            "encoder": encoder}
 
 
 def run_cell(
@@ -249,7 +253,8 @@ def run_experiment(
     _write_json(out / "config.json", config.to_dict())
     grid = [(m, a, t, h) for t in config.threats for m in config.methods
             for a in config.label_amounts
-            for h in (config.heads if uses_encoder(config, m) else [None])]
+            for h in (config.heads if uses_encoder(config, m) else [None])
+            if not (m == "uat_ft" and a == 1.0 and "at" in config.methods)]  # = AT (section 4.1)
     ran, skipped, rows = [], [], []
     data = None
     for i, (method, amount, threat, head) in enumerate(grid):
