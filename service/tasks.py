@@ -16,6 +16,7 @@ import numpy as np
 
 from index.model_card import read_card
 from service.gallery import load_index
+from service.head_rule import head_rule
 from service.store import HeadStore, JobStore, ReportStore
 
 
@@ -85,20 +86,23 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, p
     import torch
 
     from training.data import ImageSet
-    from training.heads import HeadConfig, fit_linear_head
+    from training.heads import HeadConfig, fit_head
 
     classes = params["classes"]
     images, labels = torch.from_numpy(inputs["images"]), torch.from_numpy(inputs["labels"])
     data = ImageSet(images, labels, classes)
-    train_idx, val_idx = _split(len(data), params["validation_fraction"])
+    fraction, kind, l2 = head_rule(len(data), params["robust"], params.get("validation_fraction"),
+                                   params.get("l2"))
+    train_idx, val_idx = _split(len(data), fraction)
     val = None if val_idx is None else data.subset(torch.from_numpy(val_idx))
-    config = HeadConfig(robust=params["robust"], norm=params["threat"]["norm"],
-                        eps=params["threat"]["eps"], attack_steps=params["attack_steps"],
-                        epochs=params["epochs"], min_steps=params["min_steps"],
-                        decay_epoch=params["epochs"] // 2)
-    head, history = fit_linear_head(encoder, data.subset(torch.from_numpy(train_idx)), val,
-                                    len(classes), config, progress)
+    config = HeadConfig(norm=params["threat"]["norm"], eps=params["threat"]["eps"],
+                        attack_steps=params["attack_steps"], epochs=params["epochs"],
+                        min_steps=params["min_steps"], decay_epoch=params["epochs"] // 2, l2=l2)
+    head, history = fit_head(kind, encoder, data.subset(torch.from_numpy(train_idx)), val,
+                             len(classes), config, progress)
     metrics = {
+        "head_kind": kind,
+        "l2": history.get("l2", l2),
         "train_accuracy": history["train_acc"][-1],
         "best_val_accuracy": history["best_val_acc"],
         "val_metric": history["val_metric"],
