@@ -4,6 +4,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.head_rule import AUTO_VALIDATION_FRACTION, MIN_LABELS_FOR_HOLDOUT, SMALL_SET_L2
 from service.store import NAME
 
 Base64Image = Annotated[str, Field(description="A PNG, JPEG or WebP image, base64 (or data URL)")]
@@ -144,8 +145,14 @@ class LinearHeadRequest(LabeledSet):
     epochs: int = Field(50, ge=1, le=1000)
     attack_steps: int = Field(10, ge=1, le=1000, description="PGD steps of robust training")
     min_steps: int = Field(2000, ge=0, le=1_000_000, description="Least optimiser steps in all")
-    validation_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Held out for early stopping (0: keep the last epoch)"
+    validation_fraction: float | None = Field(
+        None, ge=0, lt=1, description="Held out for early stopping and choosing the L2 strength "
+        f"(0: keep the last epoch; null: {AUTO_VALIDATION_FRACTION:.0%} from "
+        f"{MIN_LABELS_FOR_HOLDOUT} labeled images on, else none)"
+    )
+    l2: float | None = Field(
+        None, ge=0, le=10, description="L2 strength of a non-robust head on standardised "
+        f"features (null: chosen on the held-out images, or {SMALL_SET_L2:g} without them)"
     )
 
 

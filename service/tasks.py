@@ -19,6 +19,7 @@ import numpy as np
 
 from index.model_card import read_card
 from service.gallery import load_index
+from service.head_rule import head_rule
 from service.leases import Heartbeat, runner_identity
 from service.settings import Settings
 from service.store import HeadStore, JobStore, LeaseLost, ReportStore
@@ -110,20 +111,23 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, p
     import torch
 
     from training.data import ImageSet
-    from training.heads import HeadConfig, fit_linear_head
+    from training.heads import HeadConfig, fit_head
 
     classes = params["classes"]
     images, labels = torch.from_numpy(inputs["images"]), torch.from_numpy(inputs["labels"])
     data = ImageSet(images, labels, classes)
-    train_idx, val_idx = _split(len(data), params["validation_fraction"])
+    fraction, kind, l2 = head_rule(len(data), params["robust"], params.get("validation_fraction"),
+                                   params.get("l2"))
+    train_idx, val_idx = _split(len(data), fraction)
     val = None if val_idx is None else data.subset(torch.from_numpy(val_idx))
-    config = HeadConfig(robust=params["robust"], norm=params["threat"]["norm"],
-                        eps=params["threat"]["eps"], attack_steps=params["attack_steps"],
-                        epochs=params["epochs"], min_steps=params["min_steps"],
-                        decay_epoch=params["epochs"] // 2)
-    head, history = fit_linear_head(encoder, data.subset(torch.from_numpy(train_idx)), val,
-                                    len(classes), config, progress)
+    config = HeadConfig(norm=params["threat"]["norm"], eps=params["threat"]["eps"],
+                        attack_steps=params["attack_steps"], epochs=params["epochs"],
+                        min_steps=params["min_steps"], decay_epoch=params["epochs"] // 2, l2=l2)
+    head, history = fit_head(kind, encoder, data.subset(torch.from_numpy(train_idx)), val,
+                             len(classes), config, progress)
     metrics = {
+        "head_kind": kind,
+        "l2": history.get("l2", l2),
         "train_accuracy": history["train_acc"][-1],
         "best_val_accuracy": history["best_val_acc"],
         "val_metric": history["val_metric"],
@@ -140,17 +144,6 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, p
     return {"head_id": job_id, "metrics": metrics}
 
 
-def _head_module(data_dir: Path, head_id: str):
-    import torch
-
-    weight, bias = HeadStore(data_dir).weights(head_id)
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight))
-        head.bias.copy_(torch.from_numpy(bias))
-    return head
-
-
 def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, progress) -> dict:
     """The robust accuracy of encoder + head, or the retrieval audit of an index; the report is
     saved under the job's id."""
@@ -163,9 +156,9 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, 
     device = next(encoder.parameters()).device
     if params["audit"] == "robustness":
         from training.evaluate import evaluate_robustness
-        from training.heads import Classifier
+        from training.heads import Classifier, linear_from
 
-        head = _head_module(data_dir, params["head_id"]).to(device)
+        head = linear_from(*HeadStore(data_dir).weights(params["head_id"])).to(device)
         model = Classifier(encoder, head).eval()
         labels = torch.from_numpy(inputs["labels"])
         report = evaluate_robustness(model, images, labels, threat, params["mode"],

@@ -150,21 +150,27 @@ def experiment(
     config: Path | None = typer.Option(None, help="An experiment config.json to start from."),
     data: str | None = typer.Option(None, help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
     data_root: str | None = typer.Option(None, help="Where torchvision keeps CIFAR."),
-    methods: str | None = typer.Option(None, help="Comma list of byorl, byol, at, uat_ft."),
+    methods: str | None = typer.Option(
+        None, help="Comma list of byorl, byol, at, uat_ft and names given with --encoder."),
     labels: str | None = typer.Option(
         None, help="Comma list of label amounts: fractions <= 1 or counts, e.g. 0.01,0.1,1"),
     threat: list[str] = typer.Option([], help="NORM:EPS, repeatable, e.g. linf:8/255"),
     byorl: list[str] = typer.Option([], help="NORM=RUN: a BYORL run per norm, repeatable."),
     byol: str | None = typer.Option(None, help="A BYOL run (trained with --attack none)."),
+    encoder: list[str] = typer.Option(
+        [], help="NAME=RUN: one more encoder method (run, checkpoint or model dir), repeatable."),
     pretrain: Path | None = typer.Option(
         None, help="A train config.json: train the encoders not given with it."),
-    robust_head: bool | None = typer.Option(None, help="Adversarially train the linear heads."),
+    heads: str | None = typer.Option(
+        None, help="Comma list of head kinds per encoder cell: nonrobust (the paper's), l2 "
+        "(L2 strength chosen on held-out images), robust (adversarial)."),
     head_min_steps: int | None = typer.Option(None, help="Least optimiser steps of a head."),
     arch: str | None = typer.Option(None, help="Baselines' architecture (match the encoders)."),
     width: int | None = typer.Option(None),
     baseline_steps: int | None = typer.Option(None, help="Optimiser steps of AT / UAT-FT."),
     teacher_steps: int | None = typer.Option(None, help="Steps of UAT-FT's pseudo-labeler."),
-    eval_mode: str | None = typer.Option(None, help="quick or full (the paper's suite)."),
+    eval_mode: str | None = typer.Option(
+        None, help="full (the paper's suite, the default) or quick (smoke runs only)."),
     eval_size: int | None = typer.Option(None, help="Test images attacked (0: all)."),
     device: str | None = typer.Option(None, help="auto, cpu, cuda"),
     seed: int | None = typer.Option(None),
@@ -183,7 +189,8 @@ def experiment(
         (cfg, "threats", [parse_threat(t) for t in threat] or None),
         (cfg, "byol_checkpoint", byol),
         (cfg, "pretrain", json.loads(pretrain.read_text()) if pretrain else None),
-        (cfg, "robust_head", robust_head), (cfg.head, "min_steps", head_min_steps),
+        (cfg, "heads", heads.split(",") if heads else None),
+        (cfg.head, "min_steps", head_min_steps),
         (cfg.baseline, "arch", arch), (cfg.baseline, "width", width),
         (cfg.baseline, "steps", baseline_steps), (cfg.baseline, "teacher_steps", teacher_steps),
         (cfg, "eval_mode", eval_mode), (cfg, "eval_size", eval_size),
@@ -195,6 +202,9 @@ def experiment(
     for item in byorl:
         norm, _, run = item.partition("=")
         cfg.byorl_checkpoints[norm] = run
+    for item in encoder:
+        name, _, run = item.partition("=")
+        cfg.encoders[name] = run
     cfg.__post_init__()
 
     def report(done: int, total: int, key: str) -> None:
@@ -263,11 +273,14 @@ def retrieval_demo(
 def evaluate(
     run: Path = typer.Argument(..., help="A run, checkpoint or exported model directory."),
     labels: float = typer.Option(500, help="Labels for the heads: a count (> 1) or a fraction."),
-    head: str = typer.Option("nonrobust", help="robust, nonrobust or both."),
+    head: str = typer.Option(
+        "nonrobust", help="Comma list of nonrobust (the paper's protocol), l2 (L2 strength "
+        "chosen on the held-out images), robust; or both (= nonrobust,robust)."),
     norm: str | None = typer.Option(None, help="linf or l2 (default: the run's)."),
     eps: str | None = typer.Option(None, help="e.g. 8/255 (default: the run's, or the paper's "
                                    "for another norm)."),
-    mode: str = typer.Option("quick", help="quick (CPU) or full (the paper's attack suite)."),
+    mode: str = typer.Option(
+        "full", help="full (the paper's attack suite) or quick (smoke runs only, labelled so)."),
     n_test: int = typer.Option(1000, help="Random test images attacked (0: all)."),
     out: Path = typer.Option(Path("runs/evaluation"), help="Directory for evaluation.{json,md}."),
     data: str | None = typer.Option(None, help="Image source (default: the run's)."),
@@ -288,7 +301,7 @@ def evaluate(
     from training.evaluate import evaluate_checkpoint, report_markdown, write_report
     from training.heads import HeadConfig
 
-    heads = ("nonrobust", "robust") if head == "both" else (head,)
+    heads = ("nonrobust", "robust") if head == "both" else tuple(head.split(","))
     overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps,
                  "steps_per_epoch": head_steps_per_epoch, "epochs": head_epochs,
                  "decay_epoch": head_epochs // 2 if head_epochs else None}

@@ -24,7 +24,15 @@ from index.files import atomic_write
 from training.attacks import APGD, ThreatModel
 from training.checkpoint import load_encoder
 from training.data import VAL_SIZE, label_subset, load_images
-from training.heads import Classifier, HeadConfig, Progress, fit_linear_head, to_float
+from training.heads import (
+    HEAD_KINDS,
+    Classifier,
+    HeadConfig,
+    Progress,
+    fit_head,
+    linear_to_lists,
+    to_float,
+)
 from training.train import pick_device
 
 # attack(model, x, y, norm, eps) -> x_adv inside the eps-ball around x and inside [0, 1].
@@ -192,7 +200,7 @@ def evaluate_robustness(
     images: torch.Tensor,
     labels: torch.Tensor,
     threat: ThreatModel,
-    mode: str = "quick",
+    mode: str = "full",
     batch_size: int = 256,
     progress: Progress | None = None,
 ) -> dict:
@@ -297,7 +305,7 @@ def evaluate_checkpoint(
     heads: tuple[str, ...] = ("nonrobust",),
     norm: str | None = None,
     eps: float | None = None,
-    mode: str = "quick",
+    mode: str = "full",
     n_test: int = 1000,
     data: str | None = None,
     head_config: HeadConfig | None = None,
@@ -306,12 +314,12 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: Progress | None = None,
 ) -> dict:
-    """`byorl evaluate`: fit each head ("robust" / "nonrobust") on a seeded label subset of the
-    training split, stop early on the held-out validation images, and attack the classifier on
-    `n_test` seeded random test images (0: all). The threat model defaults to the run's when
-    the norm is the run's, else to the paper's eps for that norm."""
-    if unknown := set(heads) - {"robust", "nonrobust"}:
-        raise ValueError(f"heads must be 'robust' or 'nonrobust', got {sorted(unknown)}")
+    """`byorl evaluate`: fit each head (HEAD_KINDS) on a seeded label subset of the training
+    split, stop early on the held-out validation images, and attack the classifier on `n_test`
+    seeded random test images (0: all). The threat model defaults to the run's when the norm is
+    the run's, else to the paper's eps for that norm. Each head's W and b are in the report."""
+    if unknown := set(heads) - set(HEAD_KINDS):
+        raise ValueError(f"heads must be among {HEAD_KINDS}, got {sorted(unknown)}")
     encoder, config = load_encoder(path, map_location=pick_device(device))
     run_attack = config["attack"]
     norm = norm or run_attack["norm"]
@@ -327,16 +335,18 @@ def evaluate_checkpoint(
         "checkpoint": str(path), "encoder": config["model"], "encoder_attack": run_attack,
         "data": source, "labels": {"amount": labels, "count": len(labeled_idx),
                                    "val_size": val_size, "seed": seed},
-        "n_test": len(test), "threat_model": {"norm": norm, "eps": eps}, "mode": mode,
+        "classes": train.classes, "n_test": len(test), "test_seed": seed,
+        "threat_model": {"norm": norm, "eps": eps}, "mode": mode,
         "heads": {},
     }
     for kind in heads:
         hc = replace(head_config or HeadConfig(), robust=kind == "robust", norm=norm, eps=eps)
-        head, history = fit_linear_head(encoder, train.subset(labeled_idx), train.subset(val_idx),
-                                        len(train.classes), hc, progress)
+        head, history = fit_head(kind, encoder, train.subset(labeled_idx), train.subset(val_idx),
+                                 len(train.classes), hc, progress)
         result = evaluate_robustness(Classifier(encoder, head), test.images, test.labels, threat,
                                      mode, progress=progress)
-        report["heads"][kind] = {"config": asdict(hc), "history": history, "evaluation": result}
+        report["heads"][kind] = {"config": asdict(hc), "history": history, "evaluation": result,
+                                 "linear": linear_to_lists(head)}
     return report
 
 

@@ -1,10 +1,11 @@
 """The paper's grid (Fig. 3/4, 7/8): methods x label amounts x threat models, resumable.
 
 Each cell trains one classifier on a seeded label subset (the same subset for every method),
-stops early on the 1024 held-out validation images, and is evaluated by the attack suite on a
-seeded random subset of the test set:
+stops early on the 1024 held-out validation images, and is evaluated by the attack suite (the
+paper's full suite by default) on a seeded random subset of the test set:
 
-- byorl / byol: a linear head on a frozen pre-trained encoder (robust head by default);
+- byorl / byol, and any encoder named in `encoders`: a linear head on the frozen encoder, one
+  cell per head kind in `heads` (training.heads.HEAD_KINDS), its W and b saved in the cell;
 - at: adversarial training of the same architecture on the labeled images only;
 - uat_ft: pseudo-labeling, then adversarial training on all training images.
 
@@ -25,13 +26,14 @@ from pathlib import Path
 import torch
 
 from index.files import atomic_write
+from index.model_card import CARD, read_card
 from training.attacks import ThreatModel
 from training.baselines import BaselineConfig, train_classifier, uat_ft
-from training.checkpoint import load_checkpoint, load_encoder
+from training.checkpoint import checkpoint_path, load_checkpoint, load_encoder
 from training.data import ImageSet, label_subset, load_images
 from training.evaluate import evaluate_robustness
 from training.figures import plot_accuracy, threat_label
-from training.heads import Classifier, HeadConfig, Progress, fit_linear_head
+from training.heads import HEAD_KINDS, Classifier, HeadConfig, Progress, fit_head, linear_to_lists
 from training.train import pick_device
 
 METHODS = ("byorl", "byol", "at", "uat_ft")
@@ -50,20 +52,26 @@ class ExperimentConfig:
     )
     byorl_checkpoints: dict[str, str] = field(default_factory=dict)  # norm -> run dir or file
     byol_checkpoint: str | None = None
+    encoders: dict[str, str] = field(default_factory=dict)  # more methods: name -> encoder
     pretrain: dict | None = None  # TrainConfig dict to train the encoders not given
-    robust_head: bool = True
-    head: HeadConfig = field(default_factory=HeadConfig)  # norm and eps are set per cell
+    heads: list[str] = field(default_factory=lambda: ["robust"])  # head kinds per encoder cell
+    head: HeadConfig = field(default_factory=HeadConfig)  # nonrobust, l2 heads; norm/eps: cell's
+    robust_head: HeadConfig = field(default_factory=lambda: HeadConfig(robust=True))
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    eval_mode: str = "quick"
+    eval_mode: str = "full"
     eval_size: int = 1000  # random test images the suite attacks; 0 = the whole test set
     val_size: int = 1024
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
-        unknown = set(self.methods) - set(METHODS)
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        if clash := set(self.encoders) & set(METHODS):
+            raise ValueError(f"encoder names {sorted(clash)} are taken by built-in methods")
+        if unknown := set(self.methods) - set(METHODS) - set(self.encoders):
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS} or name "
+                             "an encoder in `encoders`")
+        if unknown := set(self.heads) - set(HEAD_KINDS):
+            raise ValueError(f"unknown head kinds {sorted(unknown)}; choose from {HEAD_KINDS}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,6 +81,7 @@ class ExperimentConfig:
         d = dict(d)
         d["threats"] = [ThreatModel(**t) for t in d.get("threats", [])] or cls().threats
         d["head"] = HeadConfig(**d.get("head", {}))
+        d["robust_head"] = HeadConfig(**d.get("robust_head", {"robust": True}))
         d["baseline"] = BaselineConfig(**d.get("baseline", {}))
         return cls(**d)
 
@@ -82,8 +91,21 @@ def threat_slug(norm: str, eps: float) -> str:
     return f"{norm}_{eps * 255:g}of255"
 
 
-def cell_key(method: str, threat: ThreatModel, amount: float) -> str:
-    return f"{method}_{threat_slug(threat.norm, threat.eps)}_labels{amount:g}"
+def cell_key(method: str, threat: ThreatModel, amount: float, head: str | None = None) -> str:
+    """e.g. 'byorl_linf_8of255_labels500_l2'; baselines (no head) end at the labels."""
+    key = f"{method}_{threat_slug(threat.norm, threat.eps)}_labels{amount:g}"
+    return f"{key}_{head}" if head else key
+
+
+def uses_encoder(config: ExperimentConfig, method: str) -> bool:
+    """Whether the method's cells are linear heads on a frozen encoder (not a baseline)."""
+    return method in ("byorl", "byol") or method in config.encoders
+
+
+def head_config(config: ExperimentConfig, kind: str, threat: ThreatModel) -> HeadConfig:
+    """The protocol of a head kind in a cell of this threat model."""
+    base = config.robust_head if kind == "robust" else config.head
+    return dataclasses.replace(base, robust=kind == "robust", norm=threat.norm, eps=threat.eps)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -95,6 +117,8 @@ def _encoder_name(method: str, threat: ThreatModel) -> str:
 
 
 def _given_checkpoint(config: ExperimentConfig, method: str, threat: ThreatModel) -> str | None:
+    if method in config.encoders:
+        return config.encoders[method]
     return config.byol_checkpoint if method == "byol" else config.byorl_checkpoints.get(threat.norm)
 
 
@@ -122,7 +146,8 @@ def encoder_checkpoint(config: ExperimentConfig, method: str, threat: ThreatMode
 
 
 def _check_encoder(method: str, threat: ThreatModel, train_config: dict, path: str) -> None:
-    """A BYOL cell needs a run without attack, a BYORL cell one attacked in the cell's norm."""
+    """A BYOL cell needs a run without attack, a BYORL cell one attacked in the cell's norm;
+    named encoders may be either."""
     attack = train_config["attack"]
     if method == "byol" and attack["method"] != "none":
         raise ValueError(f"{path} is a BYORL run ({attack['method']}), not BYOL")
@@ -130,7 +155,8 @@ def _check_encoder(method: str, threat: ThreatModel, train_config: dict, path: s
         raise ValueError(f"{path} was not trained against {threat.norm} attacks: {attack}")
 
 
-def _cell_settings(config: ExperimentConfig, method: str, threat: ThreatModel) -> dict:
+def _cell_settings(config: ExperimentConfig, method: str, threat: ThreatModel,
+                   head: str | None = None) -> dict:
     """What a cell's result depends on besides its coordinates: reruns must agree on it."""
     common = {k: getattr(config, k) for k in
               ("data", "image_size", "eval_mode", "eval_size", "val_size", "seed")}
@@ -139,8 +165,11 @@ def _cell_settings(config: ExperimentConfig, method: str, threat: ThreatModel) -
         baseline.pop("device")
         return {**common, "baseline": baseline}
     given = _given_checkpoint(config, method, threat)
-    return {**common, "robust_head": config.robust_head, "head": dataclasses.asdict(config.head),
-            "encoder": given or {"pretrain": config.pretrain}}
+    encoder = given or {"pretrain": config.pretrain}
+    if given and (Path(given) / CARD).is_file():  # a model directory: pin its exact weights
+        encoder = {"path": given, "onnx_sha256": read_card(given)["onnx_sha256"]}
+    return {**common, "head": dataclasses.asdict(head_config(config, head, threat)),
+            "encoder": encoder}
 
 
 def run_cell(
@@ -151,24 +180,27 @@ def run_cell(
     train: ImageSet,
     test: ImageSet,
     progress: Progress | None = None,
+    head_kind: str | None = None,
 ) -> dict:
-    """Train and evaluate one cell; returns its result row (plus training and evaluation logs)."""
+    """Train and evaluate one cell (an encoder method's with the head of `head_kind`); returns
+    its result row (plus training and evaluation logs)."""
     start, device = time.perf_counter(), pick_device(config.device)
     num_classes = len(train.classes)
     labeled_idx, val_idx = label_subset(len(train), amount, config.seed, config.val_size)
     labeled, val = train.subset(labeled_idx), train.subset(val_idx)
     baseline = dataclasses.replace(config.baseline, device=str(device))
     extra: dict = {}
-    if method in ("byorl", "byol"):
+    if uses_encoder(config, method):
         path = encoder_checkpoint(config, method, threat)
         encoder, train_config = load_encoder(path, map_location=device)
         _check_encoder(method, threat, train_config, path)
-        head_config = dataclasses.replace(config.head, robust=config.robust_head,
-                                          norm=threat.norm, eps=threat.eps)
-        head, history = fit_linear_head(encoder, labeled, val, num_classes, head_config, progress)
+        head, history = fit_head(head_kind, encoder, labeled, val, num_classes,
+                                 head_config(config, head_kind, threat), progress)
         model = Classifier(encoder, head)
-        extra = {"encoder": path, "encoder_step": load_checkpoint(path)["step"],
-                 "encoder_attack": train_config["attack"]}
+        step = load_checkpoint(path)["step"] if checkpoint_path(path).is_file() else None
+        extra = {"encoder": path, "encoder_step": step,  # None: an exported model directory
+                 "encoder_epochs": train_config["optim"]["epochs"],
+                 "encoder_attack": train_config["attack"], "head_l2": history.get("l2")}
     elif method == "at":
         model, history = train_classifier(labeled, val, num_classes, baseline, threat,
                                           progress=progress)
@@ -184,6 +216,7 @@ def run_cell(
                                      progress=progress)
     row = {
         "method": method,
+        "head": head_kind or "",
         "norm": threat.norm,
         "eps": threat.eps,
         "label_amount": amount,
@@ -197,8 +230,11 @@ def run_cell(
         "seconds": round(time.perf_counter() - start, 1),
         **{k: v for k, v in extra.items() if k != "encoder_attack"},
     }
-    return {"row": row, "settings": _cell_settings(config, method, threat),
+    cell = {"row": row, "settings": _cell_settings(config, method, threat, head_kind),
             "training": {**history, **extra}, "evaluation": evaluation}
+    if head_kind:
+        cell["linear"] = linear_to_lists(head)
+    return cell
 
 
 def run_experiment(
@@ -215,15 +251,19 @@ def run_experiment(
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_dict())
-    grid = [(m, a, t) for t in config.threats for m in config.methods for a in config.label_amounts]
+    grid = [(m, a, t, h) for t in config.threats for m in config.methods
+            for a in config.label_amounts
+            for h in (config.heads if uses_encoder(config, m) else [None])
+            if not (m == "uat_ft" and a == 1.0 and "at" in config.methods)]  # = AT (section 4.1)
     ran, skipped, rows = [], [], []
     data = None
-    for i, (method, amount, threat) in enumerate(grid):
-        key = cell_key(method, threat, amount)
+    for i, (method, amount, threat, head) in enumerate(grid):
+        key = cell_key(method, threat, amount, head)
         path = cells_dir / f"{key}.json"
+        settings = json.loads(json.dumps(_cell_settings(config, method, threat, head)))
         if path.exists():
             cell = json.loads(path.read_text())
-            if cell["settings"] != json.loads(json.dumps(_cell_settings(config, method, threat))):
+            if cell["settings"] != settings:
                 raise ValueError(f"{path} was computed with other settings; delete it or use "
                                  "another output directory")
             skipped.append(key)
@@ -233,7 +273,8 @@ def run_experiment(
                 data = (load_images(config.data, "train", **load),
                         load_images(config.data, "test", **load).random_subset(
                             config.eval_size, config.seed))
-            cell = run_cell(config, method, amount, threat, *data, progress=cell_progress)
+            cell = run_cell(config, method, amount, threat, *data, progress=cell_progress,
+                            head_kind=head)
             _write_json(path, cell)
             ran.append(key)
         rows.append(cell["row"])
@@ -241,6 +282,11 @@ def run_experiment(
             progress(i + 1, len(grid), key)
     write_results(rows, out)
     return {"rows": rows, "ran": ran, "skipped": skipped}
+
+
+def series_name(row: dict) -> str:
+    """'byorl (l2 head)' for a head on an encoder, the method alone for a baseline."""
+    return f"{row['method']} ({row['head']} head)" if row.get("head") else row["method"]
 
 
 def _percent(x: float) -> str:
@@ -258,9 +304,9 @@ def results_markdown(rows: list[dict]) -> str:
         lines += [f"## {threat_label(norm, eps)}", "",
                   f"Robust accuracy (clean accuracy in brackets); evaluation: {'; '.join(modes)}.",
                   "", f"| method | {header} |", "|---" * (len(fractions) + 1) + "|"]
-        for method in [m for m in METHODS if any(r["method"] == m for r in part)]:
-            cells = {r["label_fraction"]: r for r in part if r["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(
+        for name in dict.fromkeys(series_name(r) for r in part):
+            cells = {r["label_fraction"]: r for r in part if series_name(r) == name}
+            lines.append(f"| {name} | " + " | ".join(
                 f"{_percent(c['robust_accuracy'])} ({_percent(c['clean_accuracy'])})"
                 if (c := cells.get(f)) else "" for f in fractions) + " |")
         lines.append("")

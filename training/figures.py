@@ -48,17 +48,28 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy(rows: list[dict], metric: str, path: str | Path, title: str = "") -> Path:
-    """Accuracy (`metric`, in [0, 1]) against the fraction of labels, one line per method.
+HEAD_STYLE = {"": "o-", "robust": "o-", "nonrobust": "s--", "l2": "^:"}
 
-    Rows need `method`, `label_fraction` and the metric; pass the rows of one threat model.
+
+def plot_accuracy(rows: list[dict], metric: str, path: str | Path, title: str = "") -> Path:
+    """Accuracy (`metric`, in [0, 1]) against the fraction of labels, one line per method and
+    head kind (colour: method; line style: head).
+
+    Rows need `method`, `label_fraction` and the metric (and `head`, "" for baselines); pass the
+    rows of one threat model.
     """
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for method in sorted({r["method"] for r in rows}, key=list(METHOD_STYLE).index):
-        pts = sorted((r["label_fraction"], r[metric]) for r in rows if r["method"] == method)
-        name, color = METHOD_STYLE[method]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][4:] * 4)
+    styles = dict(METHOD_STYLE)  # methods beyond the paper's (named encoders) get a colour each
+    lines = dict.fromkeys((r["method"], r.get("head", "")) for r in rows)
+    for method, head in lines:
+        pts = sorted((r["label_fraction"], r[metric]) for r in rows
+                     if (r["method"], r.get("head", "")) == (method, head))
+        name, color = styles.setdefault(method, (method, next(colours)))
+        label = f"{name}, {head} head" if head else name
         xs, ys = zip(*pts, strict=True)
-        ax.plot([100 * x for x in xs], [100 * y for y in ys], "o-", label=name, color=color)
+        ax.plot([100 * x for x in xs], [100 * y for y in ys], HEAD_STYLE.get(head, "o-"),
+                label=label, color=color)
     ax.set_xscale("log")
     ax.set_ylim(0, 100)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}%"))

@@ -13,7 +13,7 @@ from service.settings import Settings
 from service.store import HeadStore, JobStore, ReportStore
 from tests.live import wait_for
 from training.export import load_torch_encoder
-from training.heads import Classifier
+from training.heads import L2_GRID, Classifier
 
 
 def run(job_id: str, data, model_dir) -> dict | None:
@@ -50,6 +50,7 @@ def test_fit_head_learns_and_the_saved_head_is_the_torch_classifier(fitted, mode
     assert result["head_id"] == job_id
     metrics = result["metrics"]
     assert metrics["num_train"] == 18 and metrics["num_val"] == 6
+    assert metrics["head_kind"] == "l2" and metrics["l2"] in L2_GRID  # chosen on the 6 held out
     assert metrics["train_accuracy"] == 1.0 and metrics["best_val_accuracy"] == 1.0
 
     # The api predicts with numpy on ONNX Runtime embeddings; that must be the torch classifier.

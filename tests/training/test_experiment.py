@@ -1,4 +1,5 @@
-"""The grid on a tiny ImageFolder: every method runs, outputs are written, reruns resume."""
+"""The grid on a tiny ImageFolder: every method runs, outputs are written, reruns resume,
+exported model directories and every head kind work as cells."""
 
 import csv
 import json
@@ -11,8 +12,12 @@ from PIL import Image
 
 from training.attacks import ThreatModel
 from training.baselines import BaselineConfig
+from training.checkpoint import load_encoder
+from training.data import load_images
+from training.evaluate import evaluate_robustness
 from training.experiment import ExperimentConfig, cell_key, run_experiment
-from training.heads import HeadConfig
+from training.export import export_encoder
+from training.heads import Classifier, HeadConfig, linear_from
 
 METHODS = ["byorl", "byol", "at", "uat_ft"]
 AMOUNTS = [0.25, 1.0]
@@ -43,11 +48,11 @@ def config(tmp_path_factory):
         pretrain={"model": {"arch": "preact_resnet_small", "proj_hidden": 32, "proj_dim": 16},
                   "attack": {"steps": 1},
                   "optim": {"epochs": 1, "warmup_epochs": 0, "batch_size": 32, "lr": 0.1}},
-        robust_head=False,
+        heads=["nonrobust"],
         head=HeadConfig(epochs=3, decay_epoch=2, batch_size=32, min_steps=0),
         baseline=BaselineConfig(arch="preact_resnet_small", width=1, steps=6, teacher_steps=6,
                                 batch_size=32, attack_steps=2, eval_every=3, eval_attack_steps=2),
-        eval_size=8, val_size=32,
+        eval_mode="quick", eval_size=8, val_size=32,
     )
 
 
@@ -60,7 +65,9 @@ def first_run(config):
 
 def test_every_cell_runs_and_is_reported(config, first_run):
     result, seen = first_run
-    keys = [cell_key(m, THREAT, a) for m in METHODS for a in AMOUNTS]
+    # UAT-FT with every label is adversarial training: that cell is AT's, not run twice
+    keys = [cell_key(m, THREAT, a, "nonrobust" if m in ("byorl", "byol") else None)
+            for m in METHODS for a in AMOUNTS if (m, a) != ("uat_ft", 1.0)]
     assert sorted(result["ran"]) == sorted(keys) and result["skipped"] == []
     assert seen == [(i + 1, len(keys)) for i in range(len(keys))]
     for row in result["rows"]:
@@ -80,13 +87,13 @@ def test_outputs_are_written(config, first_run):
     rows, out = first_run[0]["rows"], config.out
     with open(f"{out}/results.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) == len(METHODS) * len(AMOUNTS)
+    assert len(table) == len(rows) == len(METHODS) * len(AMOUNTS) - 1  # no UAT-FT at 100 %
     assert {r["method"] for r in table} == set(METHODS)
     assert json.loads(open(f"{out}/results.json").read()) == rows
     markdown = open(f"{out}/results.md").read()
     assert "ε = 64/255" in markdown and "| 25% labels | 100% labels |" in markdown
-    for method in METHODS:
-        assert f"| {method} |" in markdown
+    for name in ("byorl (nonrobust head)", "byol (nonrobust head)", "at", "uat_ft"):
+        assert f"| {name} |" in markdown
     for metric in ("robust", "clean"):
         with open(f"{out}/figures/{metric}_accuracy_linf_64of255.png", "rb") as f:
             assert f.read(8) == PNG
@@ -116,3 +123,40 @@ def test_byol_cells_refuse_a_byorl_encoder(config, first_run, tmp_path):
         "byol_checkpoint": f"{config.out}/encoders/byorl-linf"})
     with pytest.raises(ValueError, match="not BYOL"):
         run_experiment(wrong)
+
+
+def test_default_evaluation_is_the_full_suite():
+    assert ExperimentConfig().eval_mode == "full"
+
+
+def test_an_exported_model_is_an_encoder_with_every_head_kind(config, first_run, tmp_path):
+    """`encoders` takes exported model directories (no checkpoint); each head kind is a cell
+    whose saved W and b give back the evaluated classifier exactly."""
+    model_dir = tmp_path / "exported"
+    export_encoder(f"{config.out}/encoders/byorl-linf", model_dir, images=config.data)
+    cfg = ExperimentConfig.from_dict({
+        **config.to_dict(), "out": str(tmp_path / "out"), "methods": ["mine"],
+        "encoders": {"mine": str(model_dir)}, "label_amounts": [1.0],
+        "heads": ["nonrobust", "l2", "robust"],
+        "robust_head": {"robust": True, "epochs": 2, "decay_epoch": 1, "batch_size": 32,
+                        "attack_steps": 1, "min_steps": 0}})
+    result = run_experiment(cfg)
+    assert sorted(r["head"] for r in result["rows"]) == ["l2", "nonrobust", "robust"]
+    for key in result["ran"]:
+        cell = json.loads((tmp_path / "out" / "cells" / f"{key}.json").read_text())
+        assert cell["training"]["encoder"] == str(model_dir)
+        assert cell["training"]["encoder_step"] is None  # no checkpoint in a model directory
+        encoder, _ = load_encoder(model_dir)
+        model = Classifier(encoder, linear_from(**cell["linear"])).eval()
+        test = cell["evaluation"]
+        # re-attacking the saved head reproduces the reported clean accuracy
+        images = load_images(cfg.data, "test", size=8, root=cfg.data_root).random_subset(8, 0)
+        again = evaluate_robustness(model, images.images, images.labels, THREAT, "quick")
+        assert again["clean_accuracy"] == test["clean_accuracy"]
+    l2 = next(r for r in result["rows"] if r["head"] == "l2")
+    assert l2["head_l2"] is not None
+
+
+def test_unknown_head_kind_is_refused(config):
+    with pytest.raises(ValueError, match="head kinds"):
+        ExperimentConfig.from_dict({**config.to_dict(), "heads": ["fancy"]})

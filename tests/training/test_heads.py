@@ -2,6 +2,7 @@
 problem built for it, early stopping keeps the best validation epoch, and the few-label recipe
 fits what the paper's literal 50 epochs leave underfitted."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from training.heads import (
     StandardizedLinear,
     encode,
     fit_linear_head,
+    linear_from,
+    linear_to_lists,
+    select_l2_head,
     shuffled_batches,
 )
 from training.models import create_model
@@ -60,7 +64,7 @@ def test_robust_head_gains_robust_accuracy_over_a_nonrobust_one():
         head, history = fit_linear_head(encoder, train, val, 4, config)
         assert history["optimizer_steps"] >= 300
         results[robust] = evaluate_robustness(Classifier(encoder, head), test.images,
-                                              test.labels, threat)
+                                              test.labels, threat, "quick")
     standard, robust = results[False], results[True]
     assert standard["clean_accuracy"] > 0.95  # the faint pattern separates the classes
     assert standard["robust_accuracy"] < 0.3  # ... and the attack repaints it
@@ -126,3 +130,38 @@ def test_fixed_steps_per_epoch_stream_whole_shuffled_passes():
     assert history["optimizer_steps"] == 15 and history["steps_per_epoch"] == 5
     with pytest.raises(ValueError, match="steps_per_epoch"):
         HeadConfig(steps_per_epoch=-1)
+
+
+def test_l2_penalty_shrinks_the_head_toward_zero():
+    train, val = toy_problem(256, 0), toy_problem(64, 1)
+    base = dict(epochs=4, decay_epoch=2, batch_size=64, min_steps=200)
+    norms = [fit_linear_head(nn.Flatten(), train, val, 4, HeadConfig(l2=l2, **base))[0]
+             .weight.norm().item() for l2 in (0.0, 0.1, 10.0)]
+    assert norms[0] > norms[1] > norms[2]
+    assert norms[2] < 0.2 * norms[0]  # a dominating penalty leaves little of W
+
+
+def test_select_l2_head_keeps_the_best_validation_score_and_never_sees_test_data():
+    torch.set_num_threads(1)
+    train, val = toy_problem(256, 0), toy_problem(64, 1)
+    config = HeadConfig(norm="linf", eps=EPS, attack_steps=3, epochs=4, decay_epoch=2,
+                        batch_size=64, min_steps=200)
+    head, history = select_l2_head(nn.Flatten(), train, val, 4, config, grid=(0.0, 0.1, 10.0))
+    table = history["l2_grid"]
+    assert [r["l2"] for r in table] == [0.0, 0.1, 10.0]
+    scores = [r["val_clean"] + r["val_robust"] for r in table]
+    assert history["l2"] == table[scores.index(max(scores))]["l2"]  # first of the best
+    for r in table:
+        assert 0 <= r["val_robust"] <= r["val_clean"] <= 1
+    # the kept head is exactly the one fitted with the chosen strength
+    again, _ = fit_linear_head(nn.Flatten(), train, val, 4, replace(config, l2=history["l2"]))
+    torch.testing.assert_close(head.weight, again.weight)
+    with pytest.raises(ValueError, match="validation"):
+        select_l2_head(nn.Flatten(), train, toy_problem(0, 2), 4, config)
+
+
+def test_saved_head_lists_round_trip_exactly():
+    head = nn.Linear(7, 3)
+    again = linear_from(**linear_to_lists(head))
+    torch.testing.assert_close(again.weight, head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(again.bias, head.bias, rtol=0, atol=0)
