@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 import torch
+from fastapi.testclient import TestClient
 
 from service.jobs import make_celery
+from service.main import create_app
 from service.settings import Settings
 from service.store import JobStore
 from tests.live import wait_for
@@ -100,9 +102,15 @@ def test_embedded_jobs_survive_an_api_restart_and_torch_stays_out(model_dir, tmp
     assert retrieval["num_queries"] == 2 and retrieval["gallery_size"] == 24
 
 
-def test_an_embedded_job_whose_process_was_killed_runs_again_once(client, settings, labeled):
+def test_an_embedded_job_whose_process_was_killed_runs_again_once(model_dir, tmp_path, labeled):
     """SIGKILL of the job's process (out of memory, say): the job runs again, in a new process,
     and completes once."""
+    with TestClient(create_app(Settings(model_dir=model_dir, data_dir=tmp_path,
+                                        threads=1))) as client:
+        kill_the_job_process_once(client, JobStore(tmp_path), labeled)
+
+
+def kill_the_job_process_once(client, jobs: JobStore, labeled) -> None:
     images, labels, classes = labeled
     few = [0, 1, 2, 3, 12, 13, 14, 15]  # 4 of each of two classes
     r = client.post("/linear-head", json={
@@ -110,7 +118,6 @@ def test_an_embedded_job_whose_process_was_killed_runs_again_once(client, settin
         "images": [images[i] for i in few], "robust": True, "epochs": 10, "attack_steps": 1,
         "min_steps": 10, "validation_fraction": 0})
     job_id = r.json()["job_id"]
-    jobs = JobStore(settings.data_dir)
     wait_for(lambda: jobs.get(job_id)["progress"] > 0, 120, "the job to make progress")
     os.kill(jobs.get(job_id)["runner"]["pid"], signal.SIGKILL)
     job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["state"] in (
