@@ -47,7 +47,7 @@ def masking_signs(cell: dict) -> str:
     failed = [name for name, c in checks.items() if not c["passed"]]
     square = checks["square_not_better_than_whitebox"]
     gap = square["whitebox"] - square["with_square"]
-    return (", ".join(failed) or "none") + f"; Square after white-box: -{pct(gap)} pts"
+    return (", ".join(failed) or "none") + f"; Square fooled {pct(gap)} pts more"
 
 
 def claims_markdown(cells: dict) -> str:
