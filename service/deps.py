@@ -10,7 +10,7 @@ from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
-from service.batcher import Batcher
+from service.batcher import Batcher, QueueFull
 from service.errors import APIError
 from service.gallery import Gallery
 from service.images import decode_base64, decode_images
@@ -55,8 +55,12 @@ class AppState:
         return await self.decode([decode_base64(s, i) for i, s in enumerate(images)], limit)
 
     async def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """Embeddings of uint8 pixels through the dynamic batcher."""
-        return await self.batcher(pixels)
+        """Embeddings of uint8 pixels through the dynamic batcher; 429 when its queue is full."""
+        try:
+            return await self.batcher(pixels)
+        except QueueFull as exc:
+            raise APIError(429, "queue_full", f"{exc}: retry later",
+                           {"Retry-After": str(exc.retry_after_s)}) from None
 
 
 def get_state(request: Request) -> AppState:

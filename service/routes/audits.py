@@ -3,10 +3,11 @@
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Response
 
 from service.deps import Service
 from service.errors import APIError
+from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
 from service.routes.heads import check_labels, head_of_served_model
 from service.routes.jobs import submit_job
@@ -17,7 +18,8 @@ router = APIRouter(prefix="/audits", tags=["audits"])
 
 
 @router.post("", status_code=202)
-async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service) -> JobAccepted:
+async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service,
+                       response: Response) -> JobAccepted:
     """Start an audit; its report is at GET /audits/{id} once the job succeeded."""
     arrays = {}
     if isinstance(body, RobustnessAudit):
@@ -30,12 +32,14 @@ async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service) -> J
             raise APIError(422, "empty_index", f"index {body.index!r} holds no items to retrieve")
     arrays["images"] = await svc.decode_base64(body.images, svc.settings.max_bulk_images)
     params = {**body.model_dump(exclude={"images", "labels", "kind"}), "audit": body.kind}
-    return await submit_job(svc, "audit", params, **arrays)
+    return await submit_job(svc, response, "audit", "/audits", params, **arrays)
 
 
 @router.get("")
-def list_audits(svc: Service) -> list[Job]:
-    return [Job(**j) for j in svc.jobs.list() if j["kind"] == "audit"]
+def list_audits(svc: Service, paging: Paging) -> Page[Job]:
+    """The audits' jobs, oldest first (each report is at GET /audits/{id})."""
+    audits = [j for j in svc.jobs.list() if j["kind"] == "audit"]
+    return Page[Job](**page(audits, paging, lambda j: Job(**j)))
 
 
 @router.get("/{audit_id}")

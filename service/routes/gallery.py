@@ -1,12 +1,11 @@
 """Galleries: named indexes of embedded images under user keys, with JSON metadata."""
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import AppState, Service
 from service.errors import APIError
+from service.pagination import Page, Paging, page
 from service.schemas import IndexCreate, IndexInfo, Item, ItemsAdd, ItemsAdded, ItemsPage, Removed
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
@@ -27,8 +26,8 @@ def check_model(svc: AppState, name: str) -> None:
 
 
 @router.get("")
-def list_indexes(svc: Service) -> list[IndexInfo]:
-    return [index_info(svc, name) for name in svc.gallery.names()]
+def list_indexes(svc: Service, paging: Paging) -> Page[IndexInfo]:
+    return Page[IndexInfo](**page(svc.gallery.names(), paging, lambda n: index_info(svc, n)))
 
 
 @router.post("", status_code=201)
@@ -66,14 +65,10 @@ async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
 
 
 @router.get("/{name}/items")
-def list_items(
-    name: str, svc: Service,
-    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> ItemsPage:
+def list_items(name: str, svc: Service, paging: Paging) -> ItemsPage:
     index = svc.gallery.get(name)
-    keys = index.keys()
-    items = [Item(key=k, metadata=index.get(k).metadata) for k in keys[offset : offset + limit]]
-    return ItemsPage(index=name, count=len(keys), offset=offset, items=items)
+    return ItemsPage(index=name, **page(index.keys(), paging,
+                                        lambda k: Item(key=k, metadata=index.get(k).metadata)))
 
 
 @router.delete("/{name}/items/{key:path}")

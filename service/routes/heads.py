@@ -6,6 +6,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.deps import AppState, Service
 from service.errors import APIError
+from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
 from service.routes.jobs import submit_job
 from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
@@ -43,18 +44,21 @@ def head_of_served_model(svc: AppState, head_id: str) -> dict:
 
 
 @router.post("/linear-head", status_code=202)
-async def create_linear_head(body: LinearHeadRequest, svc: Service) -> JobAccepted:
-    """Fit a linear head (adversarially when robust) as a job; the head id is the job id."""
+async def create_linear_head(body: LinearHeadRequest, svc: Service,
+                             response: Response) -> JobAccepted:
+    """Fit a linear head (adversarially when robust) as a job. The head joins the /heads
+    collection, under the job's id (`result_url`), once the job succeeded."""
     check_labels(body.labels, len(body.classes), at_least_two=True)
     pixels = await labeled_pixels(svc, body)
     params = body.model_dump(exclude={"images", "labels", "keys"})
-    return await submit_job(svc, "linear_head", params, images=pixels,
+    return await submit_job(svc, response, "linear_head", "/heads", params, images=pixels,
                             labels=np.asarray(body.labels, np.int64))
 
 
 @router.get("/heads")
-def list_heads(svc: Service) -> list[Head]:
-    return [Head(**c) for c in svc.heads.list()]
+def list_heads(svc: Service, paging: Paging) -> Page[Head]:
+    """The fitted heads (made by POST /linear-head), oldest first."""
+    return Page[Head](**page(svc.heads.list(), paging, lambda c: Head(**c)))
 
 
 @router.get("/heads/{head_id}")
