@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,20 @@ def test_byol_cells_refuse_a_byorl_encoder(config, first_run, tmp_path):
         "byol_checkpoint": f"{config.out}/encoders/byorl-linf"})
     with pytest.raises(ValueError, match="not BYOL"):
         run_experiment(wrong)
+
+
+def test_command_shows_a_bar_of_cells_with_time_left(config, first_run, tmp_path):
+    """`byorl experiment` on a finished output directory: every cell is skipped, and progress
+    is one tqdm bar of the cells (not printed lines), with the time left."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    result = CliRunner().invoke(app, ["experiment", "--config", str(tmp_path / "config.json"),
+                                      "--out", config.out])
+    assert result.exit_code == 0, result.output
+    n = len(METHODS) * len(AMOUNTS)
+    assert f"0 cells run, {n} already done" in result.stdout
+    assert re.search(rf"cells: 100%.* {n}/{n} \[\d\d:\d\d<\d\d:\d\d", result.stderr)
+    assert "[1/" not in result.stdout + result.stderr
