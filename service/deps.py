@@ -20,6 +20,12 @@ from service.store import HeadStore, JobStore, ReportStore
 
 INLINE_DECODE_BYTES = 64 * 1024
 
+# How /docs shows the 429 of the routes that embed images (`AppState.embed`).
+QUEUE_FULL = {429: {"description": "The embedding queue is full (MAX_QUEUED_IMAGES): retry "
+                    "after Retry-After seconds",
+                    "headers": {"Retry-After": {"description": "Seconds to wait",
+                                                "schema": {"type": "integer"}}}}}
+
 
 @dataclass
 class AppState:

@@ -10,14 +10,14 @@ from service.errors import APIError
 from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
 from service.routes.heads import check_labels, head_of_served_model
-from service.routes.jobs import submit_job
+from service.routes.jobs import ACCEPTED, submit_job
 from service.schemas import AuditRequest, Job, JobAccepted, RobustnessAudit
 from service.store import NotFound
 
 router = APIRouter(prefix="/audits", tags=["audits"])
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=ACCEPTED)
 async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service,
                        response: Response) -> JobAccepted:
     """Start an audit; its report is at GET /audits/{id} once the job succeeded."""

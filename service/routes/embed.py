@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.deps import Service
+from service.deps import QUEUE_FULL, Service
 from service.errors import APIError
 from service.images import decode_base64
 from service.schemas import Embeddings, EmbedRequest
@@ -63,7 +63,7 @@ async def read_embed_request(request: Request, limit: int) -> tuple[list[bytes],
                    f"send application/json or multipart/form-data, not {content_type}")
 
 
-@router.post("/embed", openapi_extra={"requestBody": BODY})
+@router.post("/embed", openapi_extra={"requestBody": BODY}, responses=QUEUE_FULL)
 async def embed_images(request: Request, svc: Service) -> Embeddings:
     """Embed a batch of images; concurrent requests share one ONNX Runtime call."""
     limit = svc.settings.max_images

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import AppState, Service
+from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError
 from service.pagination import Page, Paging, page
 from service.schemas import IndexCreate, IndexInfo, Item, ItemsAdd, ItemsAdded, ItemsPage, Removed
@@ -53,7 +53,7 @@ def delete_index(name: str, svc: Service) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{name}/items", status_code=201)
+@router.post("/{name}/items", status_code=201, responses=QUEUE_FULL)
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
     check_model(svc, name)

@@ -4,11 +4,11 @@ import numpy as np
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import AppState, Service
+from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError
 from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
-from service.routes.jobs import submit_job
+from service.routes.jobs import ACCEPTED, submit_job
 from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
 
 router = APIRouter(tags=["heads"])
@@ -43,7 +43,7 @@ def head_of_served_model(svc: AppState, head_id: str) -> dict:
     return card
 
 
-@router.post("/linear-head", status_code=202)
+@router.post("/linear-head", status_code=202, responses=ACCEPTED)
 async def create_linear_head(body: LinearHeadRequest, svc: Service,
                              response: Response) -> JobAccepted:
     """Fit a linear head (adversarially when robust) as a job. The head joins the /heads
@@ -72,7 +72,7 @@ def delete_head(head_id: str, svc: Service) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/heads/{head_id}/predict")
+@router.post("/heads/{head_id}/predict", responses=QUEUE_FULL)
 async def predict_with_head(head_id: str, body: Images, svc: Service) -> Predictions:
     """Class probabilities of images: softmax(W e(x) + b) on the served encoder."""
     card = head_of_served_model(svc, head_id)

@@ -10,6 +10,12 @@ from service.schemas import Job, JobAccepted
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+# How /docs shows the 202 of the routes that submit jobs.
+ACCEPTED = {202: {"description": "Queued: poll the job at Location; its product will be at "
+                  "result_url once the job succeeded",
+                  "headers": {"Location": {"description": "The job: /jobs/{id}",
+                                           "schema": {"type": "string"}}}}}
+
 
 async def submit_job(svc: AppState, response: Response, kind: str, result_collection: str,
                      params: dict, **arrays) -> JobAccepted:

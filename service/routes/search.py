@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import Service
+from service.deps import QUEUE_FULL, Service
 from service.errors import APIError
 from service.routes.gallery import check_model
 from service.schemas import Hit, SearchRequest, SearchResults
@@ -11,7 +11,7 @@ from service.schemas import Hit, SearchRequest, SearchResults
 router = APIRouter(tags=["gallery"])
 
 
-@router.post("/search")
+@router.post("/search", responses=QUEUE_FULL)
 async def search_index(body: SearchRequest, svc: Service) -> SearchResults:
     """Top-k keys by cosine similarity, with their metadata, one list per query."""
     index = svc.gallery.get(body.index)

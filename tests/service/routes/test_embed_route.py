@@ -104,3 +104,10 @@ def test_a_full_embedding_queue_is_a_429_with_retry_after(settings, image_bytes)
         assert r.json()["error"]["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
         assert [f.result().status_code for f in (first, second)] == [200, 200]
         assert c.post("/embed", json={"images": [one]}).status_code == 200
+
+
+
+def test_docs_show_the_429_of_every_route_that_embeds(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/embed", "/search", "/indexes/{name}/items", "/heads/{head_id}/predict"):
+        assert "Retry-After" in paths[path]["post"]["responses"]["429"]["headers"], path
