@@ -12,7 +12,7 @@ from training.baselines import BaselineConfig, accuracy, new_classifier, train_c
 from training.data import ImageSet
 
 THREAT = ThreatModel("linf", 0.05)  # > the tint (0.03), << the brightness gap (0.4)
-CONFIG = BaselineConfig(arch="preact_resnet_small", width=1, steps=40, teacher_steps=30,
+CONFIG = BaselineConfig(arch="preact_resnet_small", width=1, steps=40, teacher_steps=60,
                         batch_size=32, lr=0.05, attack_steps=3, eval_every=10, eval_attack_steps=5)
 
 
