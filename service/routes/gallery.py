@@ -1,13 +1,14 @@
 """Galleries: named indexes of embedded images under user keys, with JSON metadata."""
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import AppState, Service
+from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError, error_responses
+from service.pagination import Page, Paging, page
 from service.responses import items_response
 from service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
 
@@ -42,9 +43,9 @@ def check_metadata(metadata: list[Any] | None, limit: int) -> None:
                            f"the limit is {limit} bytes per item")
 
 
-@router.get("")
-def list_indexes(svc: Service) -> list[IndexInfo]:
-    return [index_info(svc, name) for name in svc.gallery.names()]
+@router.get("", responses=error_responses(422))
+def list_indexes(svc: Service, paging: Paging) -> Page[IndexInfo]:
+    return Page[IndexInfo](**page(svc.gallery.names(), paging, lambda n: index_info(svc, n)))
 
 
 @router.post("", status_code=201, responses=error_responses(400, 409, 413, 422))
@@ -71,7 +72,7 @@ def delete_index(name: str, svc: Service) -> Response:
 
 
 @router.post("/{name}/items", status_code=201,
-             responses=error_responses(400, 404, 409, 413, 422))
+             responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
     check_model(svc, name)
@@ -85,14 +86,10 @@ async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
 
 @router.get("/{name}/items", response_model=ItemsPage,
             responses=error_responses(404, 413, 422))
-def list_items(
-    name: str, svc: Service,
-    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> Response:
+def list_items(name: str, svc: Service, paging: Paging) -> Response:
     index = svc.gallery.get(name)
-    keys = index.keys()
-    items = [(k, index.get(k, raw_metadata=True).metadata) for k in keys[offset : offset + limit]]
-    return items_response(name, len(keys), offset, items, svc.settings.max_response_bytes)
+    shown = page(index.keys(), paging, lambda k: (k, index.get(k, raw_metadata=True).metadata))
+    return items_response(name, shown, svc.settings.max_response_bytes)
 
 
 @router.delete("/{name}/items/{key:path}", responses=error_responses(404))

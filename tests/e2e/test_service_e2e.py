@@ -126,10 +126,14 @@ def test_fit_head_from_index_keys_then_predict(api, data):
                                        "index": "pets", "keys": keys, "epochs": 5,
                                        "min_steps": 50})
     assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert r.headers["Location"] == accepted["status_url"] == f"/jobs/{accepted['job_id']}"
     job = wait_job(api, r.json()["job_id"])
     assert job["state"] == "succeeded", job["error"]
     head_id = job["result"]["head_id"]
-    assert head_id in [h["id"] for h in api.get("/heads").json()]
+    assert accepted["result_url"] == f"/heads/{head_id}" == f"/heads/{accepted['job_id']}"
+    assert api.get(accepted["result_url"]).json()["id"] == head_id
+    assert head_id in [h["id"] for h in api.get("/heads").json()["items"]]
     pred = api.post(f"/heads/{head_id}/predict", json={"images": images[:4]}).json()
     assert len(pred["labels"]) == 4 and set(pred["classes"]) <= {"cat", "ship"}
     for p in pred["probabilities"]:
@@ -138,15 +142,16 @@ def test_fit_head_from_index_keys_then_predict(api, data):
 
 def test_audits(api, data):
     images, labels = data
-    head_id = api.get("/heads").json()[0]["id"]
+    head_id = api.get("/heads").json()["items"][0]["id"]
     robust = api.post("/audits", json={"kind": "robustness", "head_id": head_id,
                                        "images": images[:3], "labels": labels[:3]}).json()
     retrieval = api.post("/audits", json={"kind": "retrieval", "index": "pets", "k": 3,
                                           "steps": 2, "images": images[:2]}).json()
     for audit in (robust, retrieval):
+        assert audit["result_url"] == f"/audits/{audit['job_id']}"
         job = wait_job(api, audit["job_id"])
         assert job["state"] == "succeeded", job["error"]
-    report = api.get(f"/audits/{robust['job_id']}").json()
+    report = api.get(robust["result_url"]).json()
     assert report["n"] == 3 and report["robust_accuracy"] <= report["clean_accuracy"]
     report = api.get(f"/audits/{retrieval['job_id']}").json()
     assert report["num_queries"] == 2 and report["gallery_size"] == len(images)
@@ -192,7 +197,7 @@ def test_a_job_whose_whole_worker_was_killed_runs_again_once(stack, api, data):
     print(f"running again {time.monotonic() - killed:.0f} s after the SIGKILL")
     job = wait_job(api, job_id, timeout=180)
     assert job["state"] == "succeeded" and job["attempts"] == 2, job["error"]
-    assert job_id in [h["id"] for h in api.get("/heads").json()]
+    assert job_id in [h["id"] for h in api.get("/heads").json()["items"]]
 
     task_id = restore_unacked(stack)  # the first delivery, which Redis still held
     wait_for(lambda: f"run_job[{task_id}] succeeded" in stack.log("worker3"), 60,
@@ -202,13 +207,13 @@ def test_a_job_whose_whole_worker_was_killed_runs_again_once(stack, api, data):
 
 def test_api_restart_keeps_indexes_and_heads(stack, api, data):
     images, _ = data
-    heads = api.get("/heads").json()
-    indexes = api.get("/indexes").json()
+    heads = api.get("/heads").json()["items"]
+    indexes = api.get("/indexes").json()["items"]
     before = api.post("/search", json={"index": "pets", "images": images[:1], "k": 5}).json()
     stack.kill("api", signal.SIGTERM)
     stack.start_api()
-    assert api.get("/heads").json() == heads
-    assert api.get("/indexes").json() == indexes
+    assert api.get("/heads").json()["items"] == heads
+    assert api.get("/indexes").json()["items"] == indexes
     assert api.post("/search", json={"index": "pets", "images": images[:1], "k": 5}).json() \
         == before
     r = api.post(f"/heads/{heads[0]['id']}/predict", json={"images": images[:2]})

@@ -19,10 +19,11 @@ def test_add_list_remove_and_survive_a_restart(client, settings, labeled):
     assert r.json() == {"index": "gallery", "added": len(keys), "count": len(keys)}
 
     page = client.get("/indexes/gallery/items", params={"offset": 2, "limit": 3}).json()
-    assert page["count"] == len(keys)
+    assert page["count"] == len(keys) and page["offset"] == 2 and page["limit"] == 3
+    assert page["next_offset"] == 5
     assert [i["key"] for i in page["items"]] == keys[2:5]
     assert [i["metadata"] for i in page["items"]] == meta[2:5]
-    assert [i["name"] for i in client.get("/indexes").json()].count("gallery") == 1
+    assert [i["name"] for i in client.get("/indexes").json()["items"]].count("gallery") == 1
 
     r = client.delete(f"/indexes/gallery/items/{keys[0]}")  # a key with a slash
     assert r.status_code == 200 and r.json()["removed"] == 1 and r.json()["count"] == len(keys) - 1
