@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,18 @@ class Item:
     key: str
     vector: np.ndarray  # the stored, normalised vector (approximate for quantised types)
     metadata: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAdd:
+    """A validated add and the ids its keys will take: what a durable store writes before
+    `apply_add` makes it searchable."""
+
+    keys: list[str]
+    ids: np.ndarray  # int64, consecutive from the index's next id
+    vectors: np.ndarray  # normalised float32 (n, dim)
+    metadata: list[str | None]  # JSON texts
+    trained: bool  # this add trained the index (IVF/PQ types): its trained state is new
 
 
 class _ReadWriteLock:
@@ -200,6 +213,21 @@ class EmbeddingIndex:
         with self._lock.read():
             return list(self._ids)
 
+    def page(self, offset: int, limit: int) -> tuple[int, list[tuple[str, Any]]]:
+        """(count, [(key, metadata)]) of keys offset..offset+limit in insertion order, read at
+        one instant: concurrent removals never leave a listed key without its metadata."""
+        with self._lock.read():
+            keys = list(islice(self._ids, offset, offset + limit))
+            return len(self._ids), [(k, self._metadata(k)) for k in keys]
+
+    def ids_of(self, keys: Sequence[str]) -> list[int]:
+        """The internal ids of keys (UnknownKeyError for a key not in the index)."""
+        with self._lock.read():
+            missing = [k for k in keys if k not in self._ids]
+            if missing:
+                raise UnknownKeyError(f"unknown keys: {missing[:5]}")
+            return [self._ids[k] for k in keys]
+
     def get(self, key: str) -> Item:
         with self._lock.read():
             if key not in self._ids:
@@ -233,32 +261,60 @@ class EmbeddingIndex:
             model_id: str | None = None) -> None:
         """Add new keys (a duplicate is refused). The first add trains IVF/PQ types on its
         vectors, so it must hold enough of them (at least the number of lists/centroids)."""
-        keys = _key_list(keys)
-        x = self._normalised(vectors, model_id, len(keys))
-        meta = _metadata_texts(metadata, len(keys))
+        pending = self._validated(keys, vectors, metadata, model_id)
         with self._lock.write():
-            dupes, seen = [], set()
-            for k in keys:
-                if k in self._ids or k in seen:
-                    dupes.append(k)
-                seen.add(k)
-            if dupes:
-                raise DuplicateKeyError(f"keys already present (use update): {dupes[:5]}")
-            if not keys:
-                return
-            ids = np.arange(self._next_id, self._next_id + len(keys), dtype=np.int64)
-            if not self._index.is_trained:
-                try:
-                    self._index.train(x)
-                except RuntimeError as e:
-                    raise TrainingError(
-                        f"{self.factory} trains on its first add, which had only {len(x)} "
-                        f"vectors: {str(e).splitlines()[0]}") from None
-            self._index.add_with_ids(x, ids)
-            self._gpu_index = None
-            self._next_id += len(keys)
-            for key, i, m in zip(keys, ids.tolist(), meta, strict=True):
-                self._ids[key], self._keys[i], self._meta[key] = i, key, m
+            self._apply(self._planned(*pending))
+
+    def plan_add(self, keys: Sequence[str], vectors, metadata: Sequence[Any] | None = None, *,
+                 model_id: str | None = None) -> PendingAdd:
+        """Validate an add and train an untrained index on it, without adding anything: a store
+        writes the result durably, then `apply_add`s it. The caller serialises its writes (the
+        plan holds until the next write)."""
+        pending = self._validated(keys, vectors, metadata, model_id)
+        with self._lock.write():
+            return self._planned(*pending)
+
+    def apply_add(self, pending: PendingAdd) -> None:
+        """Make a planned add searchable (refused if another write came between)."""
+        with self._lock.write():
+            if pending.keys and (int(pending.ids[0]) != self._next_id
+                                 or any(k in self._ids for k in pending.keys)):
+                raise RuntimeError("the index changed since this add was planned")
+            self._apply(pending)
+
+    def _validated(self, keys, vectors, metadata, model_id) -> tuple:
+        keys = _key_list(keys)
+        return keys, self._normalised(vectors, model_id, len(keys)), \
+            _metadata_texts(metadata, len(keys))
+
+    def _planned(self, keys: list[str], x: np.ndarray, meta: list[str | None]) -> PendingAdd:
+        """Duplicate check and training, under the write lock."""
+        dupes, seen = [], set()
+        for k in keys:
+            if k in self._ids or k in seen:
+                dupes.append(k)
+            seen.add(k)
+        if dupes:
+            raise DuplicateKeyError(f"keys already present (use update): {dupes[:5]}")
+        trained = bool(keys) and not self._index.is_trained
+        if trained:
+            try:
+                self._index.train(x)
+            except RuntimeError as e:
+                raise TrainingError(
+                    f"{self.factory} trains on its first add, which had only {len(x)} "
+                    f"vectors: {str(e).splitlines()[0]}") from None
+        ids = np.arange(self._next_id, self._next_id + len(keys), dtype=np.int64)
+        return PendingAdd(keys, ids, x, meta, trained)
+
+    def _apply(self, pending: PendingAdd) -> None:
+        if not pending.keys:
+            return
+        self._index.add_with_ids(pending.vectors, pending.ids)
+        self._gpu_index = None
+        self._next_id = int(pending.ids[-1]) + 1
+        for key, i, m in zip(pending.keys, pending.ids.tolist(), pending.metadata, strict=True):
+            self._ids[key], self._keys[i], self._meta[key] = i, key, m
 
     def update(self, key: str, vector=None, metadata: Any = None, *,
                model_id: str | None = None) -> None:
@@ -338,6 +394,37 @@ class EmbeddingIndex:
         obj._keys = {i: k for k, i in obj._ids.items()}
         obj._meta = dict(zip(h["keys"], h["metadata"], strict=True))
         obj._next_id = max(h["ids"], default=-1) + 1
+        return obj
+
+    def trained_state(self) -> np.ndarray:
+        """The FAISS index emptied of its vectors, serialised: the trained state (IVF centroids,
+        PQ codebooks) that `restore` re-adds vectors to without training again. It copies the
+        index: take it while the index is small (right after the training add is planned)."""
+        with self._lock.read():
+            empty = faiss.clone_index(self._index)
+        empty.reset()
+        return faiss.serialize_index(empty)
+
+    @classmethod
+    def restore(cls, dim: int, model_id: str, factory: str, *, keys: list[str], ids: np.ndarray,
+                vectors: np.ndarray, metadata: list[str | None], next_id: int,
+                trained: np.ndarray | None = None, nprobe: int = 16, ef_search: int = 64,
+                use_gpu: bool | None = None) -> "EmbeddingIndex":
+        """An index rebuilt from a store's records: row i of `vectors` (normalised) and of
+        `metadata` (JSON texts) belong to keys[i] and ids[i]; types that train get their vectors
+        re-added to their saved `trained_state` (graphs are rebuilt: O(n log n))."""
+        obj = cls(dim, model_id, factory, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu)
+        if trained is not None:
+            obj._index = faiss.deserialize_index(trained)
+        if keys:
+            if not obj._index.is_trained:
+                raise CorruptIndexError(f"a {factory} index with items but no trained state")
+            obj._index.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                                    np.asarray(ids, np.int64))
+        obj._ids = dict(zip(keys, np.asarray(ids).tolist(), strict=True))
+        obj._keys = {i: k for k, i in obj._ids.items()}
+        obj._meta = dict(zip(keys, metadata, strict=True))
+        obj._next_id = next_id
         return obj
 
     # -- internals -----------------------------------------------------------------------------

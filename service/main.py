@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await state.batcher.stop()
         state.queue.close()
+        state.gallery.close()
 
     app = FastAPI(
         title="BYORL embeddings",

@@ -70,10 +70,9 @@ def list_items(
     name: str, svc: Service,
     offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ItemsPage:
-    index = svc.gallery.get(name)
-    keys = index.keys()
-    items = [Item(key=k, metadata=index.get(k).metadata) for k in keys[offset : offset + limit]]
-    return ItemsPage(index=name, count=len(keys), offset=offset, items=items)
+    count, page = svc.gallery.get(name).page(offset, limit)  # one instant: removals race it
+    items = [Item(key=k, metadata=m) for k, m in page]
+    return ItemsPage(index=name, count=count, offset=offset, items=items)
 
 
 @router.delete("/{name}/items/{key:path}")
