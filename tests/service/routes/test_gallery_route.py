@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 from fastapi.testclient import TestClient
 
@@ -45,3 +47,29 @@ def test_delete_index(client, labeled):
     assert client.delete("/indexes/scratch").status_code == 204
     assert client.get("/indexes/scratch").status_code == 404
     assert client.post("/indexes", json={"name": "scratch"}).json()["count"] == 0  # reusable
+
+
+def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client, labeled):
+    """Pages listed while another client removes keys (issue 12, item 5): always 200, every
+    listed key with its own metadata, the count the one of that instant."""
+    images = labeled[0]
+    assert client.post("/indexes", json={"name": "churn"}).status_code == 201
+    keys = [f"c{i}" for i in range(64)]
+    r = client.post("/indexes/churn/items", json={
+        "keys": keys, "images": [images[i % len(images)] for i in range(64)],
+        "metadata": [{"key": k} for k in keys]})
+    assert r.status_code == 201, r.text
+    gallery = client.app.state.byorl.gallery
+    remover = threading.Thread(target=lambda: [gallery.remove("churn", [k]) for k in keys[1:]])
+    remover.start()
+    pages = []
+    while remover.is_alive():
+        r = client.get("/indexes/churn/items", params={"limit": 1000})
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+    remover.join()
+    assert len(pages) > 1
+    for page in pages:
+        assert page["count"] == len(page["items"])
+        assert all(i["metadata"] == {"key": i["key"]} for i in page["items"])
+    assert [i["key"] for i in client.get("/indexes/churn/items").json()["items"]] == ["c0"]
