@@ -247,30 +247,36 @@ class GalleryStore:
         path = self.root / VECTOR_FILE
         size = path.stat().st_size if path.exists() else 0
         trusted = min(self._info["vector_rows"], size // self._record.itemsize)
-        records = np.fromfile(path, self._record, trusted) if trusted else \
+        records = np.memmap(path, self._record, "r", shape=(trusted,)) if trusted else \
             np.empty(0, self._record)
+        file_ids = np.array(records["id"])
         out = np.empty((len(ids), self._info["dim"]), np.float32)
-        pos = np.searchsorted(ids, records["id"])
-        live = pos < len(ids)
-        live[live] = ids[pos[live]] == records["id"][live]
-        out[pos[live]] = records["vector"][live]
         have = np.zeros(len(ids), bool)
-        have[pos[live]] = True
+        if np.array_equal(file_ids, ids):  # no removals since the file was written: one copy
+            out[:], have[:], live = records["vector"], True, len(ids)
+        else:
+            pos = np.searchsorted(ids, file_ids)
+            hits = pos < len(ids)
+            hits[hits] = ids[pos[hits]] == file_ids[hits]
+            hits = np.flatnonzero(hits)
+            out[pos[hits]] = records["vector"][hits]
+            have[pos[hits]], live = True, len(hits)
+        del records  # unmapped before the file is repaired
         missing = ids[~have]
         for i, blob in select_ids(self._db, "SELECT id, vector FROM blobs WHERE id IN ({})",
                                   missing):
             out[np.searchsorted(ids, i)] = np.frombuffer(blob, np.float32)
         if self.writable:
-            self._repair(path, trusted, records, int(live.sum()), ids, out, missing)
+            self._repair(path, trusted, file_ids, live, ids, out, missing)
         return out
 
-    def _repair(self, path: Path, trusted: int, records: np.ndarray, live: int, ids: np.ndarray,
-                vectors: np.ndarray, missing: np.ndarray) -> None:
+    def _repair(self, path: Path, trusted: int, file_ids: np.ndarray, live: int,
+                ids: np.ndarray, vectors: np.ndarray, missing: np.ndarray) -> None:
         """Drop the untrusted tail of the vector file, rewrite it when most records are dead,
         append the records it lacks; then checkpoints append to it."""
         self._bg = connect(self.root / DB_FILE)
         self._rows = trusted
-        self._checkpointed_id = int(records["id"].max()) if len(records) else -1
+        self._checkpointed_id = int(file_ids.max(initial=-1))
         if trusted - live > max(live, 1024):  # mostly removed items: rewrite it (atomically)
             compact = np.empty(len(ids), self._record)
             compact["id"], compact["vector"] = ids, vectors
