@@ -5,12 +5,16 @@ Vectors are L2-normalised and searched by inner product, so scores are cosine si
 The index type is a FAISS factory string ("Flat" exact by default; "IVF1024,Flat", "HNSW32",
 "IVF1024,PQ32", ... approximate). How each family stores user ids:
 
-- flat codes (Flat, SQ8, PQ16): wrapped in IndexIDMap2, whose removal compacts both sides;
-- IVF: ids live in the inverted lists, plus a hash table to reconstruct or remove by id. An
-  IndexIDMap2 around IVF is wrong after a removal (IVF does not renumber, the map assumes it
-  does: search returns other items' keys);
+- flat codes (Flat, SQ8, PQ16): wrapped in IndexIDMap2, whose removal compacts both sides
+  (O(n));
+- IVF: ids live in the inverted lists, plus a hash table to reconstruct or remove by id (O(1)).
+  An IndexIDMap2 around IVF is wrong after a removal (IVF does not renumber, the map assumes
+  it does: search returns other items' keys);
 - graphs (HNSW) cannot delete nodes: removal rebuilds the graph from the remaining vectors
   (O(n log n); exact for HNSW's flat storage, lossy when the storage is quantised).
+
+So flat and graph types first turn removed ids into tombstones, which searches skip (a FAISS
+ID selector), and remove them for good once MAX_TOMBSTONES have piled up (or before a save).
 
 Writes (add, update, remove) hold an exclusive lock, searches a shared one: FAISS crashes when
 one thread adds while another searches. With faiss-gpu and a GPU, searches run on a GPU replica
@@ -36,6 +40,7 @@ from index.files import atomic_write
 FORMAT = 1
 MAGIC = b"BYORLIDX"
 GPU_MAX_K = 2048  # FAISS GPU kernels return at most this many neighbours
+MAX_TOMBSTONES = 1024  # removed ids that searches skip before they are purged from FAISS
 
 # Recent FAISS switches flat search to BLAS only when n_queries * dim >= 128000, a rule tuned
 # for many-core servers (faiss PR #5022); with 1-2 threads BLAS wins from about 1000 (measured
@@ -199,6 +204,11 @@ class EmbeddingIndex:
         self._on_gpu = ((gpu_available() if use_gpu is None else use_gpu)
                         and not self._rebuild_on_remove)
         self._gpu_index = None
+        # Flat codes compact on removal (O(n)) and graphs rebuild: removed ids become tombstones
+        # that searches skip, purged together. IVF removes in O(1); GPU copies take no filter.
+        self._tombstones = not self._ivf and not self._on_gpu
+        self._dead: set[int] = set()
+        self._skip: tuple | None = None  # (IDSelectorNot, IDSelectorBatch) of the tombstones
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -242,9 +252,9 @@ class EmbeddingIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = self._normalised(queries, model_id)
-        params = self._search_params(nprobe, ef_search)
         lock = self._lock.write if self._on_gpu else self._lock.read
         with lock():
+            params = self._search_params(nprobe, ef_search)
             if not self._ids:
                 return [[] for _ in range(len(q))]
             index = self._gpu() if k <= GPU_MAX_K else self._index
@@ -341,16 +351,27 @@ class EmbeddingIndex:
             if missing and not missing_ok:
                 raise UnknownKeyError(f"unknown keys: {missing[:5]}")
             present = [k for k in keys if k in self._ids]
-            self._remove_ids(np.array([self._ids[k] for k in present], dtype=np.int64))
+            ids = [self._ids[k] for k in present]
             for key in present:
                 del self._keys[self._ids.pop(key)]
                 del self._meta[key]
+            if not self._tombstones:
+                self._remove_ids(np.array(ids, dtype=np.int64))
+            elif ids:
+                self._dead.update(ids)
+                if len(self._dead) > MAX_TOMBSTONES:
+                    self._purge()
+                else:
+                    batch = faiss.IDSelectorBatch(np.fromiter(self._dead, np.int64))
+                    self._skip = (faiss.IDSelectorNot(batch), batch)
             return len(present)
 
     # -- persistence ---------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
         """Write the whole index (vectors, keys, metadata, model id) as one file, atomically."""
+        with self._lock.write():
+            self._purge()
         with self._lock.read():
             blob = faiss.serialize_index(self._index)
             keys = list(self._ids)
@@ -454,11 +475,20 @@ class EmbeddingIndex:
         return None if text is None else json.loads(text)
 
     def _search_params(self, nprobe: int | None, ef_search: int | None):
+        """FAISS search parameters, skipping tombstones (under the lock: they change)."""
+        skip = {} if self._skip is None else {"sel": self._skip[0]}
         if self._ivf:
             return faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
         if self._hnsw:
-            return faiss.SearchParametersHNSW(efSearch=ef_search or self.ef_search)
-        return None
+            return faiss.SearchParametersHNSW(efSearch=ef_search or self.ef_search, **skip)
+        return faiss.SearchParameters(**skip) if skip else None
+
+    def _purge(self) -> None:
+        """Remove the tombstoned vectors for good (O(n) once per MAX_TOMBSTONES removals)."""
+        if self._dead:
+            self._remove_ids(np.fromiter(self._dead, np.int64))
+            self._dead.clear()
+            self._skip = None
 
     def _gpu(self) -> faiss.Index:
         if not self._on_gpu:
