@@ -194,7 +194,8 @@ class EmbeddingIndex:
         self._index = _make_index(dim, factory)
         self._ids: dict[str, int] = {}
         self._keys: dict[int, str] = {}
-        self._meta: dict[str, str | None] = {}  # JSON text: validated once, copied on every read
+        # id -> JSON text (validated once, copied on every read); None metadata is not stored
+        self._meta: dict[int, str] = {}
         self._next_id = 0
         self._lock = _ReadWriteLock()
         self._ivf = faiss.try_extract_index_ivf(self._index) is not None
@@ -228,7 +229,7 @@ class EmbeddingIndex:
         one instant: concurrent removals never leave a listed key without its metadata."""
         with self._lock.read():
             keys = list(islice(self._ids, offset, offset + limit))
-            return len(self._ids), [(k, self._metadata(k)) for k in keys]
+            return len(self._ids), [(k, self._metadata(self._ids[k])) for k in keys]
 
     def ids_of(self, keys: Sequence[str]) -> list[int]:
         """The internal ids of keys (UnknownKeyError for a key not in the index)."""
@@ -243,7 +244,7 @@ class EmbeddingIndex:
             if key not in self._ids:
                 raise UnknownKeyError(f"unknown key {key!r}")
             vector = self._index.reconstruct(self._ids[key])
-            return Item(key, vector, self._metadata(key))
+            return Item(key, vector, self._metadata(self._ids[key]))
 
     def search(self, queries, k: int = 10, *, model_id: str | None = None,
                nprobe: int | None = None, ef_search: int | None = None) -> list[list[Hit]]:
@@ -260,7 +261,7 @@ class EmbeddingIndex:
             index = self._gpu() if k <= GPU_MAX_K else self._index
             scores, ids = index.search(q, min(k, len(self._ids)), params=params)
             return [
-                [Hit(self._keys[i], float(s), self._metadata(self._keys[i]))
+                [Hit(self._keys[i], float(s), self._metadata(i))
                  for s, i in zip(srow, irow, strict=True) if i >= 0]
                 for srow, irow in zip(scores, ids, strict=True)
             ]
@@ -324,7 +325,9 @@ class EmbeddingIndex:
         self._gpu_index = None
         self._next_id = int(pending.ids[-1]) + 1
         for key, i, m in zip(pending.keys, pending.ids.tolist(), pending.metadata, strict=True):
-            self._ids[key], self._keys[i], self._meta[key] = i, key, m
+            self._ids[key], self._keys[i] = i, key
+            if m is not None:
+                self._meta[i] = m
 
     def update(self, key: str, vector=None, metadata: Any = None, *,
                model_id: str | None = None) -> None:
@@ -341,7 +344,7 @@ class EmbeddingIndex:
                 self._index.add_with_ids(x, np.array([i], dtype=np.int64))
                 self._gpu_index = None
             if meta is not None:
-                self._meta[key] = meta
+                self._meta[self._ids[key]] = meta
 
     def remove(self, keys: Sequence[str], *, missing_ok: bool = False) -> int:
         """Remove keys; returns how many were removed. Unknown keys raise unless missing_ok."""
@@ -352,9 +355,9 @@ class EmbeddingIndex:
                 raise UnknownKeyError(f"unknown keys: {missing[:5]}")
             present = [k for k in keys if k in self._ids]
             ids = [self._ids[k] for k in present]
-            for key in present:
-                del self._keys[self._ids.pop(key)]
-                del self._meta[key]
+            for i, key in zip(ids, present, strict=True):
+                del self._ids[key], self._keys[i]
+                self._meta.pop(i, None)
             if not self._tombstones:
                 self._remove_ids(np.array(ids, dtype=np.int64))
             elif ids:
@@ -379,7 +382,7 @@ class EmbeddingIndex:
                 "format": FORMAT, "dim": self.dim, "model_id": self.model_id,
                 "factory": self.factory, "nprobe": self.nprobe, "ef_search": self.ef_search,
                 "keys": keys, "ids": [self._ids[k] for k in keys],
-                "metadata": [self._meta[k] for k in keys],
+                "metadata": [self._meta.get(self._ids[k]) for k in keys],
                 "index_bytes": blob.nbytes, "index_sha256": hashlib.sha256(blob).hexdigest(),
             }
         head = json.dumps(header).encode()
@@ -413,7 +416,7 @@ class EmbeddingIndex:
             raise CorruptIndexError(f"{path}: the FAISS index disagrees with its key table")
         obj._ids = dict(zip(h["keys"], h["ids"], strict=True))
         obj._keys = {i: k for k, i in obj._ids.items()}
-        obj._meta = dict(zip(h["keys"], h["metadata"], strict=True))
+        obj._meta = {i: m for i, m in zip(h["ids"], h["metadata"], strict=True) if m is not None}
         obj._next_id = max(h["ids"], default=-1) + 1
         return obj
 
@@ -427,8 +430,8 @@ class EmbeddingIndex:
         return faiss.serialize_index(empty)
 
     @classmethod
-    def restore(cls, dim: int, model_id: str, factory: str, *, keys: list[str], ids: np.ndarray,
-                vectors: np.ndarray, metadata: list[str | None], next_id: int,
+    def restore(cls, dim: int, model_id: str, factory: str, *, keys: Sequence[str], ids: np.ndarray,
+                vectors: np.ndarray, metadata: Sequence[str | None], next_id: int,
                 trained: np.ndarray | None = None, nprobe: int = 16, ef_search: int = 64,
                 use_gpu: bool | None = None) -> "EmbeddingIndex":
         """An index rebuilt from a store's records: row i of `vectors` (normalised) and of
@@ -442,9 +445,10 @@ class EmbeddingIndex:
                 raise CorruptIndexError(f"a {factory} index with items but no trained state")
             obj._index.add_with_ids(np.ascontiguousarray(vectors, np.float32),
                                     np.asarray(ids, np.int64))
-        obj._ids = dict(zip(keys, np.asarray(ids).tolist(), strict=True))
-        obj._keys = {i: k for k, i in obj._ids.items()}
-        obj._meta = dict(zip(keys, metadata, strict=True))
+        id_list = np.asarray(ids).tolist()
+        obj._ids = dict(zip(keys, id_list, strict=True))
+        obj._keys = dict(zip(id_list, keys, strict=True))
+        obj._meta = {i: m for i, m in zip(id_list, metadata, strict=True) if m is not None}
         obj._next_id = next_id
         return obj
 
@@ -470,8 +474,8 @@ class EmbeddingIndex:
             raise InvalidVectorError(f"zero vectors have no direction (rows {rows})")
         return np.ascontiguousarray(x / norms)
 
-    def _metadata(self, key: str) -> Any:
-        text = self._meta[key]
+    def _metadata(self, i: int) -> Any:
+        text = self._meta.get(i)
         return None if text is None else json.loads(text)
 
     def _search_params(self, nprobe: int | None, ef_search: int | None):

@@ -4,7 +4,8 @@ gallery's size; opening reads a vector file that a background checkpoint keeps u
     indexes/<name>/gallery.db     SQLite in WAL mode, synchronous=FULL: info (settings, pixel
                                   shape, trusted vector-file records), items (id, key, metadata),
                                   blobs (id, vector, pixels)
-    indexes/<name>/vectors.f32    (id int64, vector float32[dim]) records copied from blobs
+    indexes/<name>/vectors.f32    float32 vectors copied from blobs, row after row
+    indexes/<name>/vector-ids.i64 the id of each row
     indexes/<name>/trained.faiss  IVF/PQ types: the trained, empty FAISS index (written once)
 
 The database is the truth: an add is answered once its transaction is committed, so a SIGKILL
@@ -32,7 +33,8 @@ from index.faiss_index import CorruptIndexError, EmbeddingIndex, UnknownKeyError
 from index.files import atomic_write
 from service.store import NotFound
 
-DB_FILE, VECTOR_FILE, TRAINED_FILE = "gallery.db", "vectors.f32", "trained.faiss"
+DB_FILE, TRAINED_FILE = "gallery.db", "trained.faiss"
+VECTOR_FILE, ID_FILE = "vectors.f32", "vector-ids.i64"  # row i: the vector of id i
 FORMAT = 2
 SCHEMA = (
     "CREATE TABLE info (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -124,7 +126,7 @@ class GalleryStore:
         self._info = {k: json.loads(v) for k, v in self._db.execute("SELECT name, value FROM info")}
         if self._info.get("format") != FORMAT:
             raise CorruptIndexError(f"{root}: format {self._info.get('format')}, expected {FORMAT}")
-        self._record = np.dtype([("id", "<i8"), ("vector", "<f4", (self._info["dim"],))])
+        self._row_bytes = {VECTOR_FILE: 4 * self._info["dim"], ID_FILE: 8}
         self.index = self._load()
 
     # -- writing -------------------------------------------------------------------------------
@@ -205,7 +207,8 @@ class GalleryStore:
                 if checkpoint:
                     self._checkpoint()
                 self._bg.close()
-                self._file.close()
+                for f in self._files.values():
+                    f.close()
             self._db.close()
             self._reader.close()
 
@@ -219,19 +222,16 @@ class GalleryStore:
         rows = self._bg.execute("SELECT id, vector FROM blobs WHERE id > ? ORDER BY id",
                                 (self._checkpointed_id,)).fetchall()
         if rows:
-            records = np.empty(len(rows), self._record)
-            records["id"] = [r[0] for r in rows]
-            records["vector"] = np.frombuffer(b"".join(r[1] for r in rows), np.float32) \
-                .reshape(len(rows), -1)
-            self._append(records)
+            self._append(np.array([r[0] for r in rows], np.int64),
+                         np.frombuffer(b"".join(r[1] for r in rows), np.float32))
         self._bg.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _load(self) -> EmbeddingIndex:
         info = self._info
         rows = self._db.execute("SELECT id, key, metadata FROM items ORDER BY id").fetchall()
-        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        keys, metadata = [r[1] for r in rows], [r[2] for r in rows]
+        id_list, keys, metadata = zip(*rows, strict=True) if rows else ((), [], [])
         del rows
+        ids = np.array(id_list, np.int64)
         vectors = self._vectors(ids)
         seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
         trained = self.root / TRAINED_FILE
@@ -242,61 +242,65 @@ class GalleryStore:
             nprobe=info["nprobe"], ef_search=info["ef_search"])
 
     def _vectors(self, ids: np.ndarray) -> np.ndarray:
-        """The vectors of `ids` (ascending): the trusted records of the vector file, the rest
-        from the database. A writable store then repairs the file."""
-        path = self.root / VECTOR_FILE
-        size = path.stat().st_size if path.exists() else 0
-        trusted = min(self._info["vector_rows"], size // self._record.itemsize)
-        records = np.memmap(path, self._record, "r", shape=(trusted,)) if trusted else \
-            np.empty(0, self._record)
-        file_ids = np.array(records["id"])
-        out = np.empty((len(ids), self._info["dim"]), np.float32)
-        have = np.zeros(len(ids), bool)
-        if np.array_equal(file_ids, ids):  # no removals since the file was written: one copy
-            out[:], have[:], live = records["vector"], True, len(ids)
+        """The vectors of `ids` (ascending): the trusted rows of the vector file, the rest from
+        the database. A writable store then repairs the file. When the file holds exactly the
+        live ids, the result is a map of the file itself (the index copies it once)."""
+        dim = self._info["dim"]
+        sizes = [(self.root / f).stat().st_size // n if (self.root / f).exists() else 0
+                 for f, n in self._row_bytes.items()]
+        trusted = min(self._info["vector_rows"], *sizes)
+        file_ids = np.fromfile(self.root / ID_FILE, np.int64, trusted) if trusted else \
+            np.empty(0, np.int64)
+        stored = np.memmap(self.root / VECTOR_FILE, np.float32, "r", shape=(trusted, dim)) \
+            if trusted else np.empty((0, dim), np.float32)
+        if np.array_equal(file_ids, ids):  # nothing removed, nothing missing
+            out, live, missing = stored, len(ids), ids[:0]
         else:
+            out = np.empty((len(ids), dim), np.float32)
             pos = np.searchsorted(ids, file_ids)
             hits = pos < len(ids)
             hits[hits] = ids[pos[hits]] == file_ids[hits]
             hits = np.flatnonzero(hits)
-            out[pos[hits]] = records["vector"][hits]
+            out[pos[hits]] = stored[hits]
+            have = np.zeros(len(ids), bool)
             have[pos[hits]], live = True, len(hits)
-        del records  # unmapped before the file is repaired
-        missing = ids[~have]
-        for i, blob in select_ids(self._db, "SELECT id, vector FROM blobs WHERE id IN ({})",
-                                  missing):
-            out[np.searchsorted(ids, i)] = np.frombuffer(blob, np.float32)
+            missing = ids[~have]
+            for i, blob in select_ids(self._db, "SELECT id, vector FROM blobs WHERE id IN ({})",
+                                      missing):
+                out[np.searchsorted(ids, i)] = np.frombuffer(blob, np.float32)
         if self.writable:
-            self._repair(path, trusted, file_ids, live, ids, out, missing)
+            self._repair(trusted, file_ids, live, ids, out, missing)
         return out
 
-    def _repair(self, path: Path, trusted: int, file_ids: np.ndarray, live: int,
-                ids: np.ndarray, vectors: np.ndarray, missing: np.ndarray) -> None:
-        """Drop the untrusted tail of the vector file, rewrite it when most records are dead,
-        append the records it lacks; then checkpoints append to it."""
+    def _repair(self, trusted: int, file_ids: np.ndarray, live: int, ids: np.ndarray,
+                vectors: np.ndarray, missing: np.ndarray) -> None:
+        """Drop the untrusted tail of the vector file, rewrite it when most rows are dead,
+        append the rows it lacks; then checkpoints append to it."""
         self._bg = connect(self.root / DB_FILE)
         self._rows = trusted
         self._checkpointed_id = int(file_ids.max(initial=-1))
         if trusted - live > max(live, 1024):  # mostly removed items: rewrite it (atomically)
-            compact = np.empty(len(ids), self._record)
-            compact["id"], compact["vector"] = ids, vectors
-            atomic_write(path, [compact.tobytes()])
+            atomic_write(self.root / ID_FILE, [ids.tobytes()])
+            atomic_write(self.root / VECTOR_FILE, [vectors.tobytes()])
             self._set_rows(len(ids))
             self._checkpointed_id = max(self._checkpointed_id, int(ids.max(initial=-1)))
             missing = ids[:0]
-        self._file = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115 - kept open
-        self._file.truncate(self._rows * self._record.itemsize)
+        self._files = {}
+        for name, row_bytes in self._row_bytes.items():
+            path = self.root / name
+            self._files[name] = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
+            self._files[name].truncate(self._rows * row_bytes)
         if len(missing):
-            fill = np.empty(len(missing), self._record)
-            fill["id"], fill["vector"] = missing, vectors[np.searchsorted(ids, missing)]
-            self._append(fill)
+            self._append(missing, vectors[np.searchsorted(ids, missing)])
 
-    def _append(self, records: np.ndarray) -> None:
-        """Write records after the trusted ones, fsync, then commit their count."""
-        os.pwrite(self._file.fileno(), records.tobytes(), self._rows * self._record.itemsize)
-        os.fsync(self._file.fileno())
-        self._set_rows(self._rows + len(records))
-        self._checkpointed_id = max(self._checkpointed_id, int(records["id"].max()))
+    def _append(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Write rows after the trusted ones, fsync, then commit their count."""
+        for name, data in ((ID_FILE, ids), (VECTOR_FILE, vectors)):
+            fd = self._files[name].fileno()
+            os.pwrite(fd, np.ascontiguousarray(data).tobytes(), self._rows * self._row_bytes[name])
+            os.fsync(fd)
+        self._set_rows(self._rows + len(ids))
+        self._checkpointed_id = max(self._checkpointed_id, int(ids.max()))
 
     def _set_rows(self, rows: int) -> None:
         with transaction(self._bg):

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from index.faiss_index import DuplicateKeyError, TrainingError, UnknownKeyError
-from service.gallery_store import DB_FILE, TRAINED_FILE, VECTOR_FILE, GalleryStore, create_store
+from service.gallery_store import (
+    DB_FILE,
+    ID_FILE,
+    TRAINED_FILE,
+    VECTOR_FILE,
+    GalleryStore,
+    create_store,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 8
@@ -60,6 +67,10 @@ def info(root: Path, name: str) -> object:
         con.close()
 
 
+def sizes(root: Path) -> tuple[int, int]:
+    return (root / VECTOR_FILE).stat().st_size, (root / ID_FILE).stat().st_size
+
+
 @pytest.fixture
 def store(tmp_path):
     s = create_store(tmp_path / "g", DIM, "m", "Flat")
@@ -88,19 +99,18 @@ def test_opening_trusts_only_the_committed_records_of_the_vector_file(store):
     store.checkpoint()
     add(store, keys_of(10, 20))  # not checkpointed
     store.close(checkpoint=False)
-    path = store.root / VECTOR_FILE
-    with open(path, "ab") as f:  # a torn record of a killed checkpoint, then garbage
-        f.write(b"\x01" * 3000)
+    for name in (VECTOR_FILE, ID_FILE):  # torn rows of a killed checkpoint, then garbage
+        with open(store.root / name, "ab") as f:
+            f.write(b"\x01" * 3000)
     again = GalleryStore(store.root)
     check_exact(again, keys_of(30))
     again.close()
-    rows = info(store.root, "vector_rows")
-    assert path.stat().st_size == rows * (8 + 4 * DIM) and rows == 30
+    assert sizes(store.root) == (30 * 4 * DIM, 30 * 8) and info(store.root, "vector_rows") == 30
 
 
 def test_a_removed_key_id_is_never_reused(store):
     add(store, keys_of(3))
-    store.checkpoint()  # the file holds the record of key 2
+    store.checkpoint()  # the file holds the vector of key 2
     store.remove(keys_of(1, 2))
     store.close()
     again = GalleryStore(store.root)
@@ -214,8 +224,9 @@ def test_a_writer_killed_at_any_moment_keeps_every_answered_write(tmp_path):
         else:  # the next add was
             in_flight = set(batch(last + 1))
         start = last + 2
-        torn_checkpoints += (root / VECTOR_FILE).stat().st_size > \
-            info(root, "vector_rows") * (8 + 4 * DIM)
+        rows = info(root, "vector_rows")
+        vector_bytes, id_bytes = sizes(root)
+        torn_checkpoints += vector_bytes > rows * 4 * DIM or id_bytes > rows * 8
 
         store = GalleryStore(root)
         present = set(store.index.keys())
