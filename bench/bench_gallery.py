@@ -18,7 +18,6 @@ Opening is measured right after the gallery was written, so its files are in the
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -131,11 +130,9 @@ def bench_new(root: Path, n: int, vectors: np.ndarray, rng, args) -> dict:
                                      [{"i": i}], "bench"), args.adds)
     removals = latencies(lambda i: g.remove("bench", [f"new-{i}"]), args.adds)
     queries = rng.standard_normal((args.queries, DIM), dtype=np.float32)
-    idle = search_ms(g.get("bench"), queries)
     busy = search_while_adding(g, queries, fresh, one_pixel)
-    g.close()
     return {"load": t_load, "open": t_open, "adds": adds, "removals": removals,
-            "search": idle, "search_busy": busy}
+            "search_busy": busy, "gallery": g}
 
 
 def search_while_adding(g: Gallery, queries, fresh, one_pixel) -> np.ndarray:
@@ -165,9 +162,15 @@ def bench_old(root: Path, n: int, vectors: np.ndarray, rng, args) -> dict:
     one_pixel = rng.integers(0, 256, (1, *PIXELS), dtype=np.uint8)
     adds = latencies(lambda i: old.add([f"new-{i}"], fresh[i : i + 1], one_pixel), writes)
     removals = latencies(lambda i: old.remove([f"new-{i}"]), writes)
-    queries = rng.standard_normal((args.queries, DIM), dtype=np.float32)
-    return {"open": t_open, "adds": adds, "removals": removals,
-            "search": search_ms(old.index, queries)}
+    return {"open": t_open, "adds": adds, "removals": removals, "index": old.index}
+
+
+def search_side_by_side(new: dict, old: dict, queries: np.ndarray) -> None:
+    """Both indexes answer the same queries, alternately (a drifting load hits both alike)."""
+    index = new["gallery"].get("bench")
+    ms = latencies(lambda i: (index if i % 2 else old["index"]).search(
+        queries[i // 2 % len(queries)], 10), 4 * len(queries))
+    new["search"], old["search"] = ms[1::2], ms[0::2]
 
 
 def main() -> None:
@@ -186,9 +189,10 @@ def main() -> None:
         vectors = rng.standard_normal((n, DIM), dtype=np.float32)
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             new = bench_new(Path(tmp) / "new", n, vectors, rng, args)
-            shutil.rmtree(Path(tmp) / "new")
             old = bench_old(Path(tmp) / "old", n, vectors, rng, args)
-        del vectors
+            search_side_by_side(new, old, rng.standard_normal((args.queries, DIM), np.float32))
+            new["gallery"].close()
+        del vectors, new["gallery"], old["index"]
         print(f"\n{n:,} items (bulk load of the new storage: {new['load']:.1f} s)")
         print(f"  {'':28} {'new (SQLite)':>26}   {'old (whole rewrite)':>26}")
         for what in ("adds", "removals", "search"):
