@@ -63,6 +63,10 @@ class Gallery:
     def names(self) -> list[str]:
         return sorted(self._stores)
 
+    def indexes(self) -> list[tuple[str, EmbeddingIndex]]:
+        """(name, index) of every gallery at one instant (a listing races deletes)."""
+        return sorted((name, store.index) for name, store in list(self._stores.items()))
+
     def store(self, name: str) -> GalleryStore:
         try:
             return self._stores[name]

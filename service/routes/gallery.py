@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
+from index.faiss_index import EmbeddingIndex
 from service.deps import AppState, Service
 from service.errors import APIError
 from service.schemas import IndexCreate, IndexInfo, Item, ItemsAdd, ItemsAdded, ItemsPage, Removed
@@ -12,8 +13,8 @@ from service.schemas import IndexCreate, IndexInfo, Item, ItemsAdd, ItemsAdded, 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 
 
-def index_info(svc: AppState, name: str) -> IndexInfo:
-    index = svc.gallery.get(name)
+def index_info(svc: AppState, name: str, index: EmbeddingIndex | None = None) -> IndexInfo:
+    index = svc.gallery.get(name) if index is None else index
     return IndexInfo(name=name, model_id=index.model_id, dim=index.dim, factory=index.factory,
                      count=len(index))
 
@@ -28,7 +29,7 @@ def check_model(svc: AppState, name: str) -> None:
 
 @router.get("")
 def list_indexes(svc: Service) -> list[IndexInfo]:
-    return [index_info(svc, name) for name in svc.gallery.names()]
+    return [index_info(svc, name, index) for name, index in svc.gallery.indexes()]
 
 
 @router.post("", status_code=201)
