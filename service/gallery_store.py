@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from index.faiss_index import CorruptIndexError, EmbeddingIndex, UnknownKeyError
-from index.files import atomic_write
+from index.files import atomic_write, fsync_dir
 from service.store import NotFound
 
 DB_FILE, TRAINED_FILE = "gallery.db", "trained.faiss"
@@ -75,14 +75,6 @@ def select_ids(con: sqlite3.Connection, sql: str, ids: Sequence[int]) -> Iterato
     for start in range(0, len(ids), IDS_PER_QUERY):
         chunk = [int(i) for i in ids[start : start + IDS_PER_QUERY]]
         yield from con.execute(sql.format(",".join("?" * len(chunk))), chunk)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create_store(root: Path, dim: int, model_id: str, factory: str) -> "GalleryStore":
