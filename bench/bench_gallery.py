@@ -116,6 +116,17 @@ def search_ms(index: EmbeddingIndex, queries: np.ndarray) -> np.ndarray:
     return latencies(lambda i: index.search(queries[i % len(queries)], 10), 2 * len(queries))
 
 
+def fsync_floor(path: Path, n: int) -> np.ndarray:
+    """What the disk charges for durability: a 4 KiB append and its fsync (an add needs one)."""
+    with open(path, "ab") as f:
+        def append(i):
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+
+        return latencies(append, n)
+
+
 def bench_new(root: Path, n: int, vectors: np.ndarray, rng, args) -> dict:
     g = Gallery(root)
     g.create("bench", DIM, "bench")
@@ -128,13 +139,14 @@ def bench_new(root: Path, n: int, vectors: np.ndarray, rng, args) -> dict:
     g, t_open = timed(lambda: Gallery(root))
     fresh = rng.standard_normal((args.adds, DIM), dtype=np.float32)
     one_pixel = rng.integers(0, 256, (1, *PIXELS), dtype=np.uint8)
+    floor = fsync_floor(root / "fsync-probe", args.adds)
     adds = latencies(lambda i: g.add("bench", [f"new-{i}"], fresh[i : i + 1], one_pixel,
                                      [{"i": i}], "bench"), args.adds)
     removals = latencies(lambda i: g.remove("bench", [f"new-{i}"]), args.adds)
     queries = rng.standard_normal((args.queries, DIM), dtype=np.float32)
     busy = search_while_adding(g, queries, fresh, one_pixel)
     return {"load": t_load, "open": t_open, "adds": adds, "removals": removals,
-            "search_busy": busy, "gallery": g}
+            "search_busy": busy, "gallery": g, "fsync": floor}
 
 
 def search_while_adding(g: Gallery, queries, fresh, one_pixel) -> np.ndarray:
@@ -202,6 +214,7 @@ def main() -> None:
             print(f"  {'one-item ' + what.rstrip('s'):28} {summary(new[what])}   "
                   f"{summary(old[what])}")
         print(f"  {'search while adding':28} {summary(new['search_busy'])}")
+        print(f"  {'4 KiB append + fsync (disk)':28} {summary(new['fsync'])}")
         print(f"  {'open (s)':28} {new['open']:26.2f}   {old['open']:26.2f}")
 
 

@@ -4,7 +4,8 @@ Each item keeps the model-input pixels it was embedded from, so that a linear he
 can be run on items already in a gallery (robust heads and attacks need pixels, not
 embeddings). A background thread checkpoints every gallery (vector file, SQLite WAL) once per
 `checkpoint_s`. Creating and deleting go through dot-folders renamed atomically; start-up
-removes the dot-folders that a crash left behind.
+removes the dot-folders that a crash left behind, and migrates galleries of the previous
+format (service/gallery_migration.py).
 """
 
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from index.faiss_index import EmbeddingIndex
+from service.gallery_migration import is_old_format, migrate
 from service.gallery_store import DB_FILE, GalleryStore, create_store
 from service.store import NAME, Conflict, NotFound, check_name
 
@@ -49,11 +51,11 @@ class Gallery:
         for path in sorted(self.root.iterdir()):
             if not NAME.match(path.name):
                 continue
+            if is_old_format(path):
+                log.warning("migrating %s from the previous format", path)
+                migrate(path)
             if (path / DB_FILE).exists():
                 self._stores[path.name] = GalleryStore(path)
-            else:
-                log.warning("%s holds no %s (a gallery of an older format?): not served",
-                            path, DB_FILE)
         self._lock = threading.Lock()  # guards the dict
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._checkpoints, args=(checkpoint_s,),
