@@ -49,18 +49,21 @@ def test_delete_index(client, labeled):
     assert client.post("/indexes", json={"name": "scratch"}).json()["count"] == 0  # reusable
 
 
-def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client, labeled):
+def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client):
     """Pages listed while another client removes keys (issue 12, item 5): always 200, every
     listed key with its own metadata, the count the one of that instant."""
-    images = labeled[0]
+    svc = client.app.state.byorl
     assert client.post("/indexes", json={"name": "churn"}).status_code == 201
-    keys = [f"c{i}" for i in range(64)]
-    r = client.post("/indexes/churn/items", json={
-        "keys": keys, "images": [images[i % len(images)] for i in range(64)],
-        "metadata": [{"key": k} for k in keys]})
-    assert r.status_code == 201, r.text
-    gallery = client.app.state.byorl.gallery
-    remover = threading.Thread(target=lambda: [gallery.remove("churn", [k]) for k in keys[1:]])
+    keys = [f"c{i}" for i in range(1000)]
+    vectors = np.random.default_rng(0).normal(size=(1000, svc.card["embedding_dim"]))
+    svc.gallery.add("churn", keys, vectors, np.zeros((1000, 3, 32, 32), np.uint8),
+                    [{"key": k} for k in keys], svc.model_id)
+
+    def remove_all_but_one():
+        for start in range(1, 1000, 9):
+            svc.gallery.remove("churn", keys[start : start + 9])
+
+    remover = threading.Thread(target=remove_all_but_one)
     remover.start()
     pages = []
     while remover.is_alive():
