@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper.cancel()
         await state.batcher.stop()
         state.queue.close()
+        state.gallery.close()
 
     app = FastAPI(
         title="BYORL embeddings",

@@ -41,7 +41,11 @@ Paging = Annotated[PageQuery, Depends(page_query)]
 
 def page(seq: Sequence, q: PageQuery, to: Callable[[Any], Any] = lambda x: x) -> dict[str, Any]:
     """The fields of a Page over `seq` (in its order); `to` builds only the items shown."""
-    shown = seq[q.offset : q.offset + q.limit]
-    end = q.offset + len(shown)
-    return {"items": [to(x) for x in shown], "count": len(seq), "offset": q.offset,
-            "limit": q.limit, "next_offset": end if end < len(seq) else None}
+    return page_of([to(x) for x in seq[q.offset : q.offset + q.limit]], len(seq), q)
+
+
+def page_of(items: list, count: int, q: PageQuery) -> dict[str, Any]:
+    """The fields of a Page whose items were read already (at offset q.offset of `count`)."""
+    end = q.offset + len(items)
+    return {"items": items, "count": count, "offset": q.offset, "limit": q.limit,
+            "next_offset": end if end < count else None}

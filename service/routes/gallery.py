@@ -6,17 +6,18 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
+from index.faiss_index import EmbeddingIndex
 from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError, error_responses
-from service.pagination import Page, Paging, page
+from service.pagination import Page, Paging, page, page_of
 from service.responses import items_response
 from service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 
 
-def index_info(svc: AppState, name: str) -> IndexInfo:
-    index = svc.gallery.get(name)
+def index_info(svc: AppState, name: str, index: EmbeddingIndex | None = None) -> IndexInfo:
+    index = svc.gallery.get(name) if index is None else index
     return IndexInfo(name=name, model_id=index.model_id, dim=index.dim, factory=index.factory,
                      count=len(index))
 
@@ -45,7 +46,9 @@ def check_metadata(metadata: list[Any] | None, limit: int) -> None:
 
 @router.get("", responses=error_responses(422))
 def list_indexes(svc: Service, paging: Paging) -> Page[IndexInfo]:
-    return Page[IndexInfo](**page(svc.gallery.names(), paging, lambda n: index_info(svc, n)))
+    """The indexes by name, each read once (a concurrent delete never makes the listing 404)."""
+    return Page[IndexInfo](**page(svc.gallery.indexes(), paging,
+                                  lambda pair: index_info(svc, *pair)))
 
 
 @router.post("", status_code=201, responses=error_responses(400, 409, 413, 422))
@@ -88,8 +91,9 @@ async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
             responses=error_responses(404, 413, 422))
 def list_items(name: str, svc: Service, paging: Paging) -> Response:
     index = svc.gallery.get(name)
-    shown = page(index.keys(), paging, lambda k: (k, index.get(k, raw_metadata=True).metadata))
-    return items_response(name, shown, svc.settings.max_response_bytes)
+    # one instant (removals race it); metadata as stored JSON text, never decoded
+    count, items = index.page(paging.offset, paging.limit, raw_metadata=True)
+    return items_response(name, page_of(items, count, paging), svc.settings.max_response_bytes)
 
 
 @router.delete("/{name}/items/{key:path}", responses=error_responses(404))

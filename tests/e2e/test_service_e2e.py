@@ -6,9 +6,11 @@ Default settings throughout (job time limit, leases, sweeps).
 import base64
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,3 +220,45 @@ def test_api_restart_keeps_indexes_and_heads(stack, api, data):
         == before
     r = api.post(f"/heads/{heads[0]['id']}/predict", json={"images": images[:2]})
     assert r.status_code == 200 and len(r.json()["labels"]) == 2
+
+
+def test_a_killed_api_keeps_every_answered_add(stack, api, data):
+    """SIGKILL the api while a client adds items one by one: after a restart every add answered
+    201 is there, whole; the add in flight is there or not."""
+    images, _ = data
+    assert api.post("/indexes", json={"name": "live"}).status_code == 201
+    answered, in_flight, refused, stop = [], [], [], threading.Event()
+
+    def client():
+        with httpx.Client(base_url=stack.url, timeout=30) as c:
+            for i in range(100_000):
+                key = f"live-{i}"
+                try:
+                    r = c.post("/indexes/live/items", json={
+                        "keys": [key], "images": [images[i % len(images)]],
+                        "metadata": [{"i": i}]})
+                except httpx.TransportError:
+                    in_flight.append(key)
+                    return
+                if r.status_code != 201:
+                    refused.append(r.text)
+                    return
+                answered.append(key)
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_for(lambda: len(answered) >= 20, 60, "20 answered adds")
+    time.sleep(random.uniform(0, 0.5))
+    stack.kill("api")
+    stop.set()
+    thread.join(30)
+    assert not refused, refused
+    stack.start_api()
+    items = api.get("/indexes/live/items", params={"limit": 1000}).json()["items"]
+    keys = [item["key"] for item in items]
+    assert keys[: len(answered)] == answered and set(keys) <= set(answered + in_flight)
+    assert all(item["metadata"] == {"i": int(item["key"][5:])} for item in items)
+    hits = api.post("/search", json={"index": "live", "images": images[:1], "k": 1}).json()
+    assert hits["results"][0][0]["key"] in keys

@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 from fastapi.testclient import TestClient
 
@@ -66,3 +68,32 @@ def test_metadata_over_the_per_item_limit_is_refused_whole(client, settings, lab
                                                  "metadata": [fits]})
     assert r.status_code == 201 and client.get("/indexes/meta/items").json()["items"] == [
         {"key": "a", "metadata": fits}]
+
+
+def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client):
+    """Pages listed while another client removes keys (issue 12, item 5): always 200, every
+    listed key with its own metadata, the count the one of that instant."""
+    svc = client.app.state.byorl
+    assert client.post("/indexes", json={"name": "churn"}).status_code == 201
+    keys = [f"c{i}" for i in range(1000)]
+    vectors = np.random.default_rng(0).normal(size=(1000, svc.card["embedding_dim"]))
+    svc.gallery.add("churn", keys, vectors, np.zeros((1000, 3, 32, 32), np.uint8),
+                    [{"key": k} for k in keys], svc.model_id)
+
+    def remove_all_but_one():
+        for start in range(1, 1000, 9):
+            svc.gallery.remove("churn", keys[start : start + 9])
+
+    remover = threading.Thread(target=remove_all_but_one)
+    remover.start()
+    pages = []
+    while remover.is_alive():
+        r = client.get("/indexes/churn/items", params={"limit": 1000})
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+    remover.join()
+    assert len(pages) > 1
+    for page in pages:
+        assert page["count"] == len(page["items"])
+        assert all(i["metadata"] == {"key": i["key"]} for i in page["items"])
+    assert [i["key"] for i in client.get("/indexes/churn/items").json()["items"]] == ["c0"]
