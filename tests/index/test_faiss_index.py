@@ -145,6 +145,8 @@ def test_raw_metadata_is_the_stored_json_text(vectors):
     assert {k: None if t is None else json.loads(t) for k, t in raw.items()} == {
         h.key: h.metadata for h in index.search(vectors[4], 10)[0]}
     assert index.get("item-3", raw_metadata=True).metadata == json.dumps({"i": 3})
+    assert index.page(3, 2, raw_metadata=True) == (11, [("item-3", json.dumps({"i": 3})),
+                                                        ("item-4", raw["item-4"])])
 
 
 def test_update_metadata_only_and_unknown_keys(vectors):
