@@ -5,12 +5,16 @@ Vectors are L2-normalised and searched by inner product, so scores are cosine si
 The index type is a FAISS factory string ("Flat" exact by default; "IVF1024,Flat", "HNSW32",
 "IVF1024,PQ32", ... approximate). How each family stores user ids:
 
-- flat codes (Flat, SQ8, PQ16): wrapped in IndexIDMap2, whose removal compacts both sides;
-- IVF: ids live in the inverted lists, plus a hash table to reconstruct or remove by id. An
-  IndexIDMap2 around IVF is wrong after a removal (IVF does not renumber, the map assumes it
-  does: search returns other items' keys);
+- flat codes (Flat, SQ8, PQ16): wrapped in IndexIDMap2, whose removal compacts both sides
+  (O(n));
+- IVF: ids live in the inverted lists, plus a hash table to reconstruct or remove by id (O(1)).
+  An IndexIDMap2 around IVF is wrong after a removal (IVF does not renumber, the map assumes
+  it does: search returns other items' keys);
 - graphs (HNSW) cannot delete nodes: removal rebuilds the graph from the remaining vectors
   (O(n log n); exact for HNSW's flat storage, lossy when the storage is quantised).
+
+So flat and graph types first turn removed ids into tombstones, which searches skip (a FAISS
+ID selector), and remove them for good once MAX_TOMBSTONES have piled up (or before a save).
 
 Writes (add, update, remove) hold an exclusive lock, searches a shared one: FAISS crashes when
 one thread adds while another searches. With faiss-gpu and a GPU, searches run on a GPU replica
@@ -24,6 +28,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ from index.files import atomic_write
 FORMAT = 1
 MAGIC = b"BYORLIDX"
 GPU_MAX_K = 2048  # FAISS GPU kernels return at most this many neighbours
+MAX_TOMBSTONES = 1024  # removed ids that searches skip before they are purged from FAISS
 
 # Recent FAISS switches flat search to BLAS only when n_queries * dim >= 128000, a rule tuned
 # for many-core servers (faiss PR #5022); with 1-2 threads BLAS wins from about 1000 (measured
@@ -94,6 +100,18 @@ class Item:
     key: str
     vector: np.ndarray  # the stored, normalised vector (approximate for quantised types)
     metadata: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAdd:
+    """A validated add and the ids its keys will take: what a durable store writes before
+    `apply_add` makes it searchable."""
+
+    keys: list[str]
+    ids: np.ndarray  # int64, consecutive from the index's next id
+    vectors: np.ndarray  # normalised float32 (n, dim)
+    metadata: list[str | None]  # JSON texts
+    trained: bool  # this add trained the index (IVF/PQ types): its trained state is new
 
 
 class _ReadWriteLock:
@@ -176,7 +194,8 @@ class EmbeddingIndex:
         self._index = _make_index(dim, factory)
         self._ids: dict[str, int] = {}
         self._keys: dict[int, str] = {}
-        self._meta: dict[str, str | None] = {}  # JSON text: validated once, copied on every read
+        # id -> JSON text (validated once, copied on every read); None metadata is not stored
+        self._meta: dict[int, str] = {}
         self._next_id = 0
         self._lock = _ReadWriteLock()
         self._ivf = faiss.try_extract_index_ivf(self._index) is not None
@@ -186,6 +205,11 @@ class EmbeddingIndex:
         self._on_gpu = ((gpu_available() if use_gpu is None else use_gpu)
                         and not self._rebuild_on_remove)
         self._gpu_index = None
+        # Flat codes compact on removal (O(n)) and graphs rebuild: removed ids become tombstones
+        # that searches skip, purged together. IVF removes in O(1); GPU copies take no filter.
+        self._tombstones = not self._ivf and not self._on_gpu
+        self._dead: set[int] = set()
+        self._skip: tuple | None = None  # (IDSelectorNot, IDSelectorBatch) of the tombstones
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -200,13 +224,30 @@ class EmbeddingIndex:
         with self._lock.read():
             return list(self._ids)
 
+    def page(self, offset: int, limit: int, *, raw_metadata: bool = False
+             ) -> tuple[int, list[tuple[str, Any]]]:
+        """(count, [(key, metadata)]) of keys offset..offset+limit in insertion order, read at
+        one instant: concurrent removals never leave a listed key without its metadata.
+        `raw_metadata` as in `search`."""
+        with self._lock.read():
+            keys = list(islice(self._ids, offset, offset + limit))
+            return len(self._ids), [(k, self._metadata(self._ids[k], raw_metadata)) for k in keys]
+
+    def ids_of(self, keys: Sequence[str]) -> list[int]:
+        """The internal ids of keys (UnknownKeyError for a key not in the index)."""
+        with self._lock.read():
+            missing = [k for k in keys if k not in self._ids]
+            if missing:
+                raise UnknownKeyError(f"unknown keys: {missing[:5]}")
+            return [self._ids[k] for k in keys]
+
     def get(self, key: str, *, raw_metadata: bool = False) -> Item:
         """The item under key; `raw_metadata` as in `search`."""
         with self._lock.read():
             if key not in self._ids:
                 raise UnknownKeyError(f"unknown key {key!r}")
             vector = self._index.reconstruct(self._ids[key])
-            return Item(key, vector, self._metadata(key, raw_metadata))
+            return Item(key, vector, self._metadata(self._ids[key], raw_metadata))
 
     def search(self, queries, k: int = 10, *, model_id: str | None = None,
                nprobe: int | None = None, ef_search: int | None = None,
@@ -218,15 +259,15 @@ class EmbeddingIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = self._normalised(queries, model_id)
-        params = self._search_params(nprobe, ef_search)
         lock = self._lock.write if self._on_gpu else self._lock.read
         with lock():
+            params = self._search_params(nprobe, ef_search)
             if not self._ids:
                 return [[] for _ in range(len(q))]
             index = self._gpu() if k <= GPU_MAX_K else self._index
             scores, ids = index.search(q, min(k, len(self._ids)), params=params)
             return [
-                [Hit(self._keys[i], float(s), self._metadata(self._keys[i], raw_metadata))
+                [Hit(self._keys[i], float(s), self._metadata(i, raw_metadata))
                  for s, i in zip(srow, irow, strict=True) if i >= 0]
                 for srow, irow in zip(scores, ids, strict=True)
             ]
@@ -237,32 +278,62 @@ class EmbeddingIndex:
             model_id: str | None = None) -> None:
         """Add new keys (a duplicate is refused). The first add trains IVF/PQ types on its
         vectors, so it must hold enough of them (at least the number of lists/centroids)."""
-        keys = _key_list(keys)
-        x = self._normalised(vectors, model_id, len(keys))
-        meta = _metadata_texts(metadata, len(keys))
+        pending = self._validated(keys, vectors, metadata, model_id)
         with self._lock.write():
-            dupes, seen = [], set()
-            for k in keys:
-                if k in self._ids or k in seen:
-                    dupes.append(k)
-                seen.add(k)
-            if dupes:
-                raise DuplicateKeyError(f"keys already present (use update): {dupes[:5]}")
-            if not keys:
-                return
-            ids = np.arange(self._next_id, self._next_id + len(keys), dtype=np.int64)
-            if not self._index.is_trained:
-                try:
-                    self._index.train(x)
-                except RuntimeError as e:
-                    raise TrainingError(
-                        f"{self.factory} trains on its first add, which had only {len(x)} "
-                        f"vectors: {str(e).splitlines()[0]}") from None
-            self._index.add_with_ids(x, ids)
-            self._gpu_index = None
-            self._next_id += len(keys)
-            for key, i, m in zip(keys, ids.tolist(), meta, strict=True):
-                self._ids[key], self._keys[i], self._meta[key] = i, key, m
+            self._apply(self._planned(*pending))
+
+    def plan_add(self, keys: Sequence[str], vectors, metadata: Sequence[Any] | None = None, *,
+                 model_id: str | None = None) -> PendingAdd:
+        """Validate an add and train an untrained index on it, without adding anything: a store
+        writes the result durably, then `apply_add`s it. The caller serialises its writes (the
+        plan holds until the next write)."""
+        pending = self._validated(keys, vectors, metadata, model_id)
+        with self._lock.write():
+            return self._planned(*pending)
+
+    def apply_add(self, pending: PendingAdd) -> None:
+        """Make a planned add searchable (refused if another write came between)."""
+        with self._lock.write():
+            if pending.keys and (int(pending.ids[0]) != self._next_id
+                                 or any(k in self._ids for k in pending.keys)):
+                raise RuntimeError("the index changed since this add was planned")
+            self._apply(pending)
+
+    def _validated(self, keys, vectors, metadata, model_id) -> tuple:
+        keys = _key_list(keys)
+        return keys, self._normalised(vectors, model_id, len(keys)), \
+            _metadata_texts(metadata, len(keys))
+
+    def _planned(self, keys: list[str], x: np.ndarray, meta: list[str | None]) -> PendingAdd:
+        """Duplicate check and training, under the write lock."""
+        dupes, seen = [], set()
+        for k in keys:
+            if k in self._ids or k in seen:
+                dupes.append(k)
+            seen.add(k)
+        if dupes:
+            raise DuplicateKeyError(f"keys already present (use update): {dupes[:5]}")
+        trained = bool(keys) and not self._index.is_trained
+        if trained:
+            try:
+                self._index.train(x)
+            except RuntimeError as e:
+                raise TrainingError(
+                    f"{self.factory} trains on its first add, which had only {len(x)} "
+                    f"vectors: {str(e).splitlines()[0]}") from None
+        ids = np.arange(self._next_id, self._next_id + len(keys), dtype=np.int64)
+        return PendingAdd(keys, ids, x, meta, trained)
+
+    def _apply(self, pending: PendingAdd) -> None:
+        if not pending.keys:
+            return
+        self._index.add_with_ids(pending.vectors, pending.ids)
+        self._gpu_index = None
+        self._next_id = int(pending.ids[-1]) + 1
+        for key, i, m in zip(pending.keys, pending.ids.tolist(), pending.metadata, strict=True):
+            self._ids[key], self._keys[i] = i, key
+            if m is not None:
+                self._meta[i] = m
 
     def update(self, key: str, vector=None, metadata: Any = None, *,
                model_id: str | None = None) -> None:
@@ -279,7 +350,7 @@ class EmbeddingIndex:
                 self._index.add_with_ids(x, np.array([i], dtype=np.int64))
                 self._gpu_index = None
             if meta is not None:
-                self._meta[key] = meta
+                self._meta[self._ids[key]] = meta
 
     def remove(self, keys: Sequence[str], *, missing_ok: bool = False) -> int:
         """Remove keys; returns how many were removed. Unknown keys raise unless missing_ok."""
@@ -289,16 +360,27 @@ class EmbeddingIndex:
             if missing and not missing_ok:
                 raise UnknownKeyError(f"unknown keys: {missing[:5]}")
             present = [k for k in keys if k in self._ids]
-            self._remove_ids(np.array([self._ids[k] for k in present], dtype=np.int64))
-            for key in present:
-                del self._keys[self._ids.pop(key)]
-                del self._meta[key]
+            ids = [self._ids[k] for k in present]
+            for i, key in zip(ids, present, strict=True):
+                del self._ids[key], self._keys[i]
+                self._meta.pop(i, None)
+            if not self._tombstones:
+                self._remove_ids(np.array(ids, dtype=np.int64))
+            elif ids:
+                self._dead.update(ids)
+                if len(self._dead) > MAX_TOMBSTONES:
+                    self._purge()
+                else:
+                    batch = faiss.IDSelectorBatch(np.fromiter(self._dead, np.int64))
+                    self._skip = (faiss.IDSelectorNot(batch), batch)
             return len(present)
 
     # -- persistence ---------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
         """Write the whole index (vectors, keys, metadata, model id) as one file, atomically."""
+        with self._lock.write():
+            self._purge()
         with self._lock.read():
             blob = faiss.serialize_index(self._index)
             keys = list(self._ids)
@@ -306,7 +388,7 @@ class EmbeddingIndex:
                 "format": FORMAT, "dim": self.dim, "model_id": self.model_id,
                 "factory": self.factory, "nprobe": self.nprobe, "ef_search": self.ef_search,
                 "keys": keys, "ids": [self._ids[k] for k in keys],
-                "metadata": [self._meta[k] for k in keys],
+                "metadata": [self._meta.get(self._ids[k]) for k in keys],
                 "index_bytes": blob.nbytes, "index_sha256": hashlib.sha256(blob).hexdigest(),
             }
         head = json.dumps(header).encode()
@@ -340,8 +422,40 @@ class EmbeddingIndex:
             raise CorruptIndexError(f"{path}: the FAISS index disagrees with its key table")
         obj._ids = dict(zip(h["keys"], h["ids"], strict=True))
         obj._keys = {i: k for k, i in obj._ids.items()}
-        obj._meta = dict(zip(h["keys"], h["metadata"], strict=True))
+        obj._meta = {i: m for i, m in zip(h["ids"], h["metadata"], strict=True) if m is not None}
         obj._next_id = max(h["ids"], default=-1) + 1
+        return obj
+
+    def trained_state(self) -> np.ndarray:
+        """The FAISS index emptied of its vectors, serialised: the trained state (IVF centroids,
+        PQ codebooks) that `restore` re-adds vectors to without training again. It copies the
+        index: take it while the index is small (right after the training add is planned)."""
+        with self._lock.read():
+            empty = faiss.clone_index(self._index)
+        empty.reset()
+        return faiss.serialize_index(empty)
+
+    @classmethod
+    def restore(cls, dim: int, model_id: str, factory: str, *, keys: Sequence[str], ids: np.ndarray,
+                vectors: np.ndarray, metadata: Sequence[str | None], next_id: int,
+                trained: np.ndarray | None = None, nprobe: int = 16, ef_search: int = 64,
+                use_gpu: bool | None = None) -> "EmbeddingIndex":
+        """An index rebuilt from a store's records: row i of `vectors` (normalised) and of
+        `metadata` (JSON texts) belong to keys[i] and ids[i]; types that train get their vectors
+        re-added to their saved `trained_state` (graphs are rebuilt: O(n log n))."""
+        obj = cls(dim, model_id, factory, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu)
+        if trained is not None:
+            obj._index = faiss.deserialize_index(trained)
+        if keys:
+            if not obj._index.is_trained:
+                raise CorruptIndexError(f"a {factory} index with items but no trained state")
+            obj._index.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                                    np.asarray(ids, np.int64))
+        id_list = np.asarray(ids).tolist()
+        obj._ids = dict(zip(keys, id_list, strict=True))
+        obj._keys = dict(zip(id_list, keys, strict=True))
+        obj._meta = {i: m for i, m in zip(id_list, metadata, strict=True) if m is not None}
+        obj._next_id = next_id
         return obj
 
     # -- internals -----------------------------------------------------------------------------
@@ -366,16 +480,25 @@ class EmbeddingIndex:
             raise InvalidVectorError(f"zero vectors have no direction (rows {rows})")
         return np.ascontiguousarray(x / norms)
 
-    def _metadata(self, key: str, raw: bool = False) -> Any:
-        text = self._meta[key]
+    def _metadata(self, i: int, raw: bool = False) -> Any:
+        text = self._meta.get(i)
         return text if raw or text is None else json.loads(text)
 
     def _search_params(self, nprobe: int | None, ef_search: int | None):
+        """FAISS search parameters, skipping tombstones (under the lock: they change)."""
+        skip = {} if self._skip is None else {"sel": self._skip[0]}
         if self._ivf:
             return faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
         if self._hnsw:
-            return faiss.SearchParametersHNSW(efSearch=ef_search or self.ef_search)
-        return None
+            return faiss.SearchParametersHNSW(efSearch=ef_search or self.ef_search, **skip)
+        return faiss.SearchParameters(**skip) if skip else None
+
+    def _purge(self) -> None:
+        """Remove the tombstoned vectors for good (O(n) once per MAX_TOMBSTONES removals)."""
+        if self._dead:
+            self._remove_ids(np.fromiter(self._dead, np.int64))
+            self._dead.clear()
+            self._skip = None
 
     def _gpu(self) -> faiss.Index:
         if not self._on_gpu:

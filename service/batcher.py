@@ -6,9 +6,15 @@ arrive while the model runs form the next batch, so under many concurrent client
 large batches and throughput approaches the offline batch throughput. While requests do arrive
 concurrently (the last batch held several), the loop also waits up to `wait_ms` for more; a lone
 client never waits.
+
+The queue is bounded: a request that would take it past `max_queued` images is refused whole
+with `QueueFull` (the api answers 429 with Retry-After), unless the queue is empty, so that any
+request within the per-request limits goes through eventually.
 """
 
 import asyncio
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +24,20 @@ import numpy as np
 from service.metrics import BATCH_QUEUE, BATCH_SIZE
 
 
+class QueueFull(Exception):
+    """The embedding queue is at its bound; try again after `retry_after_s` seconds."""
+
+    def __init__(self, queued: int, bound: int, retry_after_s: int):
+        super().__init__(f"{queued} images are waiting to be embedded (the bound is {bound})")
+        self.retry_after_s = retry_after_s
+
+
 class Batcher:
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, wait_ms: float):
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int, wait_ms: float,
+                 max_queued: int | None = None):
         self.run, self.max_batch, self.wait_s = run, max_batch, wait_ms / 1000
+        self.max_queued = max_queued
+        self._rate = 0.0  # images per second of the last model call (0: none yet)
         self._waiting: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batcher")
@@ -40,6 +57,9 @@ class Batcher:
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
         """Model outputs for the rows of x, computed together with concurrent requests."""
+        queued = self._queued()
+        if self.max_queued is not None and queued and queued + len(x) > self.max_queued:
+            raise QueueFull(queued, self.max_queued, self._retry_after(queued))
         loop = asyncio.get_running_loop()
         futures = []
         for chunk in np.array_split(x, -(-len(x) // self.max_batch)):
@@ -55,6 +75,10 @@ class Batcher:
 
     def _queued(self) -> int:
         return sum(len(x) for x, _ in self._waiting)
+
+    def _retry_after(self, queued: int) -> int:
+        """Whole seconds until the queue has likely drained, at the last measured rate."""
+        return max(1, math.ceil(queued / self._rate)) if self._rate else 1
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,6 +103,7 @@ class Batcher:
             if not live:
                 continue
             BATCH_SIZE.observe(sum(len(x) for x, _ in live))
+            start = time.perf_counter()
             try:
                 out = await loop.run_in_executor(
                     self._executor, self.run, np.concatenate([x for x, _ in live])
@@ -88,8 +113,9 @@ class Batcher:
                     if not f.done():
                         f.set_exception(exc)
                 continue
-            start = 0
+            self._rate = len(out) / max(time.perf_counter() - start, 1e-6)
+            row = 0
             for x, f in live:
                 if not f.done():
-                    f.set_result(out[start : start + len(x)])
-                start += len(x)
+                    f.set_result(out[row : row + len(x)])
+                row += len(x)

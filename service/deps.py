@@ -8,14 +8,23 @@ import onnxruntime as ort
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.batcher import Batcher
+from service.batcher import Batcher, QueueFull
+from service.errors import APIError
 from service.gallery import Gallery
 from service.images import decode_base64, decode_images
 from service.jobs import CeleryQueue, EmbeddedQueue
+from service.schemas import ErrorBody
 from service.settings import Settings
 from service.store import HeadStore, JobStore, ReportStore
 
 INLINE_DECODE_BYTES = 64 * 1024
+
+# How /docs shows the 429 of the routes that embed images (`AppState.embed`).
+QUEUE_FULL = {429: {"model": ErrorBody,
+                    "description": "The embedding queue is full (MAX_QUEUED_IMAGES): retry "
+                    "after Retry-After seconds",
+                    "headers": {"Retry-After": {"description": "Seconds to wait",
+                                                "schema": {"type": "integer"}}}}}
 
 
 @dataclass
@@ -52,8 +61,12 @@ class AppState:
         return await self.decode([decode_base64(s, i) for i, s in enumerate(images)], limit)
 
     async def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """Embeddings of uint8 pixels through the dynamic batcher."""
-        return await self.batcher(pixels)
+        """Embeddings of uint8 pixels through the dynamic batcher; 429 when its queue is full."""
+        try:
+            return await self.batcher(pixels)
+        except QueueFull as exc:
+            raise APIError(429, "queue_full", f"{exc}: retry later",
+                           {"Retry-After": str(exc.retry_after_s)}) from None
 
 
 def get_state(request: Request) -> AppState:

@@ -37,8 +37,8 @@ class APIError(HTTPException):
     """An HTTP error with a stable machine-readable code (an HTTPException, so that FastAPI's
     body parsing re-raises it untouched)."""
 
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(status, message)
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(status, message, headers)
         self.code = code
 
 

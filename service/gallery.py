@@ -1,18 +1,14 @@
-"""Named galleries: an EmbeddingIndex each, plus the model-input pixels of every item.
+"""Named galleries: a GalleryStore each (service/gallery_store.py), under data/indexes/<name>/.
 
-    indexes/<name>/index.bin         the EmbeddingIndex (vectors, keys, metadata, model id)
-    indexes/<name>/pixels-<gen>.u8   pixels at the model's input size, fixed-size records
-    indexes/<name>/pixels.json       which record holds each key's pixels
-
-The pixels let a linear head or an audit be run on items already in a gallery (robust heads
-and attacks need pixels, not embeddings). An add appends its records (one fsync for the whole
-request), then saves the map, then the index; a removal saves the index, then the map. So a
-crash leaves at most unreferenced records, never a key without pixels, and every write is on
-disk before it returns: an api restart loses nothing.
+Each item keeps the model-input pixels it was embedded from, so that a linear head or an audit
+can be run on items already in a gallery (robust heads and attacks need pixels, not
+embeddings). A background thread checkpoints every gallery (vector file, SQLite WAL) once per
+`checkpoint_s`. Creating and deleting go through dot-folders renamed atomically; start-up
+removes the dot-folders that a crash left behind, and migrates galleries of the previous
+format (service/gallery_migration.py).
 """
 
-import json
-import os
+import logging
 import shutil
 import threading
 import uuid
@@ -21,137 +17,108 @@ from typing import Any
 
 import numpy as np
 
-from index.faiss_index import EmbeddingIndex, UnknownKeyError
-from index.files import atomic_write
-from service.store import Conflict, NotFound, check_name
+from index.faiss_index import EmbeddingIndex
+from service.gallery_migration import is_old_format, migrate
+from service.gallery_store import DB_FILE, GalleryStore, create_store
+from service.store import NAME, Conflict, NotFound, check_name
 
-INDEX_FILE = "index.bin"
+log = logging.getLogger(__name__)
+CHECKPOINT_S = 1.0
 
 
 def load_index(data_dir: str | Path, name: str) -> EmbeddingIndex:
-    """One saved index, read from its file (what a worker sees of the api's galleries)."""
-    path = Path(data_dir) / "indexes" / check_name(name, "index") / INDEX_FILE
-    if not path.exists():
-        raise NotFound("index", name)
-    return EmbeddingIndex.load(path)
+    """One gallery's index, read from disk (what a worker sees of the api's galleries)."""
+    store = GalleryStore(Path(data_dir) / "indexes" / check_name(name, "index"), writable=False)
+    store.close()
+    return store.index
 
 
-class PixelStore:
-    """uint8 records appended to one file, and a key -> record map beside it. Records of removed
-    keys are reclaimed by rewriting the file (under a new name) once they outnumber live ones."""
-
-    def __init__(self, root: Path):
-        self.root, self.map_path = root, root / "pixels.json"
-        state = json.loads(self.map_path.read_text()) if self.map_path.exists() else {}
-        self.file: str = state.get("file", "pixels-0.u8")
-        self.shape: list[int] | None = state.get("shape")
-        self.rows: dict[str, int] = state.get("rows", {})
-
-    def _records(self) -> int:
-        path = self.root / self.file
-        return path.stat().st_size // int(np.prod(self.shape)) if path.exists() else 0
-
-    def put(self, keys: list[str], pixels: np.ndarray) -> None:
-        if self.shape is None:
-            self.shape = list(pixels.shape[1:])
-        start = self._records()
-        with open(self.root / self.file, "ab") as f:
-            f.write(np.ascontiguousarray(pixels, np.uint8).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        self.rows.update({k: start + i for i, k in enumerate(keys)})
-        self._save_map()
-
-    def drop(self, keys: list[str]) -> None:
-        for k in keys:
-            self.rows.pop(k, None)
-        self._save_map()
-        if self._records() > 2 * len(self.rows) + 64:
-            self._compact()
-
-    def get(self, keys: list[str]) -> np.ndarray:
-        data = np.memmap(self.root / self.file, np.uint8, "r").reshape(-1, *self.shape)
-        return np.array(data[[self.rows[k] for k in keys]])
-
-    def _save_map(self) -> None:
-        state = {"file": self.file, "shape": self.shape, "rows": self.rows}
-        atomic_write(self.map_path, [json.dumps(state).encode()])
-
-    def _compact(self) -> None:
-        keys, old = list(self.rows), self.file
-        live = self.get(keys) if keys else np.empty((0, *self.shape), np.uint8)
-        self.file = f"pixels-{int(old.split('-')[1].split('.')[0]) + 1}.u8"
-        atomic_write(self.root / self.file, [live.tobytes()])
-        self.rows = {k: i for i, k in enumerate(keys)}
-        self._save_map()  # the switch to the new file
-        (self.root / old).unlink(missing_ok=True)
+def remove_leftovers(root: Path) -> None:
+    """Delete the dot-folders of creations and deletions that a crash interrupted (gallery
+    names never start with a dot)."""
+    for path in root.iterdir():
+        if path.name.startswith(".") and path.is_dir():
+            log.warning("removing %s, left by an interrupted create or delete", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class Gallery:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, checkpoint_s: float = CHECKPOINT_S):
         self.root = Path(data_dir) / "indexes"
         self.root.mkdir(parents=True, exist_ok=True)
-        names = sorted(p.parent.name for p in self.root.glob(f"*/{INDEX_FILE}"))
-        self._indexes = {n: load_index(data_dir, n) for n in names}
-        self._pixels = {n: PixelStore(self.root / n) for n in names}
-        self._locks: dict[str, threading.Lock] = {n: threading.Lock() for n in names}
-        self._lock = threading.Lock()  # guards the dicts
+        remove_leftovers(self.root)
+        self._stores: dict[str, GalleryStore] = {}
+        for path in sorted(self.root.iterdir()):
+            if not NAME.match(path.name):
+                continue
+            if is_old_format(path):
+                log.warning("migrating %s from the previous format", path)
+                migrate(path)
+            if (path / DB_FILE).exists():
+                self._stores[path.name] = GalleryStore(path)
+        self._lock = threading.Lock()  # guards the dict
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._checkpoints, args=(checkpoint_s,),
+                                        name="gallery-checkpoints", daemon=True)
+        self._thread.start()
 
     def names(self) -> list[str]:
-        return sorted(self._indexes)
+        return sorted(self._stores)
 
-    def get(self, name: str) -> EmbeddingIndex:
+    def indexes(self) -> list[tuple[str, EmbeddingIndex]]:
+        """(name, index) of every gallery at one instant (a listing races deletes)."""
+        return sorted((name, store.index) for name, store in list(self._stores.items()))
+
+    def store(self, name: str) -> GalleryStore:
         try:
-            return self._indexes[name]
+            return self._stores[name]
         except KeyError:
             raise NotFound("index", name) from None
+
+    def get(self, name: str) -> EmbeddingIndex:
+        return self.store(name).index
 
     def create(self, name: str, dim: int, model_id: str, factory: str = "Flat") -> EmbeddingIndex:
         check_name(name, "index")
         with self._lock:
-            if name in self._indexes:
+            if name in self._stores or (self.root / name).exists():
                 raise Conflict(f"index {name!r} already exists")
-            index = EmbeddingIndex(dim, model_id, factory)
-            index.save(self.root / name / INDEX_FILE)
-            self._indexes[name], self._locks[name] = index, threading.Lock()
-            self._pixels[name] = PixelStore(self.root / name)
-        return index
+            self._stores[name] = create_store(self.root / name, dim, model_id, factory)
+            return self._stores[name].index
 
     def delete(self, name: str) -> None:
+        """Waits for the write in flight; writes that come later answer NotFound."""
         with self._lock:
-            self.get(name)
-            del self._indexes[name], self._locks[name], self._pixels[name]
+            store = self.store(name)
+            del self._stores[name]
+            store.close(checkpoint=False)
             trash = self.root / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
-            (self.root / name).rename(trash)  # atomic: a restart never sees half an index
+            (self.root / name).rename(trash)  # atomic: a restart never sees half a gallery
         shutil.rmtree(trash, ignore_errors=True)
 
     def add(self, name: str, keys: list[str], vectors: np.ndarray, pixels: np.ndarray,
             metadata: list[Any] | None, model_id: str) -> None:
-        index = self.get(name)
-        with self._locks[name]:
-            new = [i for i, k in enumerate(keys) if k not in index]
-            new_keys = [keys[i] for i in new]  # a key already present keeps its pixels
-            self._pixels[name].put(new_keys, pixels[new])
-            try:
-                index.add(keys, vectors, metadata, model_id=model_id)
-            except Exception:
-                self._pixels[name].drop(new_keys)
-                raise
-            index.save(self.root / name / INDEX_FILE)
+        self.store(name).add(keys, vectors, pixels, metadata, model_id)
 
     def remove(self, name: str, keys: list[str]) -> int:
-        index = self.get(name)
-        with self._locks[name]:
-            removed = index.remove(keys)
-            index.save(self.root / name / INDEX_FILE)
-            self._pixels[name].drop(keys)
-        return removed
+        return self.store(name).remove(keys)
 
     def pixels(self, name: str, keys: list[str]) -> np.ndarray:
         """uint8 (N, 3, H, W) pixels of keys in the index (UnknownKeyError for the others)."""
-        index = self.get(name)
-        missing = [k for k in keys if k not in index]
-        if missing:
-            raise UnknownKeyError(f"keys not in index {name!r}: {missing[:5]}")
-        with self._locks[name]:
-            return self._pixels[name].get(keys)
+        return self.store(name).pixels(keys)
+
+    def close(self) -> None:
+        """Stop checkpointing, checkpoint and close every gallery."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            for store in self._stores.values():
+                store.close()
+
+    def _checkpoints(self, every: float) -> None:
+        while not self._stop.wait(every):
+            for store in list(self._stores.values()):
+                try:
+                    store.checkpoint()
+                except Exception:  # logged; the next round tries again
+                    log.exception("checkpoint of gallery %s failed", store.name)

@@ -33,7 +33,7 @@ def load_state(settings: Settings) -> AppState:
         raise RuntimeError(f"{s.model_dir}: the encoder returns {warmup.shape[1:]}, the card "
                            f"says {card['embedding_dim']}")
     batcher = Batcher(lambda x: model_card.embed(session, x, s.max_batch), s.max_batch,
-                      s.batch_wait_ms)
+                      s.batch_wait_ms, s.max_queued_images)
     jobs = JobStore.from_settings(settings)
     return AppState(settings, card, session, batcher, Gallery(data), jobs, HeadStore(data),
                     ReportStore(data), make_queue(settings))
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper.cancel()
         await state.batcher.stop()
         state.queue.close()
+        state.gallery.close()
 
     app = FastAPI(
         title="BYORL embeddings",

@@ -56,11 +56,12 @@ def search_response(index: str, model_id: str, rows, limit: int) -> Response:
     return out.response()
 
 
-def items_response(index: str, count: int, offset: int, items: list[tuple[str, str | None]],
-                   limit: int) -> Response:
-    """An `ItemsPage` body of (key, raw JSON metadata) pairs."""
+def items_response(index: str, shown: dict, limit: int) -> Response:
+    """An `ItemsPage` body from the fields of a `Page` (service.pagination.page) whose items are
+    (key, raw JSON metadata) pairs."""
     out = BoundedJSON(limit, "ask for a smaller page (limit)")
-    out.add(f'{{"index":{json.dumps(index)},"count":{count},"offset":{offset},"items":')
-    out.array(_item(key, metadata) for key, metadata in items)
+    fields = {"index": index, **{k: shown[k] for k in ("count", "offset", "limit", "next_offset")}}
+    out.add(json.dumps(fields, separators=(",", ":"))[:-1] + ',"items":')
+    out.array(_item(key, metadata) for key, metadata in shown["items"])
     out.add("}")
     return out.response()

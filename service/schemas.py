@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.head_rule import AUTO_VALIDATION_FRACTION, MIN_LABELS_FOR_HOLDOUT, SMALL_SET_L2
+from service.pagination import Page
 from service.store import NAME
 
 Base64Image = Annotated[str, Field(description="A PNG, JPEG or WebP image, base64 (or data URL)")]
@@ -37,9 +38,14 @@ class Images(Strict):
     images: list[Base64Image] = Field(min_length=1)
 
 
+class EmbedRequest(Images):
+    normalize: bool = Field(True, description="Unit-length vectors (what cosine search expects)")
+
+
 class Embeddings(BaseModel):
     model_id: str
     dim: int
+    normalized: bool = Field(description="Whether each vector has unit L2 norm")
     embeddings: list[list[float]]
 
 
@@ -80,11 +86,8 @@ class Item(BaseModel):
     metadata: Any = None
 
 
-class ItemsPage(BaseModel):
+class ItemsPage(Page[Item]):
     index: str
-    count: int
-    offset: int
-    items: list[Item]
 
 
 class Removed(BaseModel):
@@ -187,7 +190,9 @@ class JobAccepted(BaseModel):
     job_id: str
     kind: str
     state: str
-    status_url: str
+    status_url: str = Field(description="The job (also in the Location header): poll it")
+    result_url: str = Field(description="Where the job's product will be once it succeeded: "
+                            "/heads/{id} for a linear head, /audits/{id} for an audit")
 
 
 class Job(BaseModel):

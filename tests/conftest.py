@@ -1,24 +1,23 @@
-"""Session fixtures shared across the test tree: a few real images, and a tiny model directory.
+"""Session fixtures shared across the test tree: real images, and a tiny model directory.
 
-Both are built once and kept under `.cache/tests/`, keyed by what they are built from (the
-archive's size and mtime; the source of the model, exporter and model-card code), so a later
+The images are the CIFAR-10 sample shipped in tests/data/ (no download, no data outside the
+repository). Both are built once and kept under `.cache/tests/`, keyed by what they are built
+from (the sample's bytes; the source of the model, exporter and model-card code), so a later
 session reuses them and any change to that code rebuilds them.
 """
 
 import hashlib
 import os
 import shutil
-import tarfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT / "../shared/data/cifar10-jpeg.tar.gz"
+SAMPLE = ROOT / "tests" / "data" / "cifar10-test-sample.npz"  # see tests/data/README.md
 CACHE = ROOT / ".cache" / "tests"
 PER_CLASS = 12
 
@@ -41,39 +40,34 @@ def cached_dir(name: str, key_parts: list[bytes], build: Callable[[Path], None])
     return final
 
 
-def _write_cifar_subset(out: Path) -> None:
-    """The first PER_CLASS JPEGs of each class in the shared CIFAR-10 archive."""
-    counts: dict[str, int] = {}
-    with tarfile.open(CIFAR) as tar:
-        for m in tar:
-            parts = Path(m.name).parts
-            if m.isfile() and len(parts) == 3 and counts.get(parts[1], 0) < PER_CLASS:
-                (out / parts[1]).mkdir(exist_ok=True)
-                (out / parts[1] / f"{counts.get(parts[1], 0):04d}.jpg").write_bytes(
-                    tar.extractfile(m).read())
-                counts[parts[1]] = counts.get(parts[1], 0) + 1
+def write_sample(out: Path, per_class: int | None = None) -> None:
+    """The shipped CIFAR-10 JPEGs (bytes unchanged) as an ImageFolder: class/NNNN.jpg; the first
+    `per_class` of each class, or all."""
+    with np.load(SAMPLE) as f:
+        jpeg, offsets, labels, classes = f["jpeg"], f["offsets"], f["labels"], f["classes"]
+    counts: dict[int, int] = {}
+    for i, y in enumerate(labels.tolist()):
+        n = counts.get(y, 0)
+        if per_class is not None and n >= per_class:
+            continue
+        (out / classes[y]).mkdir(exist_ok=True)
+        (out / classes[y] / f"{n:04d}.jpg").write_bytes(jpeg[offsets[i] : offsets[i + 1]])
+        counts[y] = n + 1
 
 
-def _write_generated(out: Path, classes: int = 10) -> None:
-    """Stand-in images when the shared data is absent: one noisy colour per class."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        base = rng.integers(0, 256, 3)
-        (out / f"class{c}").mkdir()
-        for i in range(PER_CLASS):
-            px = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(out / f"class{c}" / f"{i:04d}.png")
+@pytest.fixture(scope="session")
+def cifar_sample() -> Path:
+    """An ImageFolder directory (class/NNNN.jpg) of all 2,100 shipped CIFAR-10 test images
+    (210 per class; tests/data/README.md). Read-only."""
+    return cached_dir("cifar-sample", [SAMPLE.read_bytes()], write_sample)
 
 
 @pytest.fixture(scope="session")
 def image_folder() -> Path:
-    """An ImageFolder directory (class/NNNN.ext, 10 classes of 32x32 images): real CIFAR-10
-    images when the shared archive is present, generated ones otherwise. Read-only."""
-    if CIFAR.exists():
-        st = CIFAR.stat()
-        return cached_dir("cifar-subset", [f"{st.st_size}:{st.st_mtime_ns}:{PER_CLASS}".encode()],
-                          _write_cifar_subset)
-    return cached_dir("generated-images", [str(PER_CLASS).encode()], _write_generated)
+    """The first PER_CLASS images of each class of the shipped CIFAR-10 sample (class/NNNN.jpg,
+    10 classes of 32x32 JPEGs). Read-only."""
+    return cached_dir("cifar-subset", [SAMPLE.read_bytes(), str(PER_CLASS).encode()],
+                      lambda out: write_sample(out, PER_CLASS))
 
 
 @pytest.fixture(scope="session")

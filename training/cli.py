@@ -98,12 +98,14 @@ def export(
 ):
     """Export the encoder to ONNX with a model card; fails unless ONNX Runtime matches PyTorch."""
     from training.export import export_encoder
+    from training.progress import Bars
 
     command = ["byorl", "export", str(run), "--out", str(out)]
     command += ["--images", images] if images else []
     command += ["--metrics", str(metrics)] if metrics else []
-    card = export_encoder(run, out, json.loads(metrics.read_text()) if metrics else None, images,
-                          command=shlex.join(command))
+    with Bars() as stages:
+        card = export_encoder(run, out, json.loads(metrics.read_text()) if metrics else None,
+                              images, command=shlex.join(command), progress=stages)
     typer.echo(f"{card['model_id']}: max |onnx - torch| {card['parity']['max_abs_diff']} -> {out}")
 
 
@@ -178,6 +180,7 @@ def experiment(
     """The grid of methods x label amounts x threat models (Fig. 3/4, 7/8): resumable, writes
     results.{csv,json,md} and figures/ to OUT."""
     from training.experiment import ExperimentConfig, run_experiment
+    from training.progress import Bars
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
     cfg = ExperimentConfig.from_dict(json.loads(base.read_text())) if base else ExperimentConfig()
@@ -207,10 +210,8 @@ def experiment(
         cfg.encoders[name] = run
     cfg.__post_init__()
 
-    def report(done: int, total: int, key: str) -> None:
-        typer.echo(f"[{done}/{total}] {key}")
-
-    result = run_experiment(cfg, progress=report)
+    with Bars("cells") as cells, Bars(position=1, leave=False) as steps:
+        result = run_experiment(cfg, progress=cells, cell_progress=steps)
     typer.echo(f"{len(result['ran'])} cells run, {len(result['skipped'])} already done -> {out}")
 
 
@@ -300,6 +301,7 @@ def evaluate(
 
     from training.evaluate import evaluate_checkpoint, report_markdown, write_report
     from training.heads import HeadConfig
+    from training.progress import Bars
 
     heads = ("nonrobust", "robust") if head == "both" else tuple(head.split(","))
     overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps,
@@ -307,11 +309,9 @@ def evaluate(
                  "decay_epoch": head_epochs // 2 if head_epochs else None}
     config = HeadConfig(**{k: v for k, v in overrides.items() if v is not None})
 
-    def report(done: int, total: int, what: str) -> None:
-        typer.echo(f"[{done}/{total}] {what}", err=True)
-
-    result = evaluate_checkpoint(run, labels, heads, norm, parse_eps(eps) if eps else None, mode,
-                                 n_test, data, config, val_size, seed, device, report)
+    with Bars() as report:
+        result = evaluate_checkpoint(run, labels, heads, norm, parse_eps(eps) if eps else None,
+                                     mode, n_test, data, config, val_size, seed, device, report)
     paths = write_report(result, out)
     Console().print(Markdown(report_markdown(result)))
     typer.echo(f"-> {', '.join(map(str, paths))}")

@@ -9,6 +9,7 @@ directory exactly as the service does, matches PyTorch on random and real images
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,15 +104,23 @@ def _real_images(source: str, config: dict) -> torch.Tensor:
 
 def export_encoder(checkpoint_or_run: str | Path, out_dir: str | Path,
                    metrics: dict | None = None, images: str | None = None,
-                   command: str | None = None) -> dict:
+                   command: str | None = None,
+                   progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Write encoder.onnx, encoder.pt and card.json to out_dir and return the card.
 
     Parity is checked on random images and on the test split of `images` (a load_images source;
     default: the run's training data). `metrics` (a `byorl evaluate` report or any dict) go
     into the card through `card_metrics`. Raises ParityError, leaving no card (so no loadable
-    model), when ONNX Runtime and PyTorch differ.
+    model), when ONNX Runtime and PyTorch differ. `progress(done, total, stage)` follows the
+    five stages.
     """
+
+    def stage(done: int, what: str) -> None:
+        if progress is not None:
+            progress(done, 5, what)
+
     encoder, config = load_encoder(checkpoint_or_run)
+    stage(1, "checkpoint loaded")
     arch, width = config["model"]["arch"], config["model"]["width"]
     size = config["data"]["image_size"]
     input_size = (3, size, size)
@@ -120,11 +129,13 @@ def export_encoder(checkpoint_or_run: str | Path, out_dir: str | Path,
                              generator=torch.Generator().manual_seed(0)),
         "real": _real_images(images or config["data"]["source"], config),
     }
+    stage(2, "parity images loaded")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CARD).unlink(missing_ok=True)  # the directory is not a model until parity holds
 
     atomic_write(out / ONNX, [onnx_bytes(encoder, input_size)])
+    stage(3, "onnx exported")
     save_atomic({"arch": arch, "width": width, "state_dict": encoder.state_dict()}, out / WEIGHTS)
     sha = sha256_file(out / ONNX)
     threat = _threat_model(config)
@@ -143,6 +154,7 @@ def export_encoder(checkpoint_or_run: str | Path, out_dir: str | Path,
         "command": command or shlex.join(sys.argv),
     })
     atomic_write(out / CARD, [json.dumps(card, indent=2).encode()])
+    stage(4, "weights and card written")
     session = load_onnx_session(out)
     errors = {name: parity_error(encoder, session, x) for name, x in parity_images.items()}
     if max(errors.values()) >= PARITY_TOLERANCE:
@@ -152,6 +164,7 @@ def export_encoder(checkpoint_or_run: str | Path, out_dir: str | Path,
     card["parity"] = {"max_abs_diff": errors, "tolerance": PARITY_TOLERANCE,
                       "batch_sizes": list(PARITY_BATCHES)}
     atomic_write(out / CARD, [json.dumps(card, indent=2).encode()])
+    stage(5, "parity checked")
     return card
 
 

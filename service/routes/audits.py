@@ -3,21 +3,24 @@
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Response
 
 from service.deps import Service
 from service.errors import APIError, error_responses
+from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
 from service.routes.heads import check_labels, head_of_served_model
-from service.routes.jobs import submit_job
+from service.routes.jobs import ACCEPTED, submit_job
 from service.schemas import AuditRequest, Job, JobAccepted, RobustnessAudit
 from service.store import NotFound
 
 router = APIRouter(prefix="/audits", tags=["audits"])
 
 
-@router.post("", status_code=202, responses=error_responses(400, 404, 409, 413, 422, 503))
-async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service) -> JobAccepted:
+@router.post("", status_code=202,
+             responses=ACCEPTED | error_responses(400, 404, 409, 413, 422, 503))
+async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service,
+                       response: Response) -> JobAccepted:
     """Start an audit; its report is at GET /audits/{id} once the job succeeded."""
     arrays = {}
     if isinstance(body, RobustnessAudit):
@@ -30,12 +33,14 @@ async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service) -> J
             raise APIError(422, "empty_index", f"index {body.index!r} holds no items to retrieve")
     arrays["images"] = await svc.decode_base64(body.images, svc.settings.max_bulk_images)
     params = {**body.model_dump(exclude={"images", "labels", "kind"}), "audit": body.kind}
-    return await submit_job(svc, "audit", params, **arrays)
+    return await submit_job(svc, response, "audit", "/audits", params, **arrays)
 
 
-@router.get("")
-def list_audits(svc: Service) -> list[Job]:
-    return [Job(**j) for j in svc.jobs.list() if j["kind"] == "audit"]
+@router.get("", responses=error_responses(422))
+def list_audits(svc: Service, paging: Paging) -> Page[Job]:
+    """The audits' jobs, oldest first (each report is at GET /audits/{id})."""
+    audits = [j for j in svc.jobs.list() if j["kind"] == "audit"]
+    return Page[Job](**page(audits, paging, lambda j: Job(**j)))
 
 
 @router.get("/{audit_id}", responses=error_responses(404, 409))

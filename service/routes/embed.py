@@ -1,25 +1,29 @@
-"""POST /embed: images (base64 in JSON, or multipart uploads) -> embeddings."""
+"""POST /embed: images (base64 in JSON, or multipart uploads) -> embeddings, unit-length unless
+`normalize` is false (as in Text Embeddings Inference)."""
 
+import numpy as np
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.deps import Service
+from service.deps import QUEUE_FULL, Service
 from service.errors import APIError, error_responses
 from service.images import decode_base64
-from service.schemas import Embeddings, Images
+from service.schemas import Embeddings, EmbedRequest
 
 router = APIRouter(tags=["embeddings"])
 
 BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": Images.model_json_schema()},
+        "application/json": {"schema": EmbedRequest.model_json_schema()},
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "properties": {"files": {"type": "array", "items": {"type": "string",
-                                                                    "format": "binary"}}},
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "normalize": {"type": "boolean", "default": True},
+                },
                 "required": ["files"],
             }
         },
@@ -27,8 +31,19 @@ BODY = {
 }
 
 
-async def read_image_bytes(request: Request, limit: int) -> list[bytes]:
-    """The image bytes of a JSON body ({"images": [base64, ...]}) or of multipart `files`."""
+def form_flag(value: object, name: str, default: bool) -> bool:
+    """A multipart boolean field: true/false/1/0 (absent: the default)."""
+    if value is None:
+        return default
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise APIError(422, "validation_error", f"{name}: expected true or false, not {text!r}")
+    return text in ("true", "1")
+
+
+async def read_embed_request(request: Request, limit: int) -> tuple[list[bytes], bool]:
+    """(image bytes, normalize) of a JSON body ({"images": [base64, ...], "normalize": bool})
+    or of a multipart form (`files`, optional field `normalize`)."""
     content_type = request.headers.get("content-type", "application/json")
     if content_type.startswith("multipart/form-data"):
         try:
@@ -41,19 +56,23 @@ async def read_image_bytes(request: Request, limit: int) -> list[bytes]:
                                f"more than {limit} images in one request") from None
             raise APIError(400, "invalid_multipart", str(exc.detail)) from None
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        return [await f.read() for f in files]
+        normalize = form_flag(form.get("normalize"), "normalize", default=True)
+        return [await f.read() for f in files], normalize
     if content_type.startswith("application/json"):
-        body = Images.model_validate_json(await request.body())
-        return [decode_base64(s, i) for i, s in enumerate(body.images)]
+        body = EmbedRequest.model_validate_json(await request.body())
+        return [decode_base64(s, i) for i, s in enumerate(body.images)], body.normalize
     raise APIError(415, "unsupported_media_type",
                    f"send application/json or multipart/form-data, not {content_type}")
 
 
 @router.post("/embed", openapi_extra={"requestBody": BODY},
-             responses=error_responses(400, 413, 415, 422))
+             responses=error_responses(400, 413, 415, 422) | QUEUE_FULL)
 async def embed_images(request: Request, svc: Service) -> Embeddings:
     """Embed a batch of images; concurrent requests share one ONNX Runtime call."""
     limit = svc.settings.max_images
-    pixels = await svc.decode(await read_image_bytes(request, limit), limit)
-    vectors = await svc.embed(pixels)
-    return Embeddings(model_id=svc.model_id, dim=vectors.shape[1], embeddings=vectors.tolist())
+    blobs, normalize = await read_embed_request(request, limit)
+    vectors = await svc.embed(await svc.decode(blobs, limit))
+    if normalize:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return Embeddings(model_id=svc.model_id, dim=vectors.shape[1], normalized=normalize,
+                      embeddings=vectors.tolist())

@@ -1,21 +1,23 @@
 """Galleries: named indexes of embedded images under user keys, with JSON metadata."""
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import AppState, Service
+from index.faiss_index import EmbeddingIndex
+from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError, error_responses
+from service.pagination import Page, Paging, page, page_of
 from service.responses import items_response
 from service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 
 
-def index_info(svc: AppState, name: str) -> IndexInfo:
-    index = svc.gallery.get(name)
+def index_info(svc: AppState, name: str, index: EmbeddingIndex | None = None) -> IndexInfo:
+    index = svc.gallery.get(name) if index is None else index
     return IndexInfo(name=name, model_id=index.model_id, dim=index.dim, factory=index.factory,
                      count=len(index))
 
@@ -42,9 +44,11 @@ def check_metadata(metadata: list[Any] | None, limit: int) -> None:
                            f"the limit is {limit} bytes per item")
 
 
-@router.get("")
-def list_indexes(svc: Service) -> list[IndexInfo]:
-    return [index_info(svc, name) for name in svc.gallery.names()]
+@router.get("", responses=error_responses(422))
+def list_indexes(svc: Service, paging: Paging) -> Page[IndexInfo]:
+    """The indexes by name, each read once (a concurrent delete never makes the listing 404)."""
+    return Page[IndexInfo](**page(svc.gallery.indexes(), paging,
+                                  lambda pair: index_info(svc, *pair)))
 
 
 @router.post("", status_code=201, responses=error_responses(400, 409, 413, 422))
@@ -71,7 +75,7 @@ def delete_index(name: str, svc: Service) -> Response:
 
 
 @router.post("/{name}/items", status_code=201,
-             responses=error_responses(400, 404, 409, 413, 422))
+             responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
     check_model(svc, name)
@@ -85,14 +89,11 @@ async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
 
 @router.get("/{name}/items", response_model=ItemsPage,
             responses=error_responses(404, 413, 422))
-def list_items(
-    name: str, svc: Service,
-    offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> Response:
+def list_items(name: str, svc: Service, paging: Paging) -> Response:
     index = svc.gallery.get(name)
-    keys = index.keys()
-    items = [(k, index.get(k, raw_metadata=True).metadata) for k in keys[offset : offset + limit]]
-    return items_response(name, len(keys), offset, items, svc.settings.max_response_bytes)
+    # one instant (removals race it); metadata as stored JSON text, never decoded
+    count, items = index.page(paging.offset, paging.limit, raw_metadata=True)
+    return items_response(name, page_of(items, count, paging), svc.settings.max_response_bytes)
 
 
 @router.delete("/{name}/items/{key:path}", responses=error_responses(404))

@@ -4,10 +4,11 @@ import numpy as np
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import AppState, Service
+from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError, error_responses
+from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
-from service.routes.jobs import submit_job
+from service.routes.jobs import ACCEPTED, submit_job
 from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
 
 router = APIRouter(tags=["heads"])
@@ -43,22 +44,25 @@ def head_of_served_model(svc: AppState, head_id: str) -> dict:
 
 
 @router.post("/linear-head", status_code=202,
-             responses=error_responses(400, 404, 409, 413, 422, 503))
-async def create_linear_head(body: LinearHeadRequest, svc: Service) -> JobAccepted:
-    """Fit a linear head (adversarially when robust) as a job; the head id is the job id."""
+             responses=ACCEPTED | error_responses(400, 404, 409, 413, 422, 503))
+async def create_linear_head(body: LinearHeadRequest, svc: Service,
+                             response: Response) -> JobAccepted:
+    """Fit a linear head (adversarially when robust) as a job. The head joins the /heads
+    collection, under the job's id (`result_url`), once the job succeeded."""
     if len(body.classes) > svc.settings.max_classes:
         raise APIError(413, "too_many_classes", f"{len(body.classes)} classes; the limit is "
                        f"{svc.settings.max_classes}")
     check_labels(body.labels, len(body.classes), at_least_two=True)
     pixels = await labeled_pixels(svc, body)
     params = body.model_dump(exclude={"images", "labels", "keys"})
-    return await submit_job(svc, "linear_head", params, images=pixels,
+    return await submit_job(svc, response, "linear_head", "/heads", params, images=pixels,
                             labels=np.asarray(body.labels, np.int64))
 
 
-@router.get("/heads")
-def list_heads(svc: Service) -> list[Head]:
-    return [Head(**c) for c in svc.heads.list()]
+@router.get("/heads", responses=error_responses(422))
+def list_heads(svc: Service, paging: Paging) -> Page[Head]:
+    """The fitted heads (made by POST /linear-head), oldest first."""
+    return Page[Head](**page(svc.heads.list(), paging, lambda c: Head(**c)))
 
 
 @router.get("/heads/{head_id}", responses=error_responses(404))
@@ -73,7 +77,7 @@ def delete_head(head_id: str, svc: Service) -> Response:
 
 
 @router.post("/heads/{head_id}/predict",
-             responses=error_responses(400, 404, 409, 413, 422))
+             responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def predict_with_head(head_id: str, body: Images, svc: Service) -> Predictions:
     """Class probabilities of images: softmax(W e(x) + b) on the served encoder."""
     card = head_of_served_model(svc, head_id)

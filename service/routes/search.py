@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import Service
+from service.deps import QUEUE_FULL, Service
 from service.errors import APIError, error_responses
 from service.responses import search_response
 from service.routes.gallery import check_model
@@ -13,7 +13,7 @@ router = APIRouter(tags=["gallery"])
 
 
 @router.post("/search", response_model=SearchResults,
-             responses=error_responses(400, 404, 409, 413, 422))
+             responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def search_index(body: SearchRequest, svc: Service) -> Response:
     """Top-k keys by cosine similarity, with their metadata, one list per query."""
     index = svc.gallery.get(body.index)

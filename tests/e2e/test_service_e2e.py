@@ -6,9 +6,11 @@ Default settings throughout (job time limit, leases, sweeps).
 import base64
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,10 +128,14 @@ def test_fit_head_from_index_keys_then_predict(api, data):
                                        "index": "pets", "keys": keys, "epochs": 5,
                                        "min_steps": 50})
     assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert r.headers["Location"] == accepted["status_url"] == f"/jobs/{accepted['job_id']}"
     job = wait_job(api, r.json()["job_id"])
     assert job["state"] == "succeeded", job["error"]
     head_id = job["result"]["head_id"]
-    assert head_id in [h["id"] for h in api.get("/heads").json()]
+    assert accepted["result_url"] == f"/heads/{head_id}" == f"/heads/{accepted['job_id']}"
+    assert api.get(accepted["result_url"]).json()["id"] == head_id
+    assert head_id in [h["id"] for h in api.get("/heads").json()["items"]]
     pred = api.post(f"/heads/{head_id}/predict", json={"images": images[:4]}).json()
     assert len(pred["labels"]) == 4 and set(pred["classes"]) <= {"cat", "ship"}
     for p in pred["probabilities"]:
@@ -138,15 +144,16 @@ def test_fit_head_from_index_keys_then_predict(api, data):
 
 def test_audits(api, data):
     images, labels = data
-    head_id = api.get("/heads").json()[0]["id"]
+    head_id = api.get("/heads").json()["items"][0]["id"]
     robust = api.post("/audits", json={"kind": "robustness", "head_id": head_id,
                                        "images": images[:3], "labels": labels[:3]}).json()
     retrieval = api.post("/audits", json={"kind": "retrieval", "index": "pets", "k": 3,
                                           "steps": 2, "images": images[:2]}).json()
     for audit in (robust, retrieval):
+        assert audit["result_url"] == f"/audits/{audit['job_id']}"
         job = wait_job(api, audit["job_id"])
         assert job["state"] == "succeeded", job["error"]
-    report = api.get(f"/audits/{robust['job_id']}").json()
+    report = api.get(robust["result_url"]).json()
     assert report["n"] == 3 and report["robust_accuracy"] <= report["clean_accuracy"]
     report = api.get(f"/audits/{retrieval['job_id']}").json()
     assert report["num_queries"] == 2 and report["gallery_size"] == len(images)
@@ -192,7 +199,7 @@ def test_a_job_whose_whole_worker_was_killed_runs_again_once(stack, api, data):
     print(f"running again {time.monotonic() - killed:.0f} s after the SIGKILL")
     job = wait_job(api, job_id, timeout=180)
     assert job["state"] == "succeeded" and job["attempts"] == 2, job["error"]
-    assert job_id in [h["id"] for h in api.get("/heads").json()]
+    assert job_id in [h["id"] for h in api.get("/heads").json()["items"]]
 
     task_id = restore_unacked(stack)  # the first delivery, which Redis still held
     wait_for(lambda: f"run_job[{task_id}] succeeded" in stack.log("worker3"), 60,
@@ -202,14 +209,56 @@ def test_a_job_whose_whole_worker_was_killed_runs_again_once(stack, api, data):
 
 def test_api_restart_keeps_indexes_and_heads(stack, api, data):
     images, _ = data
-    heads = api.get("/heads").json()
-    indexes = api.get("/indexes").json()
+    heads = api.get("/heads").json()["items"]
+    indexes = api.get("/indexes").json()["items"]
     before = api.post("/search", json={"index": "pets", "images": images[:1], "k": 5}).json()
     stack.kill("api", signal.SIGTERM)
     stack.start_api()
-    assert api.get("/heads").json() == heads
-    assert api.get("/indexes").json() == indexes
+    assert api.get("/heads").json()["items"] == heads
+    assert api.get("/indexes").json()["items"] == indexes
     assert api.post("/search", json={"index": "pets", "images": images[:1], "k": 5}).json() \
         == before
     r = api.post(f"/heads/{heads[0]['id']}/predict", json={"images": images[:2]})
     assert r.status_code == 200 and len(r.json()["labels"]) == 2
+
+
+def test_a_killed_api_keeps_every_answered_add(stack, api, data):
+    """SIGKILL the api while a client adds items one by one: after a restart every add answered
+    201 is there, whole; the add in flight is there or not."""
+    images, _ = data
+    assert api.post("/indexes", json={"name": "live"}).status_code == 201
+    answered, in_flight, refused, stop = [], [], [], threading.Event()
+
+    def client():
+        with httpx.Client(base_url=stack.url, timeout=30) as c:
+            for i in range(100_000):
+                key = f"live-{i}"
+                try:
+                    r = c.post("/indexes/live/items", json={
+                        "keys": [key], "images": [images[i % len(images)]],
+                        "metadata": [{"i": i}]})
+                except httpx.TransportError:
+                    in_flight.append(key)
+                    return
+                if r.status_code != 201:
+                    refused.append(r.text)
+                    return
+                answered.append(key)
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_for(lambda: len(answered) >= 20, 60, "20 answered adds")
+    time.sleep(random.uniform(0, 0.5))
+    stack.kill("api")
+    stop.set()
+    thread.join(30)
+    assert not refused, refused
+    stack.start_api()
+    items = api.get("/indexes/live/items", params={"limit": 1000}).json()["items"]
+    keys = [item["key"] for item in items]
+    assert keys[: len(answered)] == answered and set(keys) <= set(answered + in_flight)
+    assert all(item["metadata"] == {"i": int(item["key"][5:])} for item in items)
+    hits = api.post("/search", json={"index": "live", "images": images[:1], "k": 1}).json()
+    assert hits["results"][0][0]["key"] in keys

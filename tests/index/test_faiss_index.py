@@ -105,6 +105,26 @@ def test_each_type_finds_itself_removes_updates_and_round_trips(vectors, factory
     assert loaded.search(vectors[1], 1)[0][0].key == "new"
 
 
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
+def test_removed_items_are_skipped_then_purged(vectors, factory):
+    """Flat and graph types tombstone removed ids (searches skip them) and purge them from FAISS
+    past MAX_TOMBSTONES: no search returns a removed key, before or after a purge."""
+    index = filled(vectors, factory)
+    removed: set[str] = set()
+    for start in range(0, 1500, 300):
+        batch = keys_of(300, start)
+        index.remove(batch[:150])
+        index.remove(batch[150:])
+        removed |= set(batch)
+        hits = index.search(vectors[start : start + 400], 20)
+        assert not {h.key for row in hits for h in row} & removed
+        assert len(index) == 2000 - len(removed)
+    assert index._index.ntotal < 2000  # purged at least once
+    if factory == "Flat":  # exact: k = all finds every live item
+        everything = index.search(vectors[1999], 2000)[0]
+        assert sorted(h.key for h in everything) == sorted(index.keys())
+
+
 def test_get_returns_the_normalised_vector_and_a_copy_of_the_metadata(vectors):
     index = filled(vectors[:10])
     item = index.get("item-3")
@@ -125,6 +145,8 @@ def test_raw_metadata_is_the_stored_json_text(vectors):
     assert {k: None if t is None else json.loads(t) for k, t in raw.items()} == {
         h.key: h.metadata for h in index.search(vectors[4], 10)[0]}
     assert index.get("item-3", raw_metadata=True).metadata == json.dumps({"i": 3})
+    assert index.page(3, 2, raw_metadata=True) == (11, [("item-3", json.dumps({"i": 3})),
+                                                        ("item-4", raw["item-4"])])
 
 
 def test_update_metadata_only_and_unknown_keys(vectors):

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.batcher import Batcher, QueueFull
 
 
 class Model:
@@ -125,3 +125,35 @@ def test_a_lone_client_never_waits_for_company():
 
     model, outs = run(main())
     assert model.calls == [1, 2, 1] and [len(o) for o in outs] == [1, 2, 1]
+
+
+def test_a_full_queue_refuses_whole_requests_until_it_drains():
+    """Past `max_queued` waiting images a request is refused (QueueFull, with a retry delay from
+    the measured rate); a request into an empty queue always goes through, however large."""
+
+    async def main():
+        gate, entered = threading.Event(), threading.Event()
+        model = Model()
+
+        def slow(x):
+            entered.set()
+            gate.wait(30)
+            return model(x)
+
+        batcher = Batcher(slow, max_batch=4, wait_ms=0, max_queued=8)
+        batcher.start()
+        big = asyncio.create_task(batcher(requests([9])[0]))  # > the bound, into an empty queue
+        await asyncio.to_thread(entered.wait, 30)  # chunks 3+3+3: 3 in the model, 6 wait
+        waiting = asyncio.create_task(batcher(requests([1])[0]))  # 6 + 1 <= 8: queued
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as refused:
+            await batcher(requests([2])[0])  # 7 + 2 > 8
+        gate.set()
+        outs = await asyncio.gather(big, waiting)
+        after = await batcher(requests([8])[0])  # drained: accepted again
+        await batcher.stop()
+        return refused.value, outs, after
+
+    refused, outs, after = run(main())
+    assert refused.retry_after_s == 1 and "7 images are waiting" in str(refused)
+    assert [len(o) for o in outs] == [9, 1] and len(after) == 8

@@ -137,7 +137,7 @@ def test_bad_input_lost_nothing(client, bad_setup):
     assert items == [{"key": "one", "metadata": {"n": 1}}, {"key": "two", "metadata": None}]
     hits = client.post("/search", json={"index": "bad", "images": [IMG], "k": 2}).json()
     assert {h["key"] for h in hits["results"][0]} == {"one", "two"}
-    assert client.get("/jobs").json() == []
+    assert client.get("/jobs").json()["items"] == []
 
 
 def test_probes_models_metrics_and_docs(client, model_dir):

@@ -24,18 +24,16 @@ from training.evaluate import (
 from training.heads import to_float
 
 ROOT = Path(__file__).resolve().parents[2]
-CIFAR = ROOT / "../shared/data/cifar10-jpeg.tar.gz"
 
 
 @pytest.fixture(scope="module")
-def data(image_folder):
-    """(train x, train y, test x, test y): CIFAR-10 test-split images when the shared archive is
-    present (2000 to train on, 100 to attack), else the generated stand-in images."""
+def data(cifar_sample):
+    """(train x, train y, test x, test y): the shipped CIFAR-10 test images, 2000 to train on,
+    100 to attack."""
     torch.set_num_threads(1)
-    source = CIFAR if CIFAR.exists() else image_folder
-    images = load_images(str(source), "test", cache_dir=ROOT / ".cache" / "tests")
+    images = load_images(str(cifar_sample), "test", cache_dir=ROOT / ".cache" / "tests")
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    n_test = min(100, len(images) // 3)
+    n_test = 100
     train, test = perm[n_test : n_test + 2000], perm[:n_test]
     x = to_float(images.images)
     return x[train], images.labels[train], x[test], images.labels[test]

@@ -3,6 +3,7 @@ exported model directories and every head kind work as cells."""
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,20 @@ def test_an_exported_model_is_an_encoder_with_every_head_kind(config, first_run,
 def test_unknown_head_kind_is_refused(config):
     with pytest.raises(ValueError, match="head kinds"):
         ExperimentConfig.from_dict({**config.to_dict(), "heads": ["fancy"]})
+
+
+def test_command_shows_a_bar_of_cells_with_time_left(config, first_run, tmp_path):
+    """`byorl experiment` on a finished output directory: every cell is skipped, and progress
+    is one tqdm bar of the cells (not printed lines), with the time left."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    result = CliRunner().invoke(app, ["experiment", "--config", str(tmp_path / "config.json"),
+                                      "--out", config.out])
+    assert result.exit_code == 0, result.output
+    n = len(first_run[0]["ran"])  # every cell (no UAT-FT at 100 % labels)
+    assert f"0 cells run, {n} already done" in result.stdout
+    assert re.search(rf"cells: 100%.* {n}/{n} \[\d\d:\d\d<\d\d:\d\d", result.stderr)
+    assert "[1/" not in result.stdout + result.stderr

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,6 +53,8 @@ def exported(tmp_path_factory, image_folder):
     result = CliRunner().invoke(app, ["export", str(tmp), "--out", str(tmp / "model"),
                                       "--metrics", str(tmp / "evaluation.json")])
     assert result.exit_code == 0, result.output
+    # One tqdm bar over the export's stages, with the time left.
+    assert re.search(r"parity checked: 100%.* 5/5 \[\d\d:\d\d<\d\d:\d\d", result.stderr)
     return tmp / "model", encoder, config
 
 

@@ -26,7 +26,6 @@ from training.heads import (
 from training.models import create_model
 
 ROOT = Path(__file__).resolve().parents[2]
-CIFAR = ROOT / "../shared/data/cifar10-jpeg.tar.gz"
 EPS = 0.1  # > the faint class pattern (0.05), << the bright-row gap (0.6)
 
 
@@ -99,14 +98,13 @@ def test_early_stopping_keeps_the_best_validation_epoch():
     assert history["lr"][:20] == [2e-3] * 20 and history["lr"][20:] == [2e-4] * 10
 
 
-def test_few_labels_get_enough_optimiser_steps(image_folder):
+def test_few_labels_get_enough_optimiser_steps(cifar_sample):
     """500 labels: the paper's literal 50 epochs at batch 256 are 100 Adam steps; the default
     recipe repeats the labeled set within each epoch up to >= 2000 steps and fits it."""
     torch.set_num_threads(1)
-    source = CIFAR if CIFAR.exists() else image_folder
-    images = load_images(str(source), "test", cache_dir=ROOT / ".cache" / "tests")
+    images = load_images(str(cifar_sample), "test", cache_dir=ROOT / ".cache" / "tests")
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    train = images.subset(perm[: min(500, len(images))])
+    train = images.subset(perm[:500])
     torch.manual_seed(0)
     encoder = create_model("preact_resnet_small").eval()
     _, recipe = fit_linear_head(encoder, train, None, 10, HeadConfig())

@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 from fastapi.testclient import TestClient
 
@@ -19,10 +21,11 @@ def test_add_list_remove_and_survive_a_restart(client, settings, labeled):
     assert r.json() == {"index": "gallery", "added": len(keys), "count": len(keys)}
 
     page = client.get("/indexes/gallery/items", params={"offset": 2, "limit": 3}).json()
-    assert page["count"] == len(keys)
+    assert page["count"] == len(keys) and page["offset"] == 2 and page["limit"] == 3
+    assert page["next_offset"] == 5
     assert [i["key"] for i in page["items"]] == keys[2:5]
     assert [i["metadata"] for i in page["items"]] == meta[2:5]
-    assert [i["name"] for i in client.get("/indexes").json()].count("gallery") == 1
+    assert [i["name"] for i in client.get("/indexes").json()["items"]].count("gallery") == 1
 
     r = client.delete(f"/indexes/gallery/items/{keys[0]}")  # a key with a slash
     assert r.status_code == 200 and r.json()["removed"] == 1 and r.json()["count"] == len(keys) - 1
@@ -65,3 +68,32 @@ def test_metadata_over_the_per_item_limit_is_refused_whole(client, settings, lab
                                                  "metadata": [fits]})
     assert r.status_code == 201 and client.get("/indexes/meta/items").json()["items"] == [
         {"key": "a", "metadata": fits}]
+
+
+def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client):
+    """Pages listed while another client removes keys (issue 12, item 5): always 200, every
+    listed key with its own metadata, the count the one of that instant."""
+    svc = client.app.state.byorl
+    assert client.post("/indexes", json={"name": "churn"}).status_code == 201
+    keys = [f"c{i}" for i in range(1000)]
+    vectors = np.random.default_rng(0).normal(size=(1000, svc.card["embedding_dim"]))
+    svc.gallery.add("churn", keys, vectors, np.zeros((1000, 3, 32, 32), np.uint8),
+                    [{"key": k} for k in keys], svc.model_id)
+
+    def remove_all_but_one():
+        for start in range(1, 1000, 9):
+            svc.gallery.remove("churn", keys[start : start + 9])
+
+    remover = threading.Thread(target=remove_all_but_one)
+    remover.start()
+    pages = []
+    while remover.is_alive():
+        r = client.get("/indexes/churn/items", params={"limit": 1000})
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+    remover.join()
+    assert len(pages) > 1
+    for page in pages:
+        assert page["count"] == len(page["items"])
+        assert all(i["metadata"] == {"key": i["key"]} for i in page["items"])
+    assert [i["key"] for i in client.get("/indexes/churn/items").json()["items"]] == ["c0"]

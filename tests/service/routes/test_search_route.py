@@ -96,6 +96,6 @@ def test_answers_within_the_limits_are_whole(legacy_gallery):
 
     assert client.get("/indexes/g/items").status_code == 413  # the legacy item is on the page
     page = client.get("/indexes/g/items", params={"offset": 1}).json()
-    assert page == {"index": "g", "count": 3, "offset": 1,
+    assert page == {"index": "g", "count": 3, "offset": 1, "limit": 100, "next_offset": None,
                     "items": [{"key": "a", "metadata": {"n": 1}},
                               {"key": "b", "metadata": {"n": 2}}]}
