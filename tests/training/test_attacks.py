@@ -78,3 +78,45 @@ def test_bad_budget_is_refused():
         PGD(lambda x, y: x.sum(), "linf", -1.0)
     with pytest.raises(ValueError, match="steps"):
         APGD(lambda x, y: x.sum(), "l2", 0.5, steps=0)
+
+
+def two_peaks(x: torch.Tensor) -> torch.Tensor:
+    """max(-|x - 5/16|, 1/16 - |x - 11/16|): the higher peak at 11/16, a lower one at 5/16."""
+    return torch.maximum(-(x - 5 / 16).abs(), 1 / 16 - (x - 11 / 16).abs())
+
+
+def test_apgd_follows_croce_hein_algorithm_1_by_hand():
+    """One pixel at 0.5, linf eps 1/4 (the ball is [1/4, 3/4]), 18 steps: checkpoints at
+    4, 8, 11, ...; eta starts at 2 eps = 1/2. Example 0 climbs `two_peaks`, example 1 the
+    line f(x) = x. Worked by hand for example 0 (every number is exact in float32):
+      k=0  plain step (alpha = 1): z = P(0.5 + 1/2) = 0.75 = x1, f 0 (up, best).
+      k=1  momentum 0.75: x2 = x1 + 0.75 (P(x1 - 1/2) - x1) + 0.25 (x1 - x0) = 0.4375 (down).
+      k=2  x3 = P(0.4375 + 0.75 (0.25 - 0.4375) + 0.25 (0.4375 - 0.75)) = P(0.21875) = 0.25 (up).
+      k=3  x4 = 0.25 + 0.75 (0.75 - 0.25) + 0.25 (0.25 - 0.4375) = 0.578125 (up).
+      checkpoint 4: 3 increases >= 0.75 * 4, so eta stays 1/2 (example 1, stuck at the
+      border with 1 increase, halves: step sizes are per example).
+      k=4..7: 0.75 (up), 0.41796875 (down), 0.25 (up), 0.5830078125 (up), best still 0 at 0.75.
+      checkpoint 8: 3 of 4 increases, so condition 1 does not hold, but eta was not reduced at 4
+      and the best loss did not grow since (condition 2): eta = 1/4, restart from x_max = 0.75.
+      k=8  x9 = 0.75 + 0.75 (P(0.75 - 1/4) - 0.75) + 0.25 (0.75 - 0.25) = 0.6875, the top.
+      k=9  the gradient is 0 there, only momentum moves: 0.6875 + 0.25 (0.6875 - 0.75) = 0.671875.
+      k=10 0.671875 + 0.75 (0.75 - 0.671875) + 0.25 (0.671875 - 0.6875) = 0.7265625.
+      checkpoint 11: 1 increase < 0.75 * 3 (condition 1): eta = 1/8, restart from 0.6875.
+    """
+    queries = []
+
+    def loss_fn(x_adv, which):
+        queries.append(x_adv.detach().flatten().tolist())
+        return torch.where(which == 0, two_peaks(x_adv), x_adv).flatten()
+
+    apgd = APGD(loss_fn, "linf", 0.25, steps=18, random_init=False)
+    x_adv = apgd.perturb(torch.full((2, 1), 0.5), torch.tensor([[0], [1]]))
+    # Per example, the points evaluated, a repeated evaluation of one point counted once (the
+    # batch is re-evaluated when any example restarts): x0, x1..x8, x_max, x9..x11, x_max.
+    visited = [[q[i] for j, q in enumerate(queries) if j == 0 or q[i] != queries[j - 1][i]]
+               for i in range(2)]
+    assert visited[0][:14] == [0.5, 0.75, 0.4375, 0.25, 0.578125, 0.75, 0.41796875, 0.25,
+                               0.5830078125, 0.75, 0.6875, 0.671875, 0.7265625, 0.6875]
+    assert visited[1] == [0.5, 0.75]  # straight to the border, where it stays
+    assert len(queries) >= 19  # x0 and 18 steps, plus re-evaluations at restarts
+    assert x_adv.flatten().tolist() == [0.6875, 0.75]  # the best points
