@@ -43,27 +43,24 @@ def make_target(online: OnlineNetwork) -> OnlineNetwork:
     return target
 
 
-@torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """xi <- tau xi + (1 - tau) theta, on weights only: the target runs on batch statistics
     during training, so its BatchNorm running averages are never used."""
-    for t, o in zip(target.parameters(), online.parameters(), strict=True):
-        t.lerp_(o.detach(), 1 - tau)
+    with torch.no_grad():
+        for t, o in zip(target.parameters(), online.parameters(), strict=True):
+            t.lerp_(o.detach(), 1 - tau)
 
 
-@contextlib.contextmanager
-def frozen_bn_stats(module: nn.Module):
-    """Batch statistics still normalise, but running averages are left alone (momentum 0): the
-    attack's extra forward passes must not pollute the statistics used at inference."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, saved, strict=True):
-            m.momentum = mom
+def frozen_bn_stats(module: nn.Module) -> contextlib.ExitStack:
+    """`with frozen_bn_stats(net):` batch statistics still normalise, but running averages are
+    left alone (momentum 0): the attack's extra forward passes must not pollute the statistics
+    used at inference. Leaving the block restores each momentum."""
+    restore = contextlib.ExitStack()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            restore.callback(setattr, m, "momentum", m.momentum)
+            m.momentum = 0.0
+    return restore
 
 
 class StepLoss(NamedTuple):
