@@ -12,7 +12,14 @@ from torch.nn import functional as F
 
 from training.attacks import APGD, ThreatModel
 from training.data import load_images
-from training.evaluate import SUITES, MultiTargeted, evaluate_robustness, margin_loss, suite
+from training.evaluate import (
+    SUITES,
+    MultiTargeted,
+    _break,
+    evaluate_robustness,
+    margin_loss,
+    suite,
+)
 from training.heads import to_float
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,3 +226,105 @@ def test_evaluate_command_writes_json_and_markdown(tmp_path, image_folder):
     markdown = (out / "evaluation.md").read_text()
     assert "**quick mode**" in markdown
     assert f"| nonrobust | {100 * ev['clean_accuracy']:.2f}% |" in markdown
+
+
+def synthetic_linear(n: int = 48, seed: int = 0):
+    """A random linear classifier on 3x4x4 images (4 classes) and images labelled by it, a few
+    relabelled wrongly: the suite's bookkeeping in seconds, with an exact worst case."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(4, 48, generator=gen))
+        model[1].bias.zero_()
+    x = torch.rand(n, 3, 4, 4, generator=gen)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:6] = (y[:6] + 1) % 4
+    return model.eval(), x, y
+
+
+def test_suite_records_the_per_example_worst_case_of_a_linear_model():
+    """Small batches (several per attack), each attack only on the points still robust: the
+    per-attack records add up to the exact worst case, and the sanity checks see a sound
+    evaluation."""
+    model, x, y = synthetic_linear()
+    eps = 0.02
+    exact = exact_linf_robust(model, x, y, eps).float().mean().item()
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    assert 0 < exact < clean < 1
+    result = evaluate_robustness(model, x, y, ThreatModel("linf", eps), "quick", batch_size=8)
+    assert result["clean_accuracy"] == pytest.approx(clean)
+    assert result["robust_accuracy"] == pytest.approx(exact)
+    records = result["attacks"]
+    assert [r["name"] for r in records] == ["apgd-ce", "apgd-dlr", "multitargeted", "square"]
+    assert sum(r["fooled"] for r in records) == round((clean - exact) * len(y))
+    accs = [clean] + [r["robust_accuracy"] for r in records]
+    for before, r, after in zip(accs, records, accs[1:], strict=False):
+        assert after == pytest.approx(before - r["fooled"] / len(y))
+    ladder = result["checks"]["non_increasing_in_eps"]["ladder"]
+    assert [r["eps"] for r in ladder] == pytest.approx([0, eps / 2, eps, 2 * eps, 0.5])
+    assert ladder[0]["robust_accuracy"] == pytest.approx(clean)
+    assert ladder[2]["robust_accuracy"] >= exact and ladder[-1]["robust_accuracy"] == 0
+    assert result["checks_passed"], result["checks"]
+    assert result["n"] == len(y) and result["threat_model"] == {"norm": "linf", "eps": eps}
+    assert result["suite"]["apgd_steps"] == SUITES["quick"].apgd_steps
+
+
+def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
+    model, x, y = synthetic_linear()
+    robust = model(x).argmax(1) == y
+    robust[::3] = False  # as if an earlier attack had fooled these
+    todo = robust.clone()
+    seen = []  # batch sizes the attack was called with
+
+    def no_op(m, xb, yb, norm, eps):
+        seen.append(len(xb))
+        return xb
+
+    assert _break(model, no_op, x, y, robust, "linf", 0.1, batch_size=4) == 0
+    assert seen == [4] * (int(todo.sum()) // 4) + ([int(todo.sum()) % 4] if todo.sum() % 4 else [])
+    assert torch.equal(robust, todo)
+
+    always_1 = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    with torch.no_grad():
+        always_1[1].weight.zero_()
+        always_1[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    still = torch.ones(len(y), dtype=torch.bool)
+    assert _break(always_1, no_op, x, y, still, "linf", 0.1, 5) == int((y != 1).sum())
+    assert torch.equal(still, y == 1)  # fooled: exactly the points whose label is not 1
+
+    def outside(scale, shift=0.0):
+        def attack(m, xb, yb, norm, eps):
+            delta = torch.ones_like(xb)
+            delta = delta / (delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if norm == "l2" else 1)
+            return xb + scale * eps * delta + shift
+        return attack
+
+    for norm in ("linf", "l2"):
+        with pytest.raises(RuntimeError, match=f"left the {norm} ball"):
+            _break(model, outside(1.01), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm,
+                   0.1, 8)
+        _break(model, outside(0.99), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm, 0.1, 8)
+    with pytest.raises(RuntimeError, match="left"):  # in the ball, out of [0, 1]
+        _break(model, outside(0.0, -0.05), x, y, torch.ones(len(y), dtype=torch.bool), "linf",
+               0.1, 8)
+
+
+def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
+    """One restart attacks only the best-ranked wrong class; three cover all of them and reach
+    the exact worst case."""
+    model, x, y = synthetic_linear()
+    eps = 0.02
+    w, b, flat = model[1].weight.detach(), model[1].bias.detach(), x.flatten(1)
+    with torch.no_grad():
+        logits = model(x)
+    correct = logits.argmax(1) == y
+    top_wrong = logits.scatter(1, y[:, None], -float("inf")).argmax(1)
+    c = w[top_wrong] - w[y]  # exact best move toward that class, clipped to [0, 1]
+    gain = ((flat + eps * c.sign()).clamp(0, 1) * c).sum(1) + b[top_wrong] - b[y]
+    for restarts, robust in ((1, correct & (gain <= 0)), (3, exact_linf_robust(model, x, y, eps))):
+        x_adv = MultiTargeted(model, "linf", eps, steps=10, restarts=restarts).perturb(x, y)
+        with torch.no_grad():
+            assert torch.equal(model(x_adv).argmax(1) == y, robust)
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+
