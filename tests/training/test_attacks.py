@@ -120,3 +120,66 @@ def test_apgd_follows_croce_hein_algorithm_1_by_hand():
     assert visited[1] == [0.5, 0.75]  # straight to the border, where it stays
     assert len(queries) >= 19  # x0 and 18 steps, plus re-evaluations at restarts
     assert x_adv.flatten().tolist() == [0.6875, 0.75]  # the best points
+
+
+@pytest.mark.parametrize(("norm", "eps"), BUDGETS)
+def test_random_start_spreads_over_the_ball(norm, eps):
+    """Uniform in the linf box (both signs, up to eps); in the l2 ball at radii spread over
+    [0, eps] rather than all on its sphere."""
+    torch.manual_seed(0)
+    x = torch.full((256, 3, 4, 4), 0.5)
+    size = norms(random_start(x, norm, eps) - x)[norm]
+    if norm == "linf":
+        delta = random_start(x, norm, eps) - x
+        assert delta.min() < -0.9 * eps and delta.max() > 0.9 * eps
+        assert abs(delta.mean().item()) < 0.05 * eps
+    else:
+        assert size.min() < 0.1 * eps and size.max() > 0.9 * eps
+        assert size.mean().item() == pytest.approx(eps / 2, rel=0.15)
+    assert (size <= eps + 1e-6).all()
+
+
+@pytest.mark.parametrize("attack_cls", [PGD, APGD])
+def test_random_init_starts_in_the_ball_unless_switched_off(attack_cls):
+    """A loss with no gradient leaves the attack at its start: random, or x itself."""
+
+    def flat(xa, _):
+        return xa.flatten(1).sum(1) * 0
+
+    x = torch.full((4, 3, 4, 4), 0.5)
+    moved = attack_cls(flat, "linf", 0.1, steps=1).perturb(x, None)
+    assert (moved - x).abs().max() > 0.05 and (moved - x).abs().max() <= 0.1 + 1e-6
+    stayed = attack_cls(flat, "linf", 0.1, steps=1, random_init=False).perturb(x, None)
+    assert torch.equal(stayed, x)
+
+
+def test_apgd_keeps_the_best_of_its_restarts():
+    """Restarts from random points under a piecewise-constant loss (no gradient, so each run
+    stays at its start): the result is the start with the highest loss, per example."""
+    starts = []
+
+    def steps_of_a_stair(xa, _):
+        starts.append(xa.detach().clone())
+        return torch.floor(8 * xa).flatten(1).sum(1)
+
+    torch.manual_seed(0)
+    x = torch.full((6, 1, 1, 2), 0.5)
+    best = APGD(steps_of_a_stair, "linf", 0.25, steps=1, restarts=4).perturb(x, None)
+    # a run evaluates only its start (repeatedly): one start per change of the queried point
+    runs = [s for i, s in enumerate(starts) if i == 0 or not torch.equal(s, starts[i - 1])]
+    assert len(runs) == 4
+    losses = torch.stack([torch.floor(8 * s).flatten(1).sum(1) for s in runs])  # (restart, n)
+    first_best = losses.argmax(0)  # ties keep the earliest restart
+    assert torch.equal(best, torch.stack([runs[r][i] for i, r in enumerate(first_best)]))
+
+
+def test_pgd_default_step_is_madrys_and_budgets_are_checked():
+    assert PGD(lambda x, y: x, "linf", 0.1, steps=4).step_size == pytest.approx(2.5 * 0.1 / 4)
+    assert PGD(lambda x, y: x, "linf", 0.0, steps=1).eps == 0  # a zero budget is allowed
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eps"):
+            ThreatModel("linf", bad)
+    with pytest.raises(ValueError, match="steps"):
+        PGD(lambda x, y: x, "linf", 0.1, steps=0)
+    with pytest.raises(ValueError, match="restarts"):
+        APGD(lambda x, y: x, "linf", 0.1, steps=1, restarts=0)

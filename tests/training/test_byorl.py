@@ -5,12 +5,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import PGD
+from training.attacks import APGD, PGD
 from training.byorl import (
     OnlineNetwork,
     byol_loss,
     ema_update,
     frozen_bn_stats,
+    make_attack,
     make_target,
     symmetric_loss,
 )
@@ -154,3 +155,18 @@ def test_frozen_bn_stats_restores_momentum_when_the_attack_fails():
         assert [m.momentum for m in net] == [0.0, 0.0]
         raise RuntimeError("attack failed")
     assert [m.momentum for m in net] == [0.3, None]
+
+
+def test_make_attack_builds_the_configured_attack():
+    def loss(x, y):
+        return x.flatten(1).sum(1)
+
+    apgd = make_attack("apgd", loss, "l2", 0.5, 7)
+    assert isinstance(apgd, APGD)
+    assert (apgd.loss_fn, apgd.norm, apgd.eps, apgd.steps) == (loss, "l2", 0.5, 7)
+    pgd = make_attack("pgd", loss, "linf", 0.1, 3, 0.05)
+    assert isinstance(pgd, PGD)
+    assert (pgd.loss_fn, pgd.norm, pgd.eps, pgd.steps) == (loss, "linf", 0.1, 3)
+    assert pgd.step_size == 0.05
+    with pytest.raises(ValueError, match="'apgd' or 'pgd'"):
+        make_attack("fgsm", loss, "linf", 0.1, 3)
