@@ -43,6 +43,16 @@ def test_ema_update_closed_form():
         assert not t.requires_grad
 
 
+def test_online_network_defaults_are_the_papers():
+    """Width x1, projector and predictor MLPs of hidden size 4096 and output 256 (sec. 4.1)."""
+    net = OnlineNetwork("preact_resnet_tiny")
+    assert net.encoder.num_features == 64  # preact_resnet_tiny at x1: 8, 16, 32, 64
+    assert net.project(torch.rand(2, 3, 32, 32)).shape == (2, 256)
+    hidden = [m.out_features for m in net.modules() if isinstance(m, nn.Linear)]
+    assert hidden == [4096, 256, 4096, 256]
+    assert OnlineNetwork("preact_resnet_tiny", width=2, proj_hidden=8).encoder.num_features == 128
+
+
 def test_online_network_shapes():
     net = OnlineNetwork("preact_resnet_tiny", proj_hidden=16, proj_dim=8)
     x = torch.rand(4, 3, 32, 32)
@@ -170,3 +180,8 @@ def test_make_attack_builds_the_configured_attack():
     assert pgd.step_size == 0.05
     with pytest.raises(ValueError, match="'apgd' or 'pgd'"):
         make_attack("fgsm", loss, "linf", 0.1, 3)
+
+
+def test_ema_update_refuses_networks_of_different_shapes():
+    with pytest.raises(ValueError):
+        ema_update(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.9)

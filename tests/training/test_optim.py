@@ -54,6 +54,7 @@ def test_schedules_hold_their_end_values_past_the_end():
     assert get_lr(5, 100, 0, 2.0) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.05)))
     assert get_lr(10, 10, 10, 2.0) == pytest.approx(2.0)  # a schedule that is all warm-up
     assert get_tau(1500, 1000, 0.996) == pytest.approx(1.0)
+    assert get_tau(0, 1000) == pytest.approx(0.996)  # BYOL's tau_base by default
 
 
 def test_lars_defaults_frozen_and_zero_weights():
@@ -70,3 +71,14 @@ def test_lars_defaults_frozen_and_zero_weights():
     opt.step()
     torch.testing.assert_close(w.detach(), torch.full((2, 2), -0.1))
     assert opt.step(closure=lambda: 3.0) == 3.0
+
+
+def test_lars_on_plain_parameters_scales_small_weights_and_skips_zero_gradients():
+    """Without group options: no weight decay, trust ratio on. The ratio applies whatever the
+    norms' size (here both below 1); a zero gradient moves nothing (and makes no NaN)."""
+    w, still = nn.Parameter(torch.full((2, 2), 0.1)), nn.Parameter(torch.full((2, 2), 0.3))
+    w.grad, still.grad = torch.full((2, 2), 0.2), torch.zeros(2, 2)
+    LARS([w, still], lr=0.5).step()
+    trust = 1e-3 * 0.2 / 0.4  # eta |w| / |g| with |w| = 0.2, |g| = 0.4
+    torch.testing.assert_close(w.detach(), torch.full((2, 2), 0.1 - 0.5 * trust * 0.2))
+    torch.testing.assert_close(still.detach(), torch.full((2, 2), 0.3))
