@@ -183,3 +183,15 @@ def test_pgd_default_step_is_madrys_and_budgets_are_checked():
         PGD(lambda x, y: x, "linf", 0.1, steps=0)
     with pytest.raises(ValueError, match="restarts"):
         APGD(lambda x, y: x, "linf", 0.1, steps=1, restarts=0)
+
+
+def test_attack_defaults_are_the_papers():
+    """linf 8/255; PGD takes 10 steps, AutoPGD the paper's K = 40, one restart, rho 0.75."""
+    pgd, apgd = PGD(pixel_sum), APGD(pixel_sum)
+    assert (pgd.norm, pgd.eps, pgd.steps, pgd.random_init) == ("linf", 8 / 255, 10, True)
+    assert (apgd.norm, apgd.eps, apgd.steps, apgd.restarts) == ("linf", 8 / 255, 40, 1)
+    assert apgd.random_init and apgd.rho == 0.75
+
+
+def pixel_sum(x: torch.Tensor, _) -> torch.Tensor:
+    return x.flatten(1).sum(1)
