@@ -111,16 +111,47 @@ def test_apgd_follows_croce_hein_algorithm_1_by_hand():
 
     apgd = APGD(loss_fn, "linf", 0.25, steps=18, random_init=False)
     x_adv = apgd.perturb(torch.full((2, 1), 0.5), torch.tensor([[0], [1]]))
-    # Per example, the points evaluated, a repeated evaluation of one point counted once (the
-    # batch is re-evaluated when any example restarts): x0, x1..x8, x_max, x9..x11, x_max.
-    visited = [[q[i] for j, q in enumerate(queries) if j == 0 or q[i] != queries[j - 1][i]]
-               for i in range(2)]
+    visited = visited_points(queries)  # x0, x1..x8, x_max, x9..x11, x_max, ...
     assert visited[0][:14] == [0.5, 0.75, 0.4375, 0.25, 0.578125, 0.75, 0.41796875, 0.25,
                                0.5830078125, 0.75, 0.6875, 0.671875, 0.7265625, 0.6875]
     assert visited[1] == [0.5, 0.75]  # straight to the border, where it stays
     assert len(queries) >= 19  # x0 and 18 steps, plus re-evaluations at restarts
     assert x_adv.flatten().tolist() == [0.6875, 0.75]  # the best points
 
+
+
+def visited_points(queries: list[list[float]]) -> list[list[float]]:
+    """Per example, the points evaluated, a repeated evaluation of one point counted once (the
+    batch is re-evaluated when any example restarts)."""
+    return [[q[i] for j, q in enumerate(queries) if j == 0 or q[i] != queries[j - 1][i]]
+            for i in range(len(queries[0]))]
+
+
+def test_apgd_step_size_rule_on_single_peaks_by_hand():
+    """f = -|x - c| from 0.5, linf eps 1/4, 10 steps: checkpoints 3, 5, 6, 7, 8, 9, 10.
+    c = 11/16: 0.75 (up, best), 0.4375 (down), 0.59375 (up); checkpoint 3: 2 increases
+      < 0.75 * 3, eta = 1/4, restart from 0.75; 0.640625, 0.6953125 (both up, best);
+      checkpoint 5: 2 of 2, eta kept; 0.521484375 (down); checkpoint 6: halve, restart from
+      0.6953125; then every checkpoint halves (no increase) until 10 (one increase, kept).
+    c = 7/16: checkpoints 6, 8 and 9 keep eta (1 increase of 1, best improved), 3, 5, 7 and
+      10 halve; the window of each checkpoint starts at the previous one.
+    """
+    queries = []
+
+    def loss_fn(x_adv, c):
+        queries.append(x_adv.detach().flatten().tolist())
+        return -(x_adv - c).abs().flatten()
+
+    peaks = torch.tensor([[11 / 16], [7 / 16]])
+    apgd = APGD(loss_fn, "linf", 0.25, steps=10, random_init=False)
+    x_adv = apgd.perturb(torch.full((2, 1), 0.5), peaks)
+    assert visited_points(queries) == [
+        [0.5, 0.75, 0.4375, 0.59375, 0.75, 0.640625, 0.6953125, 0.521484375, 0.6953125,
+         0.6015625, 0.6953125, 0.6484375, 0.6953125, 0.671875, 0.6953125, 0.68359375],
+        [0.5, 0.25, 0.5625, 0.40625, 0.5546875, 0.404296875, 0.40625, 0.462890625,
+         0.38330078125, 0.462890625, 0.416015625, 0.451171875, 0.4130859375, 0.451171875],
+    ]
+    assert x_adv.flatten().tolist() == [0.68359375, 0.451171875]
 
 @pytest.mark.parametrize(("norm", "eps"), BUDGETS)
 def test_random_start_spreads_over_the_ball(norm, eps):
