@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test
+.PHONY: setup run test mutate
 
 setup:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,3 +18,15 @@ run: setup
 
 test: setup
 	$(VENV)/bin/pytest
+
+# Mutation testing (mutmut) of the method's core against the fast tests that pin it; not in CI
+# (tens of minutes on 2 cores). One module: make mutate MUTANTS='training.optim*'.
+EVAL_BOOKKEEPING := _margin_loss* ǁMultiTargetedǁ* _suite* __check_budget* __break* \
+	__zero_gradient_fraction* _large_eps* _evaluate_robustness* __evaluate__* __predict* \
+	__library* __multitargeted*
+MUTANTS ?= training.byorl* training.optim* training.attacks* training.train* \
+	$(addprefix training.evaluate.x,$(EVAL_BOOKKEEPING))
+mutate: setup
+	rm -rf mutants  # mutmut keeps stale test-coverage stats across test changes
+	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(foreach m,$(MUTANTS),'$(m)')
+	$(VENV)/bin/mutmut results
