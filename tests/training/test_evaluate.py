@@ -16,7 +16,9 @@ from training.evaluate import (
     SUITES,
     MultiTargeted,
     _break,
+    _zero_gradient_fraction,
     evaluate_robustness,
+    large_eps,
     margin_loss,
     suite,
 )
@@ -228,15 +230,16 @@ def test_evaluate_command_writes_json_and_markdown(tmp_path, image_folder):
     assert f"| nonrobust | {100 * ev['clean_accuracy']:.2f}% |" in markdown
 
 
-def synthetic_linear(n: int = 48, seed: int = 0):
-    """A random linear classifier on 3x4x4 images (4 classes) and images labelled by it, a few
-    relabelled wrongly: the suite's bookkeeping in seconds, with an exact worst case."""
+def synthetic_linear(n: int = 48, seed: int = 0, size: int = 4):
+    """A random linear classifier on 3 x size x size images (4 classes) and images labelled by
+    it, a few relabelled wrongly: the suite's bookkeeping in seconds, with an exact worst case."""
     gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    d = 3 * size * size
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 4))
     with torch.no_grad():
-        model[1].weight.copy_(torch.randn(4, 48, generator=gen))
+        model[1].weight.copy_(torch.randn(4, d, generator=gen))
         model[1].bias.zero_()
-    x = torch.rand(n, 3, 4, 4, generator=gen)
+    x = torch.rand(n, 3, size, size, generator=gen)
     with torch.no_grad():
         y = model(x).argmax(1)
     y[:6] = (y[:6] + 1) % 4
@@ -328,3 +331,42 @@ def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
             assert torch.equal(model(x_adv).argmax(1) == y, robust)
         assert (x_adv - x).abs().max() <= eps + 1e-6
 
+
+
+def test_evaluation_reports_progress_and_refuses_bad_inputs():
+    """Progress counts every attack, every eps rung and the gradient check, in order."""
+    model, x, y = synthetic_linear(n=12)
+    calls = []
+    result = evaluate_robustness(model, x, y, ThreatModel("linf", 0.3),  # all fooled: fast
+                                 progress=lambda *a: calls.append(a))
+    assert result["mode"] == "quick"  # the default
+    labels = ["apgd-ce", "apgd-dlr", "multitargeted", "square", "sanity 0 eps",
+              "sanity 0.5 eps", "sanity 1 eps", "sanity 2 eps", "sanity large eps",
+              "sanity gradients"]
+    assert calls == [(i + 1, 10, what) for i, what in enumerate(labels)]
+    one = evaluate_robustness(model, x[:1], y[:1], ThreatModel("linf", 0.02))  # misclassified
+    assert one["n"] == 1 and one["clean_accuracy"] == 0
+    for images, labels_ in ((x, y[:0]), (x, y[:-1])):
+        with pytest.raises(ValueError, match="one label per image"):
+            evaluate_robustness(model, images, labels_, ThreatModel("linf", 0.1))
+
+
+def test_large_eps_reaches_mid_grey_from_any_image():
+    """linf 0.5; l2 0.5 sqrt(d), the norm of a move of 0.5 on every pixel."""
+    assert large_eps("linf", torch.Size([3, 4, 4])) == 0.5
+    assert large_eps("l2", torch.Size([3, 4, 4])) == pytest.approx(0.5 * 48**0.5)
+
+
+def test_zero_gradient_fraction_counts_correct_points_with_a_flat_loss():
+    """ReLU(x - 0.5) is flat for images darker than 0.5: their input gradient is exactly 0.
+    Only correctly classified points count, over every batch."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    flat = nn.Sequential(nn.ReLU(), model)
+    x = torch.cat([torch.full((5, 3, 4, 4), 0.4), torch.full((5, 3, 4, 4), 0.9)]) - 0.5
+    y = torch.zeros(10, dtype=torch.long)
+    correct = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
+    assert _zero_gradient_fraction(flat, x, y, correct, batch_size=2) == pytest.approx(3 / 8)
+    only = torch.zeros(10, dtype=torch.bool)
+    only[0] = True
+    assert _zero_gradient_fraction(flat, x, y, only, batch_size=2) == 1.0
+    assert _zero_gradient_fraction(flat, x, y, ~correct & (torch.arange(10) > 4), 4) == 0.0
