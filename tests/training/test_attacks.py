@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from training.attacks import APGD, PGD, ThreatModel, apgd_checkpoints, project, random_start
+from training.attacks import (
+    APGD,
+    PGD,
+    ThreatModel,
+    apgd_checkpoints,
+    normalized_step,
+    project,
+    random_start,
+)
 from training.byorl import OnlineNetwork, byol_loss
 
 BUDGETS = [("linf", 8 / 255), ("l2", 0.5)]
@@ -226,3 +234,29 @@ def test_attack_defaults_are_the_papers():
 
 def pixel_sum(x: torch.Tensor, _) -> torch.Tensor:
     return x.flatten(1).sum(1)
+
+
+def test_l2_steps_are_unit_directions():
+    """The l2 step is the gradient over its norm, whatever that norm (here 0.3 and 30)."""
+    grad = torch.tensor([[0.0, 0.3], [18.0, 24.0]]).view(2, 1, 1, 2)
+    step = normalized_step(grad, "l2")
+    torch.testing.assert_close(step.flatten(1), torch.tensor([[0.0, 1.0], [0.6, 0.8]]))
+    assert torch.equal(normalized_step(grad, "linf"), grad.sign())
+
+
+def test_apgd_first_l2_step_is_the_plain_projected_step():
+    """From a random start x0, x1 = P(x0 + 2 eps g/|g|): alpha = 1, no momentum, projected on
+    the ball around the clean image (not around x0)."""
+    w = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2)
+    queries = []
+
+    def linear(xa, _):
+        queries.append(xa.detach().clone())
+        return (xa * w).flatten(1).sum(1)
+
+    torch.manual_seed(0)
+    x = torch.full((3, 1, 1, 2), 0.5)
+    APGD(linear, "l2", 0.2, steps=2).perturb(x, None)
+    x0, x1 = queries[0], queries[1]
+    assert not torch.equal(x0, x)  # a random start
+    torch.testing.assert_close(x1, project(x0 + 2 * 0.2 * w / 5, x, "l2", 0.2))
