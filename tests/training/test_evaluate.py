@@ -330,6 +330,11 @@ def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
         with torch.no_grad():
             assert torch.equal(model(x_adv).argmax(1) == y, robust)
         assert (x_adv - x).abs().max() <= eps + 1e-6
+    # a budget that fools everything, the whole batch or a single point: stops once all are
+    mt = MultiTargeted(model, "linf", 0.5, steps=5, restarts=3)
+    for xs, ys in ((x, y), (x[6:7], y[6:7])):
+        with torch.no_grad():
+            assert (model(mt.perturb(xs, ys)).argmax(1) != ys).all()
 
 
 
