@@ -315,9 +315,9 @@ def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
 
 def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
     """One restart attacks only the best-ranked wrong class; three cover all of them and reach
-    the exact worst case."""
+    the exact worst case (at this eps one point falls only to its second or third class)."""
     model, x, y = synthetic_linear()
-    eps = 0.02
+    eps = 0.03
     w, b, flat = model[1].weight.detach(), model[1].bias.detach(), x.flatten(1)
     with torch.no_grad():
         logits = model(x)
@@ -325,7 +325,9 @@ def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
     top_wrong = logits.scatter(1, y[:, None], -float("inf")).argmax(1)
     c = w[top_wrong] - w[y]  # exact best move toward that class, clipped to [0, 1]
     gain = ((flat + eps * c.sign()).clamp(0, 1) * c).sum(1) + b[top_wrong] - b[y]
-    for restarts, robust in ((1, correct & (gain <= 0)), (3, exact_linf_robust(model, x, y, eps))):
+    exact = exact_linf_robust(model, x, y, eps)
+    assert exact.sum() < (correct & (gain <= 0)).sum()
+    for restarts, robust in ((1, correct & (gain <= 0)), (3, exact)):
         x_adv = MultiTargeted(model, "linf", eps, steps=10, restarts=restarts).perturb(x, y)
         with torch.no_grad():
             assert torch.equal(model(x_adv).argmax(1) == y, robust)
@@ -375,3 +377,36 @@ def test_zero_gradient_fraction_counts_correct_points_with_a_flat_loss():
     only[0] = True
     assert _zero_gradient_fraction(flat, x, y, only, batch_size=2) == 1.0
     assert _zero_gradient_fraction(flat, x, y, ~correct & (torch.arange(10) > 4), 4) == 0.0
+
+
+def test_report_names_the_attacks_settings_and_checks():
+    """Every record names what produced it: the suite's settings per attack, each check's
+    inputs, the sanity probe; consumers (report_markdown, the service) read these keys."""
+    model, x, y = synthetic_linear(n=8)
+    result = evaluate_robustness(model, x, y, ThreatModel("linf", 0.3))
+    q = SUITES["quick"]
+    apgd = {"restarts": q.apgd_restarts, "steps": q.apgd_steps, "library": "torchattacks"}
+    assert [(r["name"], r["settings"]) for r in result["attacks"]] == [
+        ("apgd-ce", {**apgd, "loss": "ce"}), ("apgd-dlr", {**apgd, "loss": "dlr"}),
+        ("multitargeted", {"restarts": q.mt_restarts, "steps": q.mt_steps, "loss": "margin",
+                           "library": "byorl"}),
+        ("square", {"queries": q.square_queries, "restarts": 1, "library": "torchattacks"})]
+    assert all(r["seconds"] >= 0 for r in result["attacks"]) and result["seconds"] > 0
+    checks = result["checks"]
+    assert {k: sorted(c) for k, c in checks.items()} == {
+        "eps0_equals_clean": ["clean", "eps0", "passed"],
+        "non_increasing_in_eps": ["ladder", "passed", "tolerance"],
+        "suite_at_least_as_strong_as_probe": ["passed", "probe", "suite"],
+        "large_eps_near_zero": ["eps", "passed", "robust_accuracy", "threshold"],
+        "square_not_better_than_whitebox": ["passed", "threshold", "whitebox", "with_square"],
+        "nonzero_gradients": ["passed", "threshold", "zero_gradient_fraction"]}
+    assert checks["non_increasing_in_eps"]["tolerance"] == 1 / 8  # one point of 8
+    assert checks["square_not_better_than_whitebox"]["whitebox"] == (
+        result["attacks"][2]["robust_accuracy"])  # after the last white-box attack
+    assert [r["label"] for r in checks["non_increasing_in_eps"]["ladder"]] == [
+        "0 eps", "0.5 eps", "1 eps", "2 eps", "large eps"]
+    assert result["sanity_probe"] == {"attack": "apgd-ce", "library": "torchattacks",
+                                      "restarts": 1, "steps": q.sanity_steps}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        suite("paper", 10)
+    assert [name for name, _, _ in suite("quick", 3)][:2] == ["apgd-ce", "apgd-dlr"]
