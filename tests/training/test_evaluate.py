@@ -308,9 +308,10 @@ def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
             _break(model, outside(1.01), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm,
                    0.1, 8)
         _break(model, outside(0.99), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm, 0.1, 8)
-    with pytest.raises(RuntimeError, match="left"):  # in the ball, out of [0, 1]
-        _break(model, outside(0.0, -0.05), x, y, torch.ones(len(y), dtype=torch.bool), "linf",
-               0.1, 8)
+    for shift in (-0.05, 0.05):  # in the ball, out of [0, 1]
+        with pytest.raises(RuntimeError, match="left"):
+            _break(model, outside(0.0, shift), x.clamp(0.02, 0.98), y,
+                   torch.ones(len(y), dtype=torch.bool), "linf", 0.1, 8)
 
 
 def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
