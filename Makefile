@@ -26,7 +26,8 @@ EVAL_BOOKKEEPING := _margin_loss* ǁMultiTargetedǁ* _suite* __check_budget* __b
 	__library* __multitargeted*
 MUTANTS ?= training.byorl* training.optim* training.attacks* training.train* \
 	$(addprefix training.evaluate.x,$(EVAL_BOOKKEEPING))
+MUTMUT_JOBS ?= 1
 mutate: setup
 	rm -rf mutants  # mutmut keeps stale test-coverage stats across test changes
-	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(foreach m,$(MUTANTS),'$(m)')
+	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTMUT_JOBS) $(foreach m,$(MUTANTS),'$(m)')
 	$(VENV)/bin/mutmut results
