@@ -11,7 +11,7 @@ PORT ?= 8000
 TEST_TOOLS := redis-server docker-compose
 missing_test_tools = $(strip $(foreach t,$(TEST_TOOLS),$(if $(shell command -v $(t)),,$(t))))
 
-.PHONY: setup run test test-tools missing-test-tools
+.PHONY: setup run test test-tools missing-test-tools mutate
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
@@ -42,3 +42,17 @@ test-tools:
 # The TEST_TOOLS not on PATH, space-separated (empty when all are there).
 missing-test-tools:
 	@echo $(missing_test_tools)
+
+# Mutation testing (mutmut) of the method's core against the fast tests that pin it; not in CI
+# (tens of minutes on 2 cores). One module: make mutate MUTANTS='training.optim*'.
+EVAL_BOOKKEEPING := _margin_loss* ǁMultiTargetedǁ* _suite* __check_budget* __break* \
+	__zero_gradient_fraction* _large_eps* _evaluate_robustness* __evaluate__* __predict* \
+	__library* __multitargeted*
+MUTANTS ?= training.byorl* training.optim* training.attacks* training.train* \
+	$(addprefix training.evaluate.x,$(EVAL_BOOKKEEPING))
+MUTMUT_JOBS ?= 1
+mutate: setup
+	$(PY) -m pip install -q -e '.[train,service,dev]'
+	rm -rf mutants  # mutmut keeps stale test-coverage stats across test changes
+	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTMUT_JOBS) $(foreach m,$(MUTANTS),'$(m)')
+	$(VENV)/bin/mutmut results

@@ -15,9 +15,8 @@ from torchvision.transforms import v2
 
 from training.attacks import PGD
 from training.augment import AugmentConfig, augment
-from training.byorl import OnlineNetwork, byol_loss, ema_update, make_target
+from training.byorl import OnlineNetwork, byol_loss, ema_update, frozen_bn_stats, make_target
 from training.optim import LARS, lars_param_groups
-from training.train import frozen_bn_stats
 
 
 def project_step(online, target, opt, x, k, eps):

@@ -33,10 +33,9 @@ def check_budget(norm: str, eps: float) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
 
 
-def _per_example_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = t.flatten(1)
-    n = flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
-    return n.view(-1, *([1] * (t.dim() - 1)))
+def _l2_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-example l2 norm, shaped to broadcast against t."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -45,7 +44,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torc
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
-        delta = delta * (eps / _per_example_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
+        delta = delta * (eps / _l2_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
     return (x + delta).clamp(0.0, 1.0)
 
 
@@ -53,7 +52,7 @@ def normalized_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
     """Steepest-ascent direction for the norm: sign for linf, unit l2 direction for l2."""
     if norm == "linf":
         return grad.sign()
-    return grad / _per_example_norm(grad, "l2").clamp_min(1e-12)
+    return grad / _l2_norm(grad).clamp_min(1e-12)
 
 
 def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -63,7 +62,7 @@ def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     else:
         d = torch.randn_like(x)
         r = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
-        delta = d / _per_example_norm(d, "l2").clamp_min(1e-12) * eps * r
+        delta = d / _l2_norm(d).clamp_min(1e-12) * eps * r
     return project(x + delta, x, norm, eps)
 
 

@@ -22,10 +22,11 @@ from torch.nn import functional as F
 
 from training.attacks import PGD, ThreatModel
 from training.augment import random_resized_crop_flip
+from training.byorl import frozen_bn_stats
 from training.data import ImageSet
 from training.heads import Classifier, Progress, to_float
 from training.models import create_model
-from training.train import frozen_bn_stats, pick_device
+from training.train import pick_device
 
 
 @dataclass

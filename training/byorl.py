@@ -1,6 +1,9 @@
 """BYOL's networks and loss, and the BYORL attack on the online view (eq. 4-7 of the paper)."""
 
+import contextlib
 import copy
+import functools
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,12 +43,56 @@ def make_target(online: OnlineNetwork) -> OnlineNetwork:
     return target
 
 
-@torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """xi <- tau xi + (1 - tau) theta, on weights only: the target runs on batch statistics
     during training, so its BatchNorm running averages are never used."""
-    for t, o in zip(target.parameters(), online.parameters(), strict=True):
-        t.lerp_(o.detach(), 1 - tau)
+    with torch.no_grad():
+        for t, o in zip(target.parameters(), online.parameters(), strict=True):
+            t.lerp_(o.detach(), 1 - tau)
+
+
+def frozen_bn_stats(module: nn.Module) -> contextlib.ExitStack:
+    """`with frozen_bn_stats(net):` batch statistics still normalise, but running averages are
+    left alone (momentum 0): the attack's extra forward passes must not pollute the statistics
+    used at inference. Leaving the block restores each momentum."""
+    restore = contextlib.ExitStack()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            restore.callback(setattr, m, "momentum", m.momentum)
+            m.momentum = 0.0
+    return restore
+
+
+class StepLoss(NamedTuple):
+    loss: torch.Tensor  # the symmetrised loss, a scalar
+    p: torch.Tensor  # online predictions of the attacked views, [v + d; v' + d']
+    z: torch.Tensor  # the target projection each prediction is paired with, [z'; z]
+    views: torch.Tensor  # the clean views, [v; v']
+
+
+def symmetric_loss(
+    online: nn.Module, target: OnlineNetwork, v1: torch.Tensor, v2: torch.Tensor, attack=None,
+    bf16: bool = False,
+) -> StepLoss:
+    """L(v, v') + L(v', v) of eq. 7, each averaged over the batch: every view, attacked through
+    the online network (batch statistics, running averages left alone), is predicted against
+    the target projection of the *other* view. `attack.perturb(views, z)` maximises the loss."""
+    if v1.shape != v2.shape:
+        raise ValueError(f"the two views must have one shape, got {v1.shape} and {v2.shape}")
+    b = len(v1)
+    v = torch.cat([v1, v2])
+    autocast = functools.partial(torch.autocast, v.device.type, torch.bfloat16, enabled=bf16)
+    with torch.no_grad(), autocast():
+        z = target.project(v).float()
+    z = torch.cat([z[b:], z[:b]])
+    if attack is not None:
+        with frozen_bn_stats(online):
+            v_adv = attack.perturb(v, z)
+    else:
+        v_adv = v
+    with autocast():
+        p = online(v_adv)
+    return StepLoss(2 * byol_loss(p, z).mean(), p, z, v)
 
 
 def make_attack(method: str, loss_fn, norm: str, eps: float, steps: int, step_size=None):

@@ -41,28 +41,29 @@ class LARS(torch.optim.Optimizer):
             params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True)
         )
 
-    @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if group["weight_decay"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where(
-                        (w_norm > 0) & (d_norm > 0),
-                        group["eta"] * w_norm / d_norm,
-                        torch.ones_like(w_norm),
-                    )
-                    d = d * trust
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.zeros_like(p)
-                buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._update(p, p.grad, group)
         return loss
+
+    def _update(self, p: torch.Tensor, d: torch.Tensor, group: dict) -> None:
+        if group["weight_decay"]:
+            d = d.add(p, alpha=group["weight_decay"])
+        if group["lars"]:
+            w_norm, d_norm = p.norm(), d.norm()
+            trust = torch.where(
+                (w_norm > 0) & (d_norm > 0),
+                group["eta"] * w_norm / d_norm,
+                torch.ones_like(w_norm),
+            )
+            d = d * trust
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(p)
+        buf.mul_(group["momentum"]).add_(d)
+        p.add_(buf, alpha=-group["lr"])

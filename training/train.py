@@ -8,13 +8,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training.augment import augment
-from training.byorl import OnlineNetwork, byol_loss, ema_update, make_attack, make_target
+from training.byorl import (
+    OnlineNetwork,
+    byol_loss,
+    ema_update,
+    frozen_bn_stats,
+    make_attack,
+    make_target,
+    symmetric_loss,
+)
 from training.checkpoint import CHECKPOINT, load_checkpoint, save_atomic
 from training.config import TrainConfig
 from training.data import load_images, load_unlabeled
@@ -25,21 +32,6 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(module: nn.Module):
-    """Batch statistics still normalise, but running averages are left alone (momentum 0): the
-    attack's extra forward passes must not pollute the statistics used at inference."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, saved, strict=True):
-            m.momentum = mom
 
 
 def batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:
@@ -161,28 +153,16 @@ def train(
             idx = batch_indices(step, steps_per_epoch, n, batch, cfg.seed)
             idx = idx[rank * batch // world : (rank + 1) * batch // world]
             x = images[idx].float().div_(255).contiguous(memory_format=torch.channels_last)
-            v = torch.cat([augment(x, cfg.augment), augment(x, cfg.augment)])
-            b = len(idx)
 
-            # 2. target projections, each view paired with the other view's target
-            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                z = target.project(v).float()
-            z = torch.cat([z[b:], z[:b]])
-
-            # 3. attack the online views: minimise cos(kappa(v + delta), z') within the budget
-            if attack is not None:
-                with frozen_bn_stats(online):
-                    v_adv = attack.perturb(v, z)
-            else:
-                v_adv = v
-
-            # 4. symmetrised BYOL loss on the attacked views, LARS step with the scheduled lr
+            # 2-4. each view attacked through the online network and paired with the other
+            # view's target projection: the symmetrised BYORL loss; LARS step, scheduled lr
             lr = get_lr(step, total_steps, warmup_steps, cfg.optim.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                p = model(v_adv)
-            loss = 2 * byol_loss(p, z).mean()
+            step_loss = symmetric_loss(
+                model, target, augment(x, cfg.augment), augment(x, cfg.augment), attack, bf16
+            )
+            loss, p, z = step_loss.loss, step_loss.p, step_loss.z
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -199,7 +179,8 @@ def train(
                     frozen_bn_stats(online),
                     torch.autocast(device.type, torch.bfloat16, enabled=bf16),
                 ):
-                    p_clean = online(v).float() if attack is not None else p.detach().float()
+                    clean = online(step_loss.views) if attack is not None else p.detach()
+                    p_clean = clean.float()
                 now = time.time()
                 steps_here = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
                 rec = {

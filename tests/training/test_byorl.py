@@ -1,6 +1,20 @@
-import torch
+import math
 
-from training.byorl import OnlineNetwork, byol_loss, ema_update, make_target
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from training.attacks import APGD, PGD
+from training.byorl import (
+    OnlineNetwork,
+    byol_loss,
+    ema_update,
+    frozen_bn_stats,
+    make_attack,
+    make_target,
+    symmetric_loss,
+)
 
 
 def test_byol_loss_closed_form():
@@ -29,8 +43,145 @@ def test_ema_update_closed_form():
         assert not t.requires_grad
 
 
+def test_online_network_defaults_are_the_papers():
+    """Width x1, projector and predictor MLPs of hidden size 4096 and output 256 (sec. 4.1)."""
+    net = OnlineNetwork("preact_resnet_tiny")
+    assert net.encoder.num_features == 64  # preact_resnet_tiny at x1: 8, 16, 32, 64
+    assert net.project(torch.rand(2, 3, 32, 32)).shape == (2, 256)
+    hidden = [m.out_features for m in net.modules() if isinstance(m, nn.Linear)]
+    assert hidden == [4096, 256, 4096, 256]
+    assert OnlineNetwork("preact_resnet_tiny", width=2, proj_hidden=8).encoder.num_features == 128
+
+
 def test_online_network_shapes():
     net = OnlineNetwork("preact_resnet_tiny", proj_hidden=16, proj_dim=8)
     x = torch.rand(4, 3, 32, 32)
     assert net.encoder.forward_features(x).shape == (4, net.encoder.num_features)
     assert net.project(x).shape == net(x).shape == (4, 8)
+
+
+class LinearNet(nn.Module):
+    """online(x) = project(x) = W x on 2-pixel "images": a network known by hand."""
+
+    def __init__(self, weight: list[list[float]]):
+        super().__init__()
+        self.linear = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.tensor(weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    project = forward
+
+
+# Online: the identity; target projection: z([a, b]) = [a, a + b]. Two views of two images.
+V1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # v:  z(v)  = [[1, 1], [0, 1]]
+V2 = torch.tensor([[0.0, 1.0], [1.0, 1.0]])  # v': z(v') = [[0, 1], [1, 2]]
+
+
+def test_symmetric_loss_pairs_each_view_with_the_other_views_target():
+    """By hand, 2 - 2 cos(p, z) per pair, each direction averaged over the 2 images:
+    L(v, v')  = mean(cos-loss([1,0],[0,1]) = 2, cos-loss([0,1],[1,2]) = 2 - 4/sqrt5);
+    L(v', v)  = mean(cos-loss([0,1],[1,1]) = 2 - sqrt2, cos-loss([1,1],[0,1]) = 2 - sqrt2).
+    Pairing each view with its own target, or one direction twice, gives other numbers."""
+    online, target = LinearNet([[1, 0], [0, 1]]), LinearNet([[1, 0], [1, 1]])
+    out = symmetric_loss(online, target, V1, V2)
+    cross = (2 + 2 - 4 / math.sqrt(5)) / 2 + (2 - math.sqrt(2))
+    same_view = (2 - math.sqrt(2) + 0 + 0 + 2 - 6 / math.sqrt(10)) / 2
+    assert out.loss.item() == pytest.approx(cross, abs=1e-6)
+    for wrong in (same_view, 2 * (2 + 2 - 4 / math.sqrt(5)) / 2, 2 * (2 - math.sqrt(2))):
+        assert abs(out.loss.item() - wrong) > 0.4
+    torch.testing.assert_close(out.z, torch.tensor([[0.0, 1], [1, 2], [1, 1], [0, 1]]))
+    torch.testing.assert_close(out.views, torch.cat([V1, V2]))
+    out.loss.backward()  # the target gets no gradient (stop-gradient), the online network does
+    assert target.linear.weight.grad is None and online.linear.weight.grad is not None
+
+
+def test_symmetric_loss_attacks_each_view_against_the_other_views_target():
+    """The attack sees the stacked views and their cross-view targets, and the loss is taken
+    at the points it returns: a deterministic PGD run by hand on those gives the same loss."""
+    online, target = LinearNet([[1, 0], [0, 1]]), LinearNet([[1, 0], [1, 1]])
+    v1, v2 = 0.25 + 0.5 * V1, 0.25 + 0.5 * V2  # inside [0, 1], room to move both ways
+
+    def loss_fn(x_adv, z):
+        return byol_loss(online(x_adv), z)
+
+    attack = PGD(loss_fn, "linf", 0.1, steps=3, random_init=False)
+    out = symmetric_loss(online, target, v1, v2, attack)
+    z_cross = torch.cat([target.project(v2), target.project(v1)]).detach()
+    by_hand = attack.perturb(torch.cat([v1, v2]), z_cross)
+    torch.testing.assert_close(out.loss, 2 * byol_loss(online(by_hand), z_cross).mean())
+    torch.testing.assert_close(out.p, online(by_hand))
+    clean = symmetric_loss(online, target, v1, v2)
+    assert out.loss > clean.loss + 0.01  # the attack really raised the loss
+
+
+def test_symmetric_loss_refuses_views_of_different_shapes():
+    net = LinearNet([[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="one shape"):
+        symmetric_loss(net, net, V1, V2[:1])
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_attack_passes_use_batch_statistics_and_leave_running_averages_alone():
+    """In a BYORL step every forward pass normalises with the batch's own statistics, yet the
+    running averages move exactly once, by the loss pass: (1 - m) before + m batch stats."""
+    torch.manual_seed(0)
+    online = OnlineNetwork("preact_resnet_tiny", proj_hidden=16, proj_dim=8).train()
+    target = make_target(online)
+    bns = batch_norms(online)
+    before = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns}
+    calls = {m: [] for m in bns}
+
+    def record(m, inputs, output):
+        x = inputs[0].detach()
+        dims = [0] + list(range(2, x.dim()))
+        batch_normed = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+        calls[m].append((x.mean(dims), x.var(dims, unbiased=True),
+                         torch.allclose(output, batch_normed, atol=1e-5)))
+
+    hooks = [m.register_forward_hook(record) for m in bns]
+    attack = PGD(lambda xa, z: byol_loss(online(xa), z), "linf", 8 / 255, steps=2)
+    x = torch.rand(4, 3, 32, 32)
+    symmetric_loss(online, target, x, x.flip(-1), attack)
+    for h in hooks:
+        h.remove()
+    for m in bns:
+        assert len(calls[m]) == 3  # two attack passes and the loss pass
+        assert all(used_batch_stats for _, _, used_batch_stats in calls[m])
+        mean, var, _ = calls[m][-1]
+        torch.testing.assert_close(m.running_mean, 0.9 * before[m][0] + 0.1 * mean)
+        torch.testing.assert_close(m.running_var, 0.9 * before[m][1] + 0.1 * var)
+        assert m.momentum == 0.1 and m.training
+
+
+def test_frozen_bn_stats_restores_momentum_when_the_attack_fails():
+    net = nn.Sequential(nn.BatchNorm1d(3, momentum=0.3), nn.BatchNorm1d(3, momentum=None))
+    with pytest.raises(RuntimeError), frozen_bn_stats(net):
+        assert [m.momentum for m in net] == [0.0, 0.0]
+        raise RuntimeError("attack failed")
+    assert [m.momentum for m in net] == [0.3, None]
+
+
+def test_make_attack_builds_the_configured_attack():
+    def loss(x, y):
+        return x.flatten(1).sum(1)
+
+    apgd = make_attack("apgd", loss, "l2", 0.5, 7)
+    assert isinstance(apgd, APGD)
+    assert (apgd.loss_fn, apgd.norm, apgd.eps, apgd.steps) == (loss, "l2", 0.5, 7)
+    pgd = make_attack("pgd", loss, "linf", 0.1, 3, 0.05)
+    assert isinstance(pgd, PGD)
+    assert (pgd.loss_fn, pgd.norm, pgd.eps, pgd.steps) == (loss, "linf", 0.1, 3)
+    assert pgd.step_size == 0.05
+    with pytest.raises(ValueError, match="'apgd' or 'pgd'"):
+        make_attack("fgsm", loss, "linf", 0.1, 3)
+
+
+def test_ema_update_refuses_networks_of_different_shapes():
+    with pytest.raises(ValueError):
+        ema_update(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.9)

@@ -17,7 +17,10 @@ from training.evaluate import (
     SUITES,
     MultiTargeted,
     SuiteSettings,
+    _break,
+    _zero_gradient_fraction,
     evaluate_robustness,
+    large_eps,
     margin_loss,
     suite,
 )
@@ -240,3 +243,186 @@ def test_the_full_suite_is_the_default():
     for fn in (evaluate_robustness, evaluate_checkpoint):
         assert inspect.signature(fn).parameters["mode"].default == "full"
     assert SUITES["full"] == SuiteSettings(5, 100, 20, 200, 5000, 20)
+
+
+def synthetic_linear(n: int = 48, seed: int = 0, size: int = 4):
+    """A random linear classifier on 3 x size x size images (4 classes) and images labelled by
+    it, a few relabelled wrongly: the suite's bookkeeping in seconds, with an exact worst case."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 3 * size * size
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 4))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(4, d, generator=gen))
+        model[1].bias.zero_()
+    x = torch.rand(n, 3, size, size, generator=gen)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:6] = (y[:6] + 1) % 4
+    return model.eval(), x, y
+
+
+def test_suite_records_the_per_example_worst_case_of_a_linear_model():
+    """Small batches (several per attack), each attack only on the points still robust: the
+    per-attack records add up to the exact worst case, and the sanity checks see a sound
+    evaluation."""
+    model, x, y = synthetic_linear()
+    eps = 0.02
+    exact = exact_linf_robust(model, x, y, eps).float().mean().item()
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    assert 0 < exact < clean < 1
+    result = evaluate_robustness(model, x, y, ThreatModel("linf", eps), "quick", batch_size=8)
+    assert result["clean_accuracy"] == pytest.approx(clean)
+    assert result["robust_accuracy"] == pytest.approx(exact)
+    records = result["attacks"]
+    assert [r["name"] for r in records] == ["apgd-ce", "apgd-dlr", "multitargeted", "square"]
+    assert sum(r["fooled"] for r in records) == round((clean - exact) * len(y))
+    accs = [clean] + [r["robust_accuracy"] for r in records]
+    for before, r, after in zip(accs, records, accs[1:], strict=False):
+        assert after == pytest.approx(before - r["fooled"] / len(y))
+    ladder = result["checks"]["non_increasing_in_eps"]["ladder"]
+    assert [r["eps"] for r in ladder] == pytest.approx([0, eps / 2, eps, 2 * eps, 0.5])
+    assert ladder[0]["robust_accuracy"] == pytest.approx(clean)
+    assert ladder[2]["robust_accuracy"] >= exact and ladder[-1]["robust_accuracy"] == 0
+    assert result["checks_passed"], result["checks"]
+    assert result["n"] == len(y) and result["threat_model"] == {"norm": "linf", "eps": eps}
+    assert result["suite"]["apgd_steps"] == SUITES["quick"].apgd_steps
+
+
+def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
+    model, x, y = synthetic_linear()
+    robust = model(x).argmax(1) == y
+    robust[::3] = False  # as if an earlier attack had fooled these
+    todo = robust.clone()
+    seen = []  # batch sizes the attack was called with
+
+    def no_op(m, xb, yb, norm, eps):
+        seen.append(len(xb))
+        return xb
+
+    assert _break(model, no_op, x, y, robust, "linf", 0.1, batch_size=4) == 0
+    assert seen == [4] * (int(todo.sum()) // 4) + ([int(todo.sum()) % 4] if todo.sum() % 4 else [])
+    assert torch.equal(robust, todo)
+
+    always_1 = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    with torch.no_grad():
+        always_1[1].weight.zero_()
+        always_1[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    still = torch.ones(len(y), dtype=torch.bool)
+    assert _break(always_1, no_op, x, y, still, "linf", 0.1, 5) == int((y != 1).sum())
+    assert torch.equal(still, y == 1)  # fooled: exactly the points whose label is not 1
+
+    def outside(scale, shift=0.0):
+        def attack(m, xb, yb, norm, eps):
+            delta = torch.ones_like(xb)
+            delta = delta / (delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if norm == "l2" else 1)
+            return xb + scale * eps * delta + shift
+        return attack
+
+    for norm in ("linf", "l2"):
+        with pytest.raises(RuntimeError, match=f"left the {norm} ball"):
+            _break(model, outside(1.01), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm,
+                   0.1, 8)
+        _break(model, outside(0.99), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm, 0.1, 8)
+    for shift in (-0.05, 0.05):  # in the ball, out of [0, 1]
+        with pytest.raises(RuntimeError, match="left"):
+            _break(model, outside(0.0, shift), x.clamp(0.02, 0.98), y,
+                   torch.ones(len(y), dtype=torch.bool), "linf", 0.1, 8)
+
+
+def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
+    """One restart attacks only the best-ranked wrong class; three cover all of them and reach
+    the exact worst case (at this eps one point falls only to its second or third class)."""
+    model, x, y = synthetic_linear()
+    eps = 0.03
+    w, b, flat = model[1].weight.detach(), model[1].bias.detach(), x.flatten(1)
+    with torch.no_grad():
+        logits = model(x)
+    correct = logits.argmax(1) == y
+    top_wrong = logits.scatter(1, y[:, None], -float("inf")).argmax(1)
+    c = w[top_wrong] - w[y]  # exact best move toward that class, clipped to [0, 1]
+    gain = ((flat + eps * c.sign()).clamp(0, 1) * c).sum(1) + b[top_wrong] - b[y]
+    exact = exact_linf_robust(model, x, y, eps)
+    assert exact.sum() < (correct & (gain <= 0)).sum()
+    for restarts, robust in ((1, correct & (gain <= 0)), (3, exact)):
+        x_adv = MultiTargeted(model, "linf", eps, steps=10, restarts=restarts).perturb(x, y)
+        with torch.no_grad():
+            assert torch.equal(model(x_adv).argmax(1) == y, robust)
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+    # a budget that fools everything, the whole batch or a single point: stops once all are
+    mt = MultiTargeted(model, "linf", 0.5, steps=5, restarts=3)
+    for xs, ys in ((x, y), (x[6:7], y[6:7])):
+        with torch.no_grad():
+            assert (model(mt.perturb(xs, ys)).argmax(1) != ys).all()
+
+
+
+def test_evaluation_reports_progress_and_refuses_bad_inputs():
+    """Progress counts every attack, every eps rung and the gradient check, in order."""
+    model, x, y = synthetic_linear(n=12)
+    calls = []
+    result = evaluate_robustness(model, x, y, ThreatModel("linf", 0.3), "quick",  # all fooled
+                                 progress=lambda *a: calls.append(a))
+    assert result["mode"] == "quick"
+    labels = ["apgd-ce", "apgd-dlr", "multitargeted", "square", "sanity 0 eps",
+              "sanity 0.5 eps", "sanity 1 eps", "sanity 2 eps", "sanity large eps",
+              "sanity gradients"]
+    assert calls == [(i + 1, 10, what) for i, what in enumerate(labels)]
+    one = evaluate_robustness(model, x[:1], y[:1], ThreatModel("linf", 0.02), "quick")  # wrong
+    assert one["n"] == 1 and one["clean_accuracy"] == 0
+    for images, labels_ in ((x, y[:0]), (x, y[:-1])):
+        with pytest.raises(ValueError, match="one label per image"):
+            evaluate_robustness(model, images, labels_, ThreatModel("linf", 0.1), "quick")
+
+
+def test_large_eps_reaches_mid_grey_from_any_image():
+    """linf 0.5; l2 0.5 sqrt(d), the norm of a move of 0.5 on every pixel."""
+    assert large_eps("linf", torch.Size([3, 4, 4])) == 0.5
+    assert large_eps("l2", torch.Size([3, 4, 4])) == pytest.approx(0.5 * 48**0.5)
+
+
+def test_zero_gradient_fraction_counts_correct_points_with_a_flat_loss():
+    """ReLU(x - 0.5) is flat for images darker than 0.5: their input gradient is exactly 0.
+    Only correctly classified points count, over every batch."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4))
+    flat = nn.Sequential(nn.ReLU(), model)
+    x = torch.cat([torch.full((5, 3, 4, 4), 0.4), torch.full((5, 3, 4, 4), 0.9)]) - 0.5
+    y = torch.zeros(10, dtype=torch.long)
+    correct = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
+    assert _zero_gradient_fraction(flat, x, y, correct, batch_size=2) == pytest.approx(3 / 8)
+    only = torch.zeros(10, dtype=torch.bool)
+    only[0] = True
+    assert _zero_gradient_fraction(flat, x, y, only, batch_size=2) == 1.0
+    assert _zero_gradient_fraction(flat, x, y, ~correct & (torch.arange(10) > 4), 4) == 0.0
+
+
+def test_report_names_the_attacks_settings_and_checks():
+    """Every record names what produced it: the suite's settings per attack, each check's
+    inputs, the sanity probe; consumers (report_markdown, the service) read these keys."""
+    model, x, y = synthetic_linear(n=8)
+    result = evaluate_robustness(model, x, y, ThreatModel("linf", 0.3), "quick")
+    q = SUITES["quick"]
+    apgd = {"restarts": q.apgd_restarts, "steps": q.apgd_steps, "library": "torchattacks"}
+    assert [(r["name"], r["settings"]) for r in result["attacks"]] == [
+        ("apgd-ce", {**apgd, "loss": "ce"}), ("apgd-dlr", {**apgd, "loss": "dlr"}),
+        ("multitargeted", {"restarts": q.mt_restarts, "steps": q.mt_steps, "loss": "margin",
+                           "library": "byorl"}),
+        ("square", {"queries": q.square_queries, "restarts": 1, "library": "torchattacks"})]
+    assert all(r["seconds"] >= 0 for r in result["attacks"]) and result["seconds"] > 0
+    checks = result["checks"]
+    assert {k: sorted(c) for k, c in checks.items()} == {
+        "eps0_equals_clean": ["clean", "eps0", "passed"],
+        "non_increasing_in_eps": ["ladder", "passed", "tolerance"],
+        "suite_at_least_as_strong_as_probe": ["passed", "probe", "suite"],
+        "large_eps_near_zero": ["eps", "passed", "robust_accuracy", "threshold"],
+        "square_not_better_than_whitebox": ["passed", "threshold", "whitebox", "with_square"],
+        "nonzero_gradients": ["passed", "threshold", "zero_gradient_fraction"]}
+    assert checks["non_increasing_in_eps"]["tolerance"] == 1 / 8  # one point of 8
+    assert checks["square_not_better_than_whitebox"]["whitebox"] == (
+        result["attacks"][2]["robust_accuracy"])  # after the last white-box attack
+    assert [r["label"] for r in checks["non_increasing_in_eps"]["ladder"]] == [
+        "0 eps", "0.5 eps", "1 eps", "2 eps", "large eps"]
+    assert result["sanity_probe"] == {"attack": "apgd-ce", "library": "torchattacks",
+                                      "restarts": 1, "steps": q.sanity_steps}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        suite("paper", 10)
+    assert [name for name, _, _ in suite("quick", 3)][:2] == ["apgd-ce", "apgd-dlr"]

@@ -2,6 +2,7 @@
 problem built for it, early stopping keeps the best validation epoch, and the few-label recipe
 fits what the paper's literal 50 epochs leave underfitted."""
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from training.heads import (
     linear_to_lists,
     select_l2_head,
     shuffled_batches,
+    to_float,
 )
 from training.models import create_model
 
@@ -163,3 +165,34 @@ def test_saved_head_lists_round_trip_exactly():
     again = linear_from(**linear_to_lists(head))
     torch.testing.assert_close(again.weight, head.weight, rtol=0, atol=0)
     torch.testing.assert_close(again.bias, head.bias, rtol=0, atol=0)
+
+
+def test_robust_head_attacks_through_the_frozen_encoder_in_eval_mode():
+    """Every pass of the robust head's PGD goes through the encoder (input gradients flow
+    through it) in eval mode, so BatchNorm uses and keeps its running statistics; the encoder
+    leaves bit-identical and without gradients, and the attacked pixels stay in the budget."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten()).train()
+    with torch.no_grad():  # running statistics far from any batch's: a train-mode pass shows
+        encoder[1].running_mean.fill_(3.0)
+        encoder[1].running_var.fill_(0.01)
+    before = copy.deepcopy(encoder.state_dict())
+    passes = []
+    encoder.register_forward_hook(
+        lambda m, inputs, out: passes.append((m.training, inputs[0].requires_grad, inputs[0])))
+    train = toy_problem(64, 0)
+    clean = to_float(train.images)
+    config = HeadConfig(robust=True, norm="linf", eps=EPS, attack_steps=3, epochs=1,
+                        batch_size=16, steps_per_epoch=2)
+    fit_linear_head(encoder, train, None, 4, config)
+    assert all(not training for training, _, _ in passes)
+    attack_passes = [x for _, grad, x in passes if grad]
+    assert len(attack_passes) == 2 * 3  # 2 batches, 3 PGD steps each
+    # linf distance of each attacked image to the nearest clean one: within eps, not zero
+    gaps = torch.cat([(x[:, None] - clean[None]).flatten(2).abs().amax(2).amin(1)
+                      for x in attack_passes])
+    assert gaps.max() <= EPS + 1e-6 and gaps.min() > 0
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in encoder.parameters())

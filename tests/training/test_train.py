@@ -12,7 +12,7 @@ import torch
 
 from training.checkpoint import load_checkpoint, load_encoder
 from training.config import TrainConfig
-from training.train import train
+from training.train import batch_indices, pick_device, train
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BYORL_CACHE": str(ROOT / ".cache" / "byorl")}
@@ -43,6 +43,8 @@ def test_few_byorl_steps_write_a_run(image_folder, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
+        assert set(m) == {"step", "epoch", "loss", "cos_clean", "cos_adv", "pred_std", "lr", "tau",
+                          "images_per_s"}
         assert all(torch.isfinite(torch.tensor(float(v))) for v in m.values())
         assert 0 <= m["loss"] <= 8
         assert m["cos_adv"] < m["cos_clean"]  # the attack really lowers the similarity
@@ -53,6 +55,25 @@ def test_few_byorl_steps_write_a_run(image_folder, tmp_path):
     encoder, config = load_encoder(run)
     assert config["model"]["arch"] == "preact_resnet_tiny"
     assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, encoder.num_features)
+
+
+def test_batches_are_seeded_disjoint_slices_of_one_permutation_per_epoch():
+    """Resuming needs no loader state: a step's batch depends only on (step, seed); an epoch's
+    batches are disjoint and of full size; the next epoch is shuffled anew."""
+    epoch0 = [batch_indices(s, 3, 10, 3, seed=7) for s in range(3)]
+    assert all(len(b) == 3 for b in epoch0)
+    assert len(set(torch.cat(epoch0).tolist())) == 9
+    assert torch.equal(batch_indices(1, 3, 10, 3, seed=7), epoch0[1])
+    assert not torch.equal(batch_indices(3, 3, 10, 3, seed=7), epoch0[0])
+    assert not torch.equal(batch_indices(0, 3, 10, 3, seed=8), epoch0[0])
+
+
+def test_pick_device():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device().type == pick_device("auto").type == expected
+    assert pick_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert pick_device("auto", local_rank=1) == torch.device("cuda:1")
 
 
 def test_killed_run_resumes_to_the_same_state(image_folder, tmp_path):
