@@ -92,7 +92,7 @@ def train(
     start = 0
     if (out / CHECKPOINT).exists():
         ckpt = load_checkpoint(out, map_location=device)
-        if ckpt["config"] != cfg.to_dict():
+        if {**ckpt["config"], "out": cfg.out} != cfg.to_dict():  # a run directory may move
             raise ValueError(f"{out} holds a run with another config; resume it or use a new --out")
         online.load_state_dict(ckpt["online"])
         target.load_state_dict(ckpt["target"])

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from training.checkpoint import load_checkpoint, load_encoder
@@ -55,6 +56,24 @@ def test_few_byorl_steps_write_a_run(image_folder, tmp_path):
     encoder, config = load_encoder(run)
     assert config["model"]["arch"] == "preact_resnet_tiny"
     assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, encoder.num_features)
+
+
+def test_a_moved_run_resumes_and_another_config_is_refused(image_folder, tmp_path):
+    """Where a run is written is not a training setting: a moved run directory resumes; a
+    changed setting does not mix into it."""
+    cfg = TrainConfig()
+    cfg.data.source, cfg.out, cfg.device = str(image_folder), str(tmp_path / "a"), "cpu"
+    cfg.model.arch, cfg.model.proj_hidden, cfg.model.proj_dim = "preact_resnet_tiny", 32, 16
+    cfg.attack.method = "none"
+    cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs = 40, 1, 0.5
+    train(cfg, max_steps=1, progress=False)
+    (tmp_path / "a").rename(tmp_path / "b")
+    cfg.out = str(tmp_path / "b")
+    train(cfg, max_steps=1, progress=False)
+    assert load_checkpoint(tmp_path / "b")["step"] == 2
+    cfg.optim.lr = 1.0
+    with pytest.raises(ValueError, match="another config"):
+        train(cfg, max_steps=1, progress=False)
 
 
 def test_batches_are_seeded_disjoint_slices_of_one_permutation_per_epoch():
