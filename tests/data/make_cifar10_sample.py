@@ -20,7 +20,7 @@ import numpy as np
 OUT = Path(__file__).resolve().parent / "cifar10-test-sample.npz"
 
 
-def test_split_files(archive: Path) -> dict[str, dict[str, bytes]]:
+def read_test_split(archive: Path) -> dict[str, dict[str, bytes]]:
     """class -> {archive path: JPEG bytes} of the archive's test/<class>/*.jpg."""
     files: dict[str, dict[str, bytes]] = {}
     with tarfile.open(archive) as tar:  # one sequential pass (seeking in a .gz is quadratic)
@@ -33,7 +33,7 @@ def test_split_files(archive: Path) -> dict[str, dict[str, bytes]]:
 
 def sample(archive: Path, per_class: int, seed: int) -> dict[str, np.ndarray]:
     """`per_class` images of each class, drawn without replacement by a seeded generator."""
-    files = test_split_files(archive)
+    files = read_test_split(archive)
     rng = np.random.default_rng(seed)
     classes = sorted(files)
     blobs, labels, names = [], [], []
