@@ -105,22 +105,19 @@ def test_embedded_jobs_survive_an_api_restart_and_torch_stays_out(model_dir, tmp
 def test_an_embedded_job_whose_process_was_killed_runs_again_once(model_dir, tmp_path, labeled):
     """SIGKILL of the job's process (out of memory, say): the job runs again, in a new process,
     and completes once."""
-    with TestClient(create_app(Settings(model_dir=model_dir, data_dir=tmp_path,
-                                        threads=1))) as client:
-        kill_the_job_process_once(client, JobStore(tmp_path), labeled)
-
-
-def kill_the_job_process_once(client, jobs: JobStore, labeled) -> None:
     images, labels, classes = labeled
     few = [0, 1, 2, 3, 12, 13, 14, 15]  # 4 of each of two classes
-    r = client.post("/linear-head", json={
-        "classes": classes[:2], "labels": [labels[i] for i in few],
-        "images": [images[i] for i in few], "robust": True, "epochs": 10, "attack_steps": 1,
-        "min_steps": 10, "validation_fraction": 0})
-    job_id = r.json()["job_id"]
-    wait_for(lambda: jobs.get(job_id)["progress"] > 0, 120, "the job to make progress")
-    os.kill(jobs.get(job_id)["runner"]["pid"], signal.SIGKILL)
-    job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["state"] in (
-        "succeeded", "failed") and j, 180, "the job to finish")
-    assert job["state"] == "succeeded" and job["attempts"] == 2, job["error"]
-    assert client.get(f"/heads/{job_id}").status_code == 200
+    jobs = JobStore(tmp_path)
+    with TestClient(create_app(Settings(model_dir=model_dir, data_dir=tmp_path,
+                                        threads=1))) as client:
+        r = client.post("/linear-head", json={
+            "classes": classes[:2], "labels": [labels[i] for i in few],
+            "images": [images[i] for i in few], "robust": True, "epochs": 10,
+            "attack_steps": 1, "min_steps": 10, "validation_fraction": 0})
+        job_id = r.json()["job_id"]
+        wait_for(lambda: jobs.get(job_id)["progress"] > 0, 120, "the job to make progress")
+        os.kill(jobs.get(job_id)["runner"]["pid"], signal.SIGKILL)
+        job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}").json())["state"] in (
+            "succeeded", "failed") and j, 180, "the job to finish")
+        assert job["state"] == "succeeded" and job["attempts"] == 2, job["error"]
+        assert client.get(f"/heads/{job_id}").status_code == 200
