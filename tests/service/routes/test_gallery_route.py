@@ -76,9 +76,9 @@ def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client):
     svc = client.app.state.byorl
     assert client.post("/indexes", json={"name": "churn"}).status_code == 201
     keys = [f"c{i}" for i in range(1000)]
-    vectors = np.random.default_rng(0).normal(size=(1000, svc.card["embedding_dim"]))
+    vectors = np.random.default_rng(0).normal(size=(1000, svc.models.default.dim))
     svc.gallery.add("churn", keys, vectors, np.zeros((1000, 3, 32, 32), np.uint8),
-                    [{"key": k} for k in keys], svc.model_id)
+                    [{"key": k} for k in keys], svc.models.default.model_id)
 
     def remove_all_but_one():
         for start in range(1, 1000, 9):
