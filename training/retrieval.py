@@ -59,7 +59,7 @@ def perturb_queries(
 
 class _CosineToClean(nn.Module):
     """Two 'logits' for Square: the cosine of an image's embedding to its clean one (class 0)
-    and -1, which no cosine goes below: Square's margin loss is then the cosine itself, which it
+    and -1, which no cosine goes below: Square's margin loss is then the cosine plus 1, which it
     lowers until its queries run out."""
 
     def __init__(self, encoder: nn.Module, reference: torch.Tensor):
@@ -80,8 +80,14 @@ def square_queries(encoder: nn.Module, queries: torch.Tensor, threat: ThreatMode
         target = _CosineToClean(encoder, embed(encoder, x).to(x.device)).eval()
         attack = torchattacks.Square(target, norm={"linf": "Linf", "l2": "L2"}[threat.norm],
                                      eps=threat.eps, n_queries=n_queries, n_restarts=1, seed=seed)
-        with torch.random.fork_rng():  # torchattacks reseeds the global RNG
-            out.append(attack(x, torch.zeros(1, dtype=torch.long, device=x.device)).detach())
+        with torch.random.fork_rng():  # seeded as Square's own entry point seeds
+            attack.init_hyperparam(x)
+            torch.manual_seed(seed)
+            # its best point, not `attack(x, y)`, which keeps only points that changed class
+            # (none here: the loss is a cosine, with no class to change)
+            _, best = attack.attack_single_run(x, torch.zeros(1, dtype=torch.long,
+                                                              device=x.device))
+        out.append(best.detach())
     return torch.cat(out)
 
 
