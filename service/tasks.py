@@ -245,7 +245,7 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
                                  threat, params["k"], budget, progress=progress,
                                  attack="apgd" if white_box else "square",
                                  details=DETAILED_QUERIES)
-        for row in report["queries"]:
+        for row in report["examples"]:
             for kind in ("neighbours_clean", "neighbours_adversarial"):
                 row[kind] = [{"key": keys[j], "score": score,
                               "metadata": index.get(keys[j]).metadata} for j, score in row[kind]]

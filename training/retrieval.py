@@ -235,7 +235,7 @@ def retrieval_audit(
     report = {**_settings(len(queries), threat, k, steps, targets is not None, attack),
               **summarize(result)}
     if details:
-        report["queries"] = query_details(queries, result, torch.as_tensor(gallery_embeddings),
+        report["examples"] = query_details(queries, result, torch.as_tensor(gallery_embeddings),
                                           details)
     return report
 

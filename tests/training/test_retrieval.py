@@ -131,8 +131,8 @@ def test_query_details_are_the_neighbours_and_the_perturbation(encoder, split):
     threat = ThreatModel("linf", 4 / 255)
     vectors = embed(encoder, gallery)
     audit = retrieval_audit(encoder, queries, vectors, threat, k=K, steps=5, details=2)
-    assert len(audit["queries"]) == 2
-    first = audit["queries"][0]
+    assert len(audit["examples"]) == 2
+    first = audit["examples"][0]
     sims = embed(encoder, queries[:1]) @ vectors.T
     best = sims.topk(K, dim=1)
     assert [j for j, _ in first["neighbours_clean"]] == best.indices[0].tolist()
