@@ -270,6 +270,23 @@ def retrieval_demo(
                    f"{s['top1_changed_adversarial']:.1%}")
     typer.echo(f"-> {out}")
 
+@app.command("demo-gallery")
+def demo_gallery(
+    api: str = typer.Option("http://127.0.0.1:8000", help="The running service."),
+    data: str = typer.Option("tests/data/cifar10-test-sample.npz", help="CIFAR-10 test images: "
+                             "the shipped sample (.npz), a CIFAR-10 .tar.gz or ImageFolder."),
+    per_class: int = typer.Option(100, help="Test images of each class in the gallery."),
+    group: str = typer.Option("cifar10", help="Galleries are named GROUP--MODEL_ID."),
+    replace: bool = typer.Option(False, help="Delete the group's galleries first."),
+    api_key: str | None = typer.Option(None, envvar="BYORL_API_KEY", help="X-API-Key, if any."),
+):
+    """One gallery of CIFAR-10 test images per served model, for the demo page (GET /demo)."""
+    from service.demo_gallery import Api, build_demo_galleries
+
+    build_demo_galleries(Api(api, api_key), data, per_class, group, replace, typer.echo)
+    typer.echo(f"-> {api.rstrip('/')}/demo")
+
+
 @app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="A run, checkpoint or exported model directory."),

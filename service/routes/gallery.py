@@ -1,10 +1,12 @@
 """Galleries: named indexes of embedded images under user keys, with JSON metadata."""
 
+import io
 import json
 from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
+from PIL import Image
 
 from index.faiss_index import EmbeddingIndex
 from service.deps import QUEUE_FULL, AppState, Service
@@ -94,6 +96,18 @@ def list_items(name: str, svc: Service, paging: Paging) -> Response:
     # one instant (removals race it); metadata as stored JSON text, never decoded
     count, items = index.page(paging.offset, paging.limit, raw_metadata=True)
     return items_response(name, page_of(items, count, paging), svc.settings.max_response_bytes)
+
+
+@router.get("/{name}/pixels/{key:path}", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The item's pixels"}}
+            | error_responses(404))
+def get_item_pixels(name: str, key: str, svc: Service) -> Response:
+    """The pixels an item was embedded from (the model's input size) as a PNG: thumbnails."""
+    pixels = svc.gallery.pixels(name, [key])[0]
+    buf = io.BytesIO()
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=60"})
 
 
 @router.delete("/{name}/items/{key:path}", responses=error_responses(404))
