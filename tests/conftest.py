@@ -158,3 +158,19 @@ def user_onnx(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("user-model") / "stem.onnx"
     path.write_bytes(resnet18_stem_onnx())
     return path
+
+
+def forward_only(module):
+    """`module` behind a wall no gradient passes: what a black-box attack gets to query."""
+    import torch
+
+    class ForwardOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            with torch.no_grad():
+                return self.inner(x)
+
+    return ForwardOnly()

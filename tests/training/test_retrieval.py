@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import forward_only
 from training.attacks import ThreatModel
 from training.config import TrainConfig
 from training.data import load_images
@@ -100,19 +101,9 @@ def test_square_moves_queries_with_forward_passes_only(encoder, split):
     """Black-box: Square through a module that gives no gradients still lowers the cosine to
     the clean embedding further than noise of the same size, within the budget."""
     queries, gallery = split
-
-    class ForwardOnly(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = encoder
-
-        def forward(self, x):
-            with torch.no_grad():
-                return self.inner(x)
-
     threat = ThreatModel("linf", 8 / 255)
-    audit = retrieval_audit(ForwardOnly(), queries[:3], embed(encoder, gallery), threat, k=K,
-                            steps=100, attack="square")
+    audit = retrieval_audit(forward_only(encoder), queries[:3], embed(encoder, gallery), threat,
+                            k=K, steps=100, attack="square")
     assert audit["attack"] == "square" and audit["queries"] == 100 and "steps" not in audit
     assert audit["max_perturbation_norm"] <= threat.eps * (1 + 1e-5)
     assert audit["cosine_to_clean_adversarial"] < audit["cosine_to_clean_random"]
