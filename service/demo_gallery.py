@@ -9,6 +9,7 @@ side, one column per model.
 import base64
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -23,10 +24,10 @@ def gallery_name(group: str, model_id: str) -> str:
     return f"{group}{GROUP_SEPARATOR}{model_id}"[:64]
 
 
-def read_images(source: str, per_class: int) -> tuple[list[bytes], list[str]]:
-    """(encoded images, class names) of the first `per_class` test images of each class: the
-    shipped sample's JPEG bytes as they are (`.npz`), or any source of `training.data` (a
-    CIFAR-10 `.tar.gz` or ImageFolder) re-encoded as PNG."""
+def read_images(source: str, per_class: int, skip: int = 0) -> tuple[list[bytes], list[str]]:
+    """(encoded images, class names) of `per_class` test images of each class, after its first
+    `skip`: the shipped sample's JPEG bytes as they are (`.npz`), or any source of
+    `training.data` (a CIFAR-10 `.tar.gz` or ImageFolder) re-encoded as PNG."""
     if source.endswith(".npz"):
         with np.load(source) as f:
             jpeg, offsets, labels, classes = f["jpeg"], f["offsets"], f["labels"], f["classes"]
@@ -47,8 +48,8 @@ def read_images(source: str, per_class: int) -> tuple[list[bytes], list[str]]:
     counts: dict[str, int] = {}
     chosen = []
     for i, name in enumerate(names):
-        if counts.get(name, 0) < per_class:
-            counts[name] = counts.get(name, 0) + 1
+        seen = counts[name] = counts.get(name, 0) + 1
+        if skip < seen <= skip + per_class:
             chosen.append(i)
     return [blobs[i] for i in chosen], [names[i] for i in chosen]
 
@@ -98,3 +99,32 @@ def build_demo_galleries(api: Api, source: str, per_class: int = 100, group: str
         echo(f"{name}: {len(keys)} images of {len(set(names))} classes ({model['model_id']})")
         made.append(name)
     return made
+
+
+def audit_demo_galleries(api: Api, source: str, names: list[str], per_class: int, queries: int,
+                         k: int, eps: float, steps: int, echo: Callable[[str], None] = print
+                         ) -> dict[str, dict]:
+    """The retrieval audit of each gallery with the same held-out test images as queries (the
+    images after each class's first `per_class`, which the galleries hold): what the page
+    shows for one query, measured over `queries`."""
+    per = max(1, -(-queries // 10))
+    blobs, _ = read_images(source, per, skip=per_class)
+    images = [base64.b64encode(b).decode() for b in blobs[:queries]]
+    summaries = {}
+    for name in names:
+        status, job = api("POST", "/audits", {"kind": "retrieval", "index": name, "k": k,
+                                              "steps": steps, "images": images,
+                                              "threat": {"norm": "linf", "eps": eps}})
+        if status != 202:
+            raise RuntimeError(f"auditing {name}: {status} {job}")
+        while (state := api("GET", job["status_url"])[1])["state"] in ("queued", "running"):
+            time.sleep(1)
+        if state["state"] != "succeeded":
+            raise RuntimeError(f"the audit of {name} failed: {state['error']}")
+        s = api("GET", job["result_url"])[1]
+        summaries[name] = s
+        echo(f"{name}: {s['num_queries']} queries, linf eps {eps * 255:g}/255, AutoPGD "
+             f"{steps} steps ({s['access']['method']}): top-{k} overlap "
+             f"{s['topk_overlap_adversarial']:.3f} attacked, {s['topk_overlap_random']:.3f} "
+             f"under noise of the same size; top-1 changed {s['top1_changed_adversarial']:.1%}")
+    return summaries

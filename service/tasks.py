@@ -219,6 +219,7 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
 
     encoder, access = model
     white_box = access["method"] == "white-box"
+    torch.manual_seed(0)  # the attacks' random starts: the same inputs give the same report
     threat = ThreatModel(params["threat"]["norm"], params["threat"]["eps"])
     images = torch.from_numpy(inputs["images"])
     device = next(encoder.parameters(), torch.empty(0)).device

@@ -279,11 +279,20 @@ def demo_gallery(
     group: str = typer.Option("cifar10", help="Galleries are named GROUP--MODEL_ID."),
     replace: bool = typer.Option(False, help="Delete the group's galleries first."),
     api_key: str | None = typer.Option(None, envvar="BYORL_API_KEY", help="X-API-Key, if any."),
+    audit: int = typer.Option(0, help="Then audit each gallery with this many held-out test "
+                              "images as queries (the page's attack, measured)."),
+    k: int = typer.Option(8, help="Neighbours compared by --audit."),
+    eps: str = typer.Option("8/255", help="linf budget of --audit."),
+    steps: int = typer.Option(20, help="AutoPGD steps of --audit."),
 ):
     """One gallery of CIFAR-10 test images per served model, for the demo page (GET /demo)."""
-    from service.demo_gallery import Api, build_demo_galleries
+    from service.demo_gallery import Api, audit_demo_galleries, build_demo_galleries
 
-    build_demo_galleries(Api(api, api_key), data, per_class, group, replace, typer.echo)
+    client = Api(api, api_key)
+    names = build_demo_galleries(client, data, per_class, group, replace, typer.echo)
+    if audit:
+        audit_demo_galleries(client, data, names, per_class, audit, k, parse_eps(eps), steps,
+                             typer.echo)
     typer.echo(f"-> {api.rstrip('/')}/demo")
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SAMPLE
@@ -17,6 +18,8 @@ from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("BYORL_TEST_ARTIFACTS", ROOT / ".cache" / "test-artifacts"))
 K = 8
+# Test images per class in each gallery; docs/demo-attack.png: BYORL_DEMO_PER_CLASS=100
+PER_CLASS = int(os.environ.get("BYORL_DEMO_PER_CLASS", "30"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -33,10 +36,10 @@ def demo_api(tmp_path_factory):
     try:
         wait_ready(url)
         out = subprocess.run([sys.executable, "-m", "training.cli", "demo-gallery", "--api", url,
-                              "--data", str(SAMPLE), "--per-class", "30"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+                              "--data", str(SAMPLE), "--per-class", str(PER_CLASS)], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.count("300 images of 10 classes") == 2, out.stdout
+        assert out.stdout.count(f"{10 * PER_CLASS} images of 10 classes") == 2, out.stdout
         yield url
     finally:
         kill_group(proc, signal.SIGTERM)
@@ -60,7 +63,17 @@ def test_search_and_attack_in_headless_chromium(demo_api, tmp_path):
             assert page.url.endswith("/demo")
             expect(page.locator("#models input")).to_have_count(2)
             expect(page.locator("#items img")).to_have_count(30)
-            page.locator("#items img").nth(3).click()  # test-00003
+            # an upload: the first gallery image's own JPEG finds it first, at cosine 1
+            with np.load(SAMPLE) as f:
+                (tmp_path / "query.jpg").write_bytes(f["jpeg"][: f["offsets"][1]].tobytes())
+            page.set_input_files("#upload", str(tmp_path / "query.jpg"))
+            expect(page.locator("#query-name")).to_have_text("query.jpg")
+            page.click("#search")
+            expect(page.locator(".column .neighbours .hit")).to_have_count(2 * K)
+            for key in page.locator(".column").evaluate_all(
+                    "cols => cols.map(c => c.querySelector('.hit').dataset.key)"):
+                assert key == "test-00000"
+            page.locator("#items img").nth(3).click()  # a gallery item: test-00003
             expect(page.locator("#query-name")).to_contain_text("test-00003")
             page.click("#search")
             columns = page.locator(".column")

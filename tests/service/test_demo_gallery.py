@@ -28,3 +28,12 @@ def test_an_image_folder_is_read_by_the_projects_loader_as_png(image_folder):
 def test_gallery_names_pair_by_group():
     assert gallery_name("cifar10", "m-1") == "cifar10--m-1"
     assert len(gallery_name("g", "x" * 80)) == 64
+
+
+def test_held_out_queries_come_after_the_gallerys_images():
+    gallery, names = read_images(str(SAMPLE), per_class=3)
+    held_out, held_names = read_images(str(SAMPLE), per_class=2, skip=3)
+    assert len(held_out) == 20 and not set(held_out) & set(gallery)
+    assert sorted(set(held_names)) == sorted(set(names))
+    both, _ = read_images(str(SAMPLE), per_class=5)
+    assert set(both) == set(gallery) | set(held_out)
