@@ -8,8 +8,8 @@ from fastapi import Depends, Request
 from service.errors import APIError
 from service.gallery import Gallery
 from service.jobs import CeleryQueue, EmbeddedQueue
-from service.models import ModelRegistry, ServedModel
 from service.schemas import ErrorBody
+from service.served_models import ModelRegistry, ServedModel
 from service.settings import Settings
 from service.store import HeadStore, JobStore, ReportStore
 

@@ -16,8 +16,8 @@ from service.gallery import Gallery
 from service.jobs import make_queue, sweep_forever
 from service.metrics import JOB_QUEUE, MetricsMiddleware
 from service.middleware import BodyLimitMiddleware
-from service.models import ModelRegistry
 from service.routes import audits, demo, embed, gallery, heads, health, jobs, models, search
+from service.served_models import ModelRegistry
 from service.settings import Settings
 from service.store import HeadStore, JobStore, ReportStore
 

@@ -19,8 +19,8 @@ import onnxruntime as ort
 from index import model_card
 from index.files import atomic_write, fsync_dir, sha256_file
 from service.errors import APIError
-from service.models import ModelRegistry, ServedModel, load_model, user_models_root
 from service.schemas import UploadedModelCard
+from service.served_models import ModelRegistry, ServedModel, load_model, user_models_root
 from service.settings import Settings
 from service.store import write_json
 

@@ -21,7 +21,7 @@ from index.model_card import ONNX
 from service.gallery import load_index
 from service.head_rule import head_rule
 from service.leases import Heartbeat, runner_identity
-from service.models import find_model_dir
+from service.served_models import find_model_dir
 from service.settings import Settings
 from service.store import HeadStore, JobStore, LeaseLost, ReportStore
 

@@ -11,10 +11,10 @@ from PIL import Image
 from index.faiss_index import EmbeddingIndex
 from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError, error_responses
-from service.models import ServedModel
 from service.pagination import Page, Paging, page, page_of
 from service.responses import items_response
 from service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
+from service.served_models import ServedModel
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 

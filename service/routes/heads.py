@@ -6,11 +6,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.deps import QUEUE_FULL, AppState, Service
 from service.errors import APIError, error_responses
-from service.models import ServedModel
 from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
 from service.routes.jobs import ACCEPTED, submit_job
 from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
+from service.served_models import ServedModel
 
 router = APIRouter(tags=["heads"])
 

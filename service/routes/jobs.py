@@ -5,9 +5,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.deps import AppState, Service
 from service.errors import APIError, error_responses
-from service.models import ServedModel
 from service.pagination import Page, Paging, page
 from service.schemas import Job, JobAccepted
+from service.served_models import ServedModel
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from index.model_card import ModelCardError, read_card
-from service.models import ModelRegistry, find_model_dir, user_models_root
+from service.served_models import ModelRegistry, find_model_dir, user_models_root
 from service.settings import BUNDLED_MODELS, Settings
 from service.store import NotFound
 from tests.conftest import ROOT
