@@ -225,3 +225,35 @@ def test_a_user_encoder_is_audited_white_box_and_black_box(two, stem, image_byte
                                 "method": "white-box"})
     job = wait_job(c, r.json()["job_id"])
     assert job["state"] == "failed" and "white-box audit was asked" in job["error"]
+
+
+def test_a_head_on_a_user_encoder_is_audited_white_box_and_black_box(two, stem, image_bytes):
+    """Robust accuracy of encoder + head: the suite through the onnx2torch conversion, or the
+    suite's Square alone through ONNX Runtime, labelled an upper bound (never below the
+    white-box number on the same images, which the seeded attacks make comparable)."""
+    c, _ = two
+    classes = ["cat", "ship"]
+    blobs = [b for cls in classes for b in image_bytes[cls][:8]]
+    labels = [0] * 8 + [1] * 8
+    r = c.post("/linear-head", json={"classes": classes, "labels": labels, "images": b64(blobs),
+                                     "model": stem["model_id"], "epochs": 5, "min_steps": 50})
+    assert r.status_code == 202, r.text
+    job = wait_job(c, r.json()["job_id"])
+    assert job["state"] == "succeeded", job["error"]
+    head = c.get(r.json()["result_url"]).json()
+    assert head["model_id"] == stem["model_id"]
+    reports = {}
+    for method in ("auto", "black-box"):
+        r = c.post("/audits", json={"kind": "robustness", "head_id": head["id"], "mode": "quick",
+                                    "images": b64(blobs), "labels": labels, "method": method,
+                                    "threat": {"norm": "linf", "eps": 2 / 255}})
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["job_id"])
+        assert job["state"] == "succeeded", job["error"]
+        reports[method] = c.get(r.json()["result_url"]).json()
+    white, black = reports["auto"], reports["black-box"]
+    assert white["access"]["method"] == "white-box" and "parity" in white["access"]
+    assert [a["name"] for a in white["attacks"]] == ["apgd-ce", "multitargeted", "square"]
+    assert black["upper_bound"] and [a["name"] for a in black["attacks"]] == ["square"]
+    assert black["clean_accuracy"] == white["clean_accuracy"]
+    assert white["robust_accuracy"] <= black["robust_accuracy"] <= black["clean_accuracy"]
