@@ -137,5 +137,5 @@ def test_query_details_are_the_neighbours_and_the_perturbation(encoder, split):
         png = Image.open(io.BytesIO(base64.b64decode(first[name])))
         assert png.size == (32, 32) and png.mode == "RGB"
     png = Image.open(io.BytesIO(base64.b64decode(first["adversarial_png"])))
-    adversarial = torch.from_numpy(np.asarray(png)).permute(2, 0, 1).float() / 255
+    adversarial = torch.from_numpy(np.array(png)).permute(2, 0, 1).float() / 255
     assert (adversarial - queries[0]).abs().max() <= threat.eps + 0.5 / 255  # 8-bit rounding
