@@ -134,6 +134,8 @@ BAD_UPLOADS = [
     (flatten_onnx(), {"name": "x", "input_size": 8, "extra": 1}, 422, "validation_error"),
     (flatten_onnx(), "{not json", 422, "invalid_card"),
     (b"x" * (4 * 2**20 + 1), {"name": "big", "input_size": 8}, 413, "model_too_large"),
+    (flatten_onnx(), json.dumps({"name": "long", "input_size": 8, "description": "x" * 70_000}),
+     400, "invalid_multipart"),
 ]
 
 
