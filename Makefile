@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # System tools only the tests use: a real Redis for the end-to-end tests; the compose client
-# that validates docker-compose.yml. Debian's package names are the same.
-TEST_TOOLS := redis-server docker-compose
+# that validates docker-compose.yml; Chromium for the demo page's browser test (Playwright
+# drives it). Debian's package names are the same.
+TEST_TOOLS := redis-server docker-compose chromium
 missing_test_tools = $(strip $(foreach t,$(TEST_TOOLS),$(if $(shell command -v $(t)),,$(t))))
 
 .PHONY: setup run test test-tools missing-test-tools mutate

@@ -106,12 +106,13 @@ def load_onnx_session(model_dir: str | Path, threads: int | None = None,
 def embed(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256,
           progress: bool = False) -> np.ndarray:
     """(N, D) float32 embeddings of (N, 3, H, W) images: uint8, or float pixels in [0, 1]."""
-    dim = session.get_outputs()[0].shape[1]
+    (source,), output = session.get_inputs(), session.get_outputs()[0]  # any names (user models)
+    dim = output.shape[1] if isinstance(output.shape[1], int) else 0  # 0: a symbolic size
     out = [np.empty((0, dim), np.float32)]
     with tqdm(total=len(images), desc="embed", unit="img", disable=not progress) as bar:
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size]
             x = batch / np.float32(255) if batch.dtype == np.uint8 else batch
-            out.append(session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0])
+            out.append(session.run([output.name], {source.name: x.astype(np.float32)})[0])
             bar.update(len(batch))
-    return np.concatenate(out)
+    return np.concatenate(out[1:]) if len(out) > 1 else out[0]

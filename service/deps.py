@@ -3,23 +3,17 @@
 from dataclasses import dataclass
 from typing import Annotated
 
-import numpy as np
-import onnxruntime as ort
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 
-from service.batcher import Batcher, QueueFull
 from service.errors import APIError
 from service.gallery import Gallery
-from service.images import decode_base64, decode_images
 from service.jobs import CeleryQueue, EmbeddedQueue
 from service.schemas import ErrorBody
+from service.served_models import ModelRegistry, ServedModel
 from service.settings import Settings
 from service.store import HeadStore, JobStore, ReportStore
 
-INLINE_DECODE_BYTES = 64 * 1024
-
-# How /docs shows the 429 of the routes that embed images (`AppState.embed`).
+# How /docs shows the 429 of the routes that embed images (`ServedModel.embed`).
 QUEUE_FULL = {429: {"model": ErrorBody,
                     "description": "The embedding queue is full (MAX_QUEUED_IMAGES): retry "
                     "after Retry-After seconds",
@@ -32,41 +26,27 @@ class AppState:
     """Everything loaded once by the lifespan handler and shared by all requests."""
 
     settings: Settings
-    card: dict
-    session: ort.InferenceSession
-    batcher: Batcher
+    models: ModelRegistry
     gallery: Gallery
     jobs: JobStore
     heads: HeadStore
     reports: ReportStore
     queue: CeleryQueue | EmbeddedQueue
 
-    @property
-    def model_id(self) -> str:
-        return self.card["model_id"]
+    def model(self, name: str | None) -> ServedModel:
+        """The model a request names (`model`), or the default one."""
+        return self.models.get(name)
 
-    @property
-    def input_size(self) -> int:
-        return self.card["input_size"][-1]
-
-    async def decode(self, blobs: list[bytes], limit: int) -> np.ndarray:
-        """Image bytes -> uint8 (N, 3, S, S) at the model's input size; large payloads are
-        decoded off the event loop, small ones (a thread hop costs more) on it."""
-        args = (blobs, self.input_size, self.settings, limit)
-        if sum(len(b) for b in blobs) <= INLINE_DECODE_BYTES:
-            return decode_images(*args)
-        return await run_in_threadpool(decode_images, *args)
-
-    async def decode_base64(self, images: list[str], limit: int) -> np.ndarray:
-        return await self.decode([decode_base64(s, i) for i, s in enumerate(images)], limit)
-
-    async def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """Embeddings of uint8 pixels through the dynamic batcher; 429 when its queue is full."""
-        try:
-            return await self.batcher(pixels)
-        except QueueFull as exc:
-            raise APIError(429, "queue_full", f"{exc}: retry later",
-                           {"Retry-After": str(exc.retry_after_s)}) from None
+    def model_of(self, model_id: str, asked: str | None, what: str) -> ServedModel:
+        """The model that a stored thing (an index, a head) is tied to: 409 when the request
+        names another model, or when the service no longer serves it."""
+        if asked is not None and asked != model_id:
+            raise APIError(409, "model_mismatch", f"{what} belongs to model {model_id!r}, "
+                           f"not {asked!r}")
+        if model_id not in self.models:
+            raise APIError(409, "model_mismatch", f"{what} belongs to model {model_id!r}, "
+                           "which this service does not serve")
+        return self.models.get(model_id)
 
 
 def get_state(request: Request) -> AppState:

@@ -23,7 +23,8 @@ CLIENT_CLOSED_REQUEST = 499
 ERROR_STATUSES = {
     400: "Malformed JSON or multipart body",
     401: "Missing or invalid X-API-Key header",
-    404: "Unknown index, key, head, job or audit",
+    403: "A bundled model cannot be deleted",
+    404: "Unknown index, key, head, job, audit or model",
     409: "Contradicts what is stored: a name or key taken, another model, an unfinished audit",
     413: "Over a documented limit: body, images, metadata, results or response size",
     415: "Neither JSON nor multipart",

@@ -12,21 +12,23 @@ from service.errors import APIError, error_response
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    """`max_bytes` per request body; `path_limits` give some paths their own (model uploads)."""
 
-    def _too_large(self) -> APIError:
-        return APIError(
-            413, "payload_too_large", f"request body exceeds the limit of {self.max_bytes} bytes"
-        )
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.path_limits = app, max_bytes, path_limits or {}
+
+    def _too_large(self, limit: int) -> APIError:
+        return APIError(413, "payload_too_large",
+                        f"request body exceeds the limit of {limit} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         seen, started = 0, False
 
@@ -35,8 +37,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._too_large()  # an HTTPException: the app's handlers answer it
+                if seen > limit:
+                    raise self._too_large(limit)  # an HTTPException: the app's handlers answer it
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -49,9 +51,9 @@ class BodyLimitMiddleware:
         except APIError as exc:  # raised where no handler caught it (e.g. in a middleware)
             if started or exc.code != "payload_too_large":
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exc = self._too_large()
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        exc = self._too_large(limit)
         response = error_response(exc.status_code, exc.code, exc.detail, {"Connection": "close"})
         await response(scope, receive, send)

@@ -12,6 +12,13 @@ Base64Image = Annotated[str, Field(description="A PNG, JPEG or WebP image, base6
 Key = Annotated[str, Field(min_length=1, max_length=256)]
 ClassName = Annotated[str, Field(min_length=1, max_length=256)]
 Name = Annotated[str, Field(pattern=NAME.pattern)]
+ModelName = Annotated[str | None, Field(
+    pattern=NAME.pattern, description="A served model's id (GET /models); default: the "
+    "model of the index or head the request uses, else the service's first model")]
+AuditMethod = Annotated[Literal["auto", "white-box", "black-box"], Field(
+    description="white-box: gradients (the model's PyTorch weights, or its ONNX graph "
+    "converted to PyTorch after a parity check); black-box: Square, queries through ONNX "
+    "Runtime only (an upper bound on robustness); auto: white-box when possible")]
 
 
 class Strict(BaseModel):
@@ -36,6 +43,7 @@ class ThreatModel(Strict):
 
 class Images(Strict):
     images: list[Base64Image] = Field(min_length=1)
+    model: ModelName = None
 
 
 class EmbedRequest(Images):
@@ -51,6 +59,7 @@ class Embeddings(BaseModel):
 
 class IndexCreate(Strict):
     name: Name
+    model: ModelName = None
     factory: str = Field("Flat", description="FAISS factory string, e.g. Flat, HNSW32, IVF256,Flat")
 
 
@@ -66,6 +75,7 @@ class ItemsAdd(Strict):
     keys: list[Key] = Field(min_length=1)
     images: list[Base64Image] = Field(min_length=1)
     metadata: list[Any] | None = Field(None, description="One JSON value per key")
+    model: ModelName = None
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -101,6 +111,7 @@ class SearchRequest(Strict):
     images: list[Base64Image] | None = Field(None, min_length=1)
     embeddings: list[list[float]] | None = Field(None, min_length=1)
     k: int = Field(10, ge=1, le=1000)
+    model: ModelName = None
 
     @model_validator(mode="after")
     def _one_query_kind(self):
@@ -130,6 +141,7 @@ class LabeledSet(Strict):
     images: list[Base64Image] | None = Field(None, min_length=1)
     index: Name | None = None
     keys: list[Key] | None = Field(None, min_length=1)
+    model: ModelName = None
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -166,6 +178,8 @@ class RobustnessAudit(Strict):
     images: list[Base64Image] = Field(min_length=1)
     threat: ThreatModel = ThreatModel()
     mode: Literal["quick", "full"] = "quick"
+    method: AuditMethod = "auto"
+    model: ModelName = None
 
     @model_validator(mode="after")
     def _aligned(self):
@@ -181,6 +195,10 @@ class RetrievalAudit(Strict):
     threat: ThreatModel = ThreatModel()
     k: int = Field(10, ge=1, le=1000)
     steps: int = Field(20, ge=1, le=1000, description="AutoPGD steps of the query attack")
+    method: AuditMethod = "auto"
+    queries: int = Field(1000, ge=1, le=10_000, description="Square's queries per image of a "
+                         "black-box audit")
+    model: ModelName = None
 
 
 AuditRequest = Annotated[RobustnessAudit | RetrievalAudit, Field(discriminator="kind")]
@@ -230,3 +248,20 @@ class Predictions(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, bool] = {}
+
+
+class ClaimedThreat(Strict):
+    norm: Literal["linf", "l2"]
+    eps: float = Field(ge=0, le=64, description="Budget in [0, 1] pixel units")
+
+
+class UploadedModelCard(Strict):
+    """The card sent with a user's encoder to POST /models (the `card` form field, JSON)."""
+
+    name: str = Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Becomes the start of the model's id")
+    input_size: int = Field(ge=8, description="Side S of the square input (N, 3, S, S); at "
+                            "most MAX_MODEL_INPUT_SIZE")
+    threat_model: ClaimedThreat | None = Field(None, description="The robustness it claims, "
+                                               "if any (audits check it)")
+    description: str = Field("", max_length=1000)

@@ -2,10 +2,12 @@
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BUNDLED_MODELS = (Path("models/default"), Path("models/byol-reference"))
 
 
 class Settings(BaseSettings):
@@ -13,6 +15,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")  # indexes, heads, jobs and reports; shared by api and workers
     model_dir: Path = Path("models/default")  # encoder.onnx + card.json (+ encoder.pt for workers)
+    # Every served model directory, the first the default (comma list); empty: MODEL_DIR alone
+    # when it is set, else both bundled models (`served_model_dirs`).
+    model_dirs: Annotated[list[Path], NoDecode] = []
     redis_url: str = ""  # empty: jobs run in-process (embedded mode); else Celery on this Redis
     api_key: SecretStr | None = None  # when set, every route but probes and metrics needs it
     device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime and jobs: auto = GPU if any
@@ -30,6 +35,12 @@ class Settings(BaseSettings):
     max_search_results: int = Field(10_000, ge=1)
     max_response_bytes: int = Field(16 * 2**20, ge=1024)
     max_classes: int = Field(1000, ge=2)  # of a head: its /predict answers images x classes
+    # What a user's encoder (POST /models) may cost: its ONNX file, its square input side, the
+    # length of its vectors, and how many such models the service keeps loaded.
+    max_model_bytes: int = Field(64 * 2**20, ge=1024)
+    max_model_input_size: int = Field(224, ge=8)
+    max_model_dim: int = Field(4096, ge=1)
+    max_user_models: int = Field(8, ge=0)
 
     # Dynamic batching of /embed-like requests into one ONNX Runtime call.
     batch_wait_ms: float = Field(4.0, ge=0)
@@ -55,12 +66,24 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, v):
         return v or None  # BYORL_API_KEY= (empty, as compose passes it) means no key
 
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _lease_outlasts_heartbeats(self):
         if self.job_lease_s < 3 * self.job_heartbeat_s:
             raise ValueError(f"job_lease_s ({self.job_lease_s}) must be at least 3 heartbeats "
                              f"({3 * self.job_heartbeat_s}): a slow beat must not lose the lease")
         return self
+
+    @property
+    def served_model_dirs(self) -> list[Path]:
+        """The model directories to serve, the default one first."""
+        if self.model_dirs:
+            return list(self.model_dirs)
+        return [self.model_dir] if "model_dir" in self.model_fields_set else list(BUNDLED_MODELS)
 
     @property
     def num_threads(self) -> int:

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from index.model_card import read_card
+from index.model_card import ONNX
 from service.gallery import load_index
 from service.head_rule import head_rule
 from service.leases import Heartbeat, runner_identity
+from service.served_models import find_model_dir
 from service.settings import Settings
 from service.store import HeadStore, JobStore, LeaseLost, ReportStore
 
 log = logging.getLogger(__name__)
+DETAILED_QUERIES = 16  # queries of a retrieval audit whose neighbours and images the report keeps
 
 
 def init_process(threads: int) -> None:
@@ -34,18 +36,78 @@ def init_process(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-@functools.cache
-def _encoder(model_dir: str, device: str):
-    """The model directory's PyTorch encoder, once per process, on the GPU when asked or
-    ("auto") when there is one: CUDA is first touched here, in the job process."""
+def _torch_device(device: str) -> str:
+    """The GPU when asked or ("auto") when there is one: CUDA is first touched in the job
+    process."""
     import torch
-
-    from training.export import load_torch_encoder
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda asked, but PyTorch sees no GPU")
-    on = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    return load_torch_encoder(model_dir).to(on).eval(), read_card(model_dir)["model_id"]
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+@functools.cache
+def _torch_encoder(model_dir: str, device: str):
+    """The model directory's PyTorch weights (encoder.pt), once per process."""
+    from training.export import load_torch_encoder
+
+    return load_torch_encoder(model_dir).to(_torch_device(device)).eval()
+
+
+@functools.cache
+def _converted(model_dir: str, device: str):
+    """The ONNX graph converted to PyTorch (onnx2torch), or the reason it could not be."""
+    from training.onnx_encoder import convert
+
+    try:
+        return convert(str(Path(model_dir) / ONNX)).to(_torch_device(device)), None
+    except Exception as exc:  # onnx2torch raises many types for ops it lacks
+        return None, f"onnx2torch could not convert the graph: {type(exc).__name__}: {exc}"
+
+
+@functools.cache
+def _query_only(model_dir: str, threads: int):
+    from training.onnx_encoder import OnnxRuntimeEncoder
+
+    return OnnxRuntimeEncoder(str(Path(model_dir) / ONNX), threads)
+
+
+def audit_encoder(model_dir: Path, method: str, settings: Settings, probe: np.ndarray):
+    """(encoder, access): the model as a PyTorch module for white-box attacks (its weights, or
+    its ONNX graph converted after a parity check against ONNX Runtime on `probe`, uint8
+    images), or, when asked or when no conversion is trustworthy, ONNX Runtime itself
+    (query-only, black-box). `access` says which, and why, for the report."""
+    import torch
+
+    from training.onnx_encoder import PARITY_TOLERANCE, parity_error
+
+    weights = Path(model_dir) / "encoder.pt"
+    if method != "black-box" and weights.is_file():
+        return (_torch_encoder(str(model_dir), settings.device),
+                {"method": "white-box", "gradients": "the model's PyTorch weights (encoder.pt)"})
+    runtime = _query_only(str(model_dir), settings.num_threads)
+    reason = "black-box asked"
+    if method != "black-box":
+        converted, reason = _converted(str(model_dir), settings.device)
+        if converted is not None:
+            x = torch.cat([torch.from_numpy(probe[:16]).float() / 255,
+                           torch.rand(4, *probe.shape[1:], generator=torch.Generator()
+                                      .manual_seed(0))])
+            device = next(converted.parameters(), torch.empty(0)).device
+            error = parity_error(converted, lambda b: runtime(b).to(device), x.to(device))
+            parity = {"max_relative_error": error, "tolerance": PARITY_TOLERANCE,
+                      "images": len(x), "against": "ONNX Runtime"}
+            if error <= PARITY_TOLERANCE:
+                return converted, {"method": "white-box", "gradients": "onnx2torch conversion "
+                                   "of the ONNX graph", "parity": parity}
+            reason = (f"the onnx2torch conversion disagrees with ONNX Runtime: relative error "
+                      f"{error:.3g} > {PARITY_TOLERANCE:g}")
+        if method == "white-box":
+            raise RuntimeError(f"a white-box audit was asked, but {reason}")
+    return runtime, {"method": "black-box", "attack": "square (torchattacks), queries through "
+                     "ONNX Runtime", "reason": reason, "upper_bound": True,
+                     "note": "a black-box attack alone is weaker than a white-box one: the "
+                     "robustness it measures is an upper bound"}
 
 
 def run_job(job_id: str, settings: Settings) -> dict | None:
@@ -81,13 +143,13 @@ def _run(jobs: JobStore, job: dict, runner: dict, settings: Settings, heartbeat:
                         stage=what or job["kind"])
 
     try:
-        encoder, model_id = _encoder(str(settings.model_dir), settings.device)
-        if model_id != job["params"]["model_id"]:
-            raise RuntimeError(f"job was submitted for model {job['params']['model_id']!r}, "
-                               f"this worker serves {model_id!r}")
+        params, inputs = job["params"], jobs.inputs(job_id)
+        model_dir = find_model_dir(settings, params["model_id"])
+        method = params.get("method", "auto") if job["kind"] == "audit" else "auto"
+        encoder, access = audit_encoder(model_dir, method, settings, inputs["images"])
         run = {"linear_head": fit_head, "audit": run_audit}[job["kind"]]
-        result = run(Path(settings.data_dir), job_id, job["params"], jobs.inputs(job_id),
-                     encoder, progress)
+        result = run(Path(settings.data_dir), job_id, params, inputs, (encoder, access),
+                     progress)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -106,12 +168,16 @@ def _split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return (perm, None) if n_val == 0 else (perm[n_val:], perm[:n_val])
 
 
-def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, progress) -> dict:
+def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, model, progress) -> dict:
     """Fit a linear head (robust or not) on the submitted labeled set; save it as a head."""
     import torch
 
     from training.data import ImageSet
     from training.heads import HeadConfig, fit_head
+
+    encoder, access = model
+    if params["robust"] and access["method"] != "white-box":
+        raise RuntimeError(f"a robust head needs the encoder's gradients, but {access['reason']}")
 
     classes = params["classes"]
     images, labels = torch.from_numpy(inputs["images"]), torch.from_numpy(inputs["labels"])
@@ -144,25 +210,28 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, p
     return {"head_id": job_id, "metrics": metrics}
 
 
-def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, progress) -> dict:
+def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, progress) -> dict:
     """The robust accuracy of encoder + head, or the retrieval audit of an index; the report is
-    saved under the job's id."""
+    saved under the job's id, with how the model was attacked (`access`)."""
     import torch
 
     from training.attacks import ThreatModel
 
+    encoder, access = model
+    white_box = access["method"] == "white-box"
+    torch.manual_seed(0)  # the attacks' random starts: the same inputs give the same report
     threat = ThreatModel(params["threat"]["norm"], params["threat"]["eps"])
     images = torch.from_numpy(inputs["images"])
-    device = next(encoder.parameters()).device
+    device = next(encoder.parameters(), torch.empty(0)).device
     if params["audit"] == "robustness":
-        from training.evaluate import evaluate_robustness
+        from training.evaluate import evaluate_black_box, evaluate_robustness
         from training.heads import Classifier, linear_from
 
         head = linear_from(*HeadStore(data_dir).weights(params["head_id"])).to(device)
-        model = Classifier(encoder, head).eval()
+        classifier = Classifier(encoder, head).eval()
         labels = torch.from_numpy(inputs["labels"])
-        report = evaluate_robustness(model, images, labels, threat, params["mode"],
-                                     progress=progress)
+        evaluate = evaluate_robustness if white_box else evaluate_black_box
+        report = evaluate(classifier, images, labels, threat, params["mode"], progress=progress)
         report["head_id"] = params["head_id"]
     else:
         from training.retrieval import retrieval_audit
@@ -170,11 +239,20 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, encoder, 
         index = load_index(data_dir, params["index"])
         if not len(index):
             raise ValueError(f"index {params['index']!r} is empty")
-        gallery = torch.from_numpy(np.stack([index.get(k).vector for k in index.keys()]))
+        keys = index.keys()
+        gallery = torch.from_numpy(np.stack([index.get(k).vector for k in keys]))
+        budget = params["steps"] if white_box else params.get("queries", 1000)
         report = retrieval_audit(encoder, images.to(device).float() / 255, gallery.to(device),
-                                 threat, params["k"], params["steps"], progress=progress)
+                                 threat, params["k"], budget, progress=progress,
+                                 attack="apgd" if white_box else "square",
+                                 details=DETAILED_QUERIES)
+        for row in report["examples"]:
+            for kind in ("neighbours_clean", "neighbours_adversarial"):
+                row[kind] = [{"key": keys[j], "score": score,
+                              "metadata": index.get(keys[j]).metadata} for j, score in row[kind]]
         report.update(index=params["index"], gallery_size=len(gallery))
-    report.update(audit=params["audit"], model_id=params["model_id"], audit_id=job_id)
+    report.update(audit=params["audit"], model_id=params["model_id"], audit_id=job_id,
+                  access=access, upper_bound=not white_box)
     ReportStore(data_dir).save(job_id, report)
     return {"audit_id": job_id, "summary": {k: v for k, v in report.items()
                                             if isinstance(v, int | float | str | bool)}}

@@ -109,3 +109,68 @@ def model_dir(image_folder) -> Path:
     key = [p.read_bytes() for p in sources] + [torch.__version__.encode(),
                                                onnxruntime.__version__.encode()]
     return cached_dir("tiny-model", key, lambda out: export_tiny_model(out, image_folder))
+
+
+def resnet18_stem_onnx() -> bytes:
+    """An encoder from outside the project's registry: torchvision's resnet18 (randomly
+    initialised, nothing downloaded) cut after its first stage and pooled, normalisation inside,
+    exported to ONNX (dynamic batch) with PyTorch's default exporter: 64-d vectors of 32x32
+    images."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+
+    class Stem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.layer1,
+                                            net.avgpool, torch.nn.Flatten())
+
+        def forward(self, x):
+            return self.body((x - 0.5) / 0.25)
+
+    program = torch.onnx.export(Stem().eval(), (torch.rand(2, 3, 32, 32),), input_names=["x"],
+                                output_names=["vector"], dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return program.model_proto.SerializeToString()
+
+
+def flatten_onnx(op: str | None = None, batch: int | str = "N", side: int = 8, **attrs) -> bytes:
+    """A hand-built ONNX encoder: pixels flattened (3*side*side numbers), then `op` if given
+    (LpNormalization: an op ONNX Runtime runs and onnx2torch cannot convert)."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, side, side])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3 * side * side])
+    nodes = [helper.make_node("Flatten", ["x"], ["f" if op else "y"], axis=1)]
+    if op:
+        nodes.append(helper.make_node(op, ["f"], ["y"], **attrs))
+    graph = helper.make_graph(nodes, "flatten", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="session")
+def user_onnx(tmp_path_factory) -> Path:
+    """`resnet18_stem_onnx` as a file."""
+    path = tmp_path_factory.mktemp("user-model") / "stem.onnx"
+    path.write_bytes(resnet18_stem_onnx())
+    return path
+
+
+def forward_only(module):
+    """`module` behind a wall no gradient passes: what a black-box attack gets to query."""
+    import torch
+
+    class ForwardOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            with torch.no_grad():
+                return self.inner(x)
+
+    return ForwardOnly()

@@ -270,6 +270,32 @@ def retrieval_demo(
                    f"{s['top1_changed_adversarial']:.1%}")
     typer.echo(f"-> {out}")
 
+@app.command("demo-gallery")
+def demo_gallery(
+    api: str = typer.Option("http://127.0.0.1:8000", help="The running service."),
+    data: str = typer.Option("tests/data/cifar10-test-sample.npz", help="CIFAR-10 test images: "
+                             "the shipped sample (.npz), a CIFAR-10 .tar.gz or ImageFolder."),
+    per_class: int = typer.Option(100, help="Test images of each class in the gallery."),
+    group: str = typer.Option("cifar10", help="Galleries are named GROUP--MODEL_ID."),
+    replace: bool = typer.Option(False, help="Delete the group's galleries first."),
+    api_key: str | None = typer.Option(None, envvar="BYORL_API_KEY", help="X-API-Key, if any."),
+    audit: int = typer.Option(0, help="Then audit each gallery with this many held-out test "
+                              "images as queries (the page's attack, measured)."),
+    k: int = typer.Option(8, help="Neighbours compared by --audit."),
+    eps: str = typer.Option("8/255", help="linf budget of --audit."),
+    steps: int = typer.Option(20, help="AutoPGD steps of --audit."),
+):
+    """One gallery of CIFAR-10 test images per served model, for the demo page (GET /demo)."""
+    from service.demo_gallery import Api, audit_demo_galleries, build_demo_galleries
+
+    client = Api(api, api_key)
+    names = build_demo_galleries(client, data, per_class, group, replace, typer.echo)
+    if audit:
+        audit_demo_galleries(client, data, names, per_class, audit, k, parse_eps(eps), steps,
+                             typer.echo)
+    typer.echo(f"-> {api.rstrip('/')}/demo")
+
+
 @app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="A run, checkpoint or exported model directory."),

@@ -296,6 +296,36 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress) -> dict:
     }
 
 
+def evaluate_black_box(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    threat: ThreatModel,
+    mode: str = "full",
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> dict:
+    """Clean accuracy and accuracy under the suite's Square alone, for a classifier whose
+    gradients are not available (forward passes only). Square alone is weaker than the suite,
+    so the robust accuracy is an upper bound (`upper_bound`); no sanity check can run."""
+    start, x, y = time.perf_counter(), to_float(images), labels.long().cpu()
+    model.eval()
+    name, settings, attack = suite(mode, 2)[-1]
+    correct = _predict(model, x, batch_size) == y
+    robust = correct.clone()
+    fooled = _break(model, attack, x, y, robust, threat.norm, threat.eps, batch_size)
+    if progress is not None:
+        progress(1, 1, name)
+    return {
+        "mode": mode, "threat_model": {"norm": threat.norm, "eps": threat.eps}, "n": len(y),
+        "clean_accuracy": correct.float().mean().item(),
+        "robust_accuracy": robust.float().mean().item(), "upper_bound": True,
+        "attacks": [{"name": name, "settings": settings, "fooled": fooled,
+                     "robust_accuracy": robust.float().mean().item()}],
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 PAPER_EPS = {"linf": 8 / 255, "l2": 128 / 255}
 
 

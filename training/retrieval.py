@@ -7,11 +7,15 @@ A random perturbation of the same size is measured beside the attack, so that "t
 changed" is read against what noise alone does.
 """
 
+import base64
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchattacks
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
@@ -53,6 +57,40 @@ def perturb_queries(
     return APGD(loss_fn, threat.norm, threat.eps, steps=steps).perturb(queries, reference)
 
 
+class _CosineToClean(nn.Module):
+    """Two 'logits' for Square: the cosine of an image's embedding to its clean one (class 0)
+    and -1, which no cosine goes below: Square's margin loss is then the cosine plus 1, which it
+    lowers until its queries run out."""
+
+    def __init__(self, encoder: nn.Module, reference: torch.Tensor):
+        super().__init__()
+        self.encoder, self.reference = encoder, reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos = F.cosine_similarity(self.encoder(x).float(), self.reference, dim=1)
+        return torch.stack([cos, torch.full_like(cos, -1.0)], 1)
+
+
+def square_queries(encoder: nn.Module, queries: torch.Tensor, threat: ThreatModel,
+                   n_queries: int = 1000, seed: int = 0) -> torch.Tensor:
+    """Queries moved away from their clean embeddings by torchattacks' Square: forward passes
+    only (a black-box attack), one query image at a time (its reference is its own)."""
+    out = []
+    for x in queries.split(1):
+        target = _CosineToClean(encoder, embed(encoder, x).to(x.device)).eval()
+        attack = torchattacks.Square(target, norm={"linf": "Linf", "l2": "L2"}[threat.norm],
+                                     eps=threat.eps, n_queries=n_queries, n_restarts=1, seed=seed)
+        with torch.random.fork_rng():  # seeded as Square's own entry point seeds
+            attack.init_hyperparam(x)
+            torch.manual_seed(seed)
+            # its best point, not `attack(x, y)`, which keeps only points that changed class
+            # (none here: the loss is a cosine, with no class to change)
+            _, best = attack.attack_single_run(x, torch.zeros(1, dtype=torch.long,
+                                                              device=x.device))
+        out.append(best.detach())
+    return torch.cat(out)
+
+
 def random_perturbation(queries: torch.Tensor, threat: ThreatModel, seed: int = 0) -> torch.Tensor:
     """The control: a random point on the boundary of the ball (a random corner for linf)."""
     noise = torch.randn(queries.shape, generator=torch.Generator().manual_seed(seed))
@@ -80,15 +118,23 @@ def attack_retrieval(
     targets: torch.Tensor | None = None,
     batch_size: int = 64,
     progress: Progress | None = None,
+    attack: str = "apgd",
 ) -> dict[str, torch.Tensor]:
-    """Per-query tensors: perturbed queries and neighbours (clean, adversarial, random)."""
+    """Per-query tensors: perturbed queries and neighbours (clean, adversarial, random).
+
+    attack "apgd" (white-box, `steps` steps) or "square" (black-box, `steps` queries per image;
+    away from the clean embedding only)."""
+    if attack not in ("apgd", "square") or (attack == "square" and targets is not None):
+        raise ValueError(f"attack must be apgd, or square without targets: {attack!r}")
     encoder.eval()
     queries = to_float(queries)
     gallery = F.normalize(torch.as_tensor(gallery_embeddings).float().cpu(), dim=1)
     adv = []
     for i in range(0, len(queries), batch_size):
         t = None if targets is None else targets[i : i + batch_size]
-        adv.append(perturb_queries(encoder, queries[i : i + batch_size], threat, steps, t))
+        chunk = queries[i : i + batch_size]
+        adv.append(perturb_queries(encoder, chunk, threat, steps, t) if attack == "apgd"
+                   else square_queries(encoder, chunk, threat, steps))
         if progress is not None:
             progress(min(i + batch_size, len(queries)), len(queries), "retrieval attack")
     x_adv = torch.cat(adv)
@@ -124,6 +170,44 @@ def summarize(result: dict[str, torch.Tensor]) -> dict[str, float]:
     return summary
 
 
+def png_base64(image: torch.Tensor) -> str:
+    """A (3, H, W) image in [0, 1] as a base64 PNG (rounded to 8 bits)."""
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def query_details(queries: torch.Tensor, result: dict[str, torch.Tensor],
+                  gallery_embeddings: torch.Tensor, n: int) -> list[dict]:
+    """What the attack did to each of the first n queries: gallery rows and cosines of its
+    neighbours before and after, their top-k overlap, the perturbation's size, the attacked
+    image and the perturbation amplified to fill [0, 1] (grey is zero) as base64 PNGs."""
+    gallery = F.normalize(torch.as_tensor(gallery_embeddings).float().cpu(), dim=1)
+    queries = to_float(queries)[:n].cpu()
+    details = []
+    for i in range(min(n, len(queries))):
+        row = {}
+        for kind in ("clean", "adversarial"):
+            idx = result[f"neighbours_{kind}"][i]
+            scores = gallery[idx] @ result[f"{kind}_embedding"][i]
+            row[f"neighbours_{kind}"] = [[int(j), round(float(c), 6)]
+                                         for j, c in zip(idx, scores, strict=True)]
+        delta = result["adversarial"][i].cpu() - queries[i]
+        scale = delta.abs().max().clamp_min(1e-12)
+        row.update(
+            topk_overlap=_overlap(result["neighbours_clean"][i : i + 1],
+                                  result["neighbours_adversarial"][i : i + 1]).item(),
+            perturbation_norm=result["perturbation_norm"][i].item(),
+            perturbation_linf=delta.abs().max().item(),
+            amplification=(0.5 / scale).item(),
+            adversarial_png=png_base64(result["adversarial"][i]),
+            perturbation_png=png_base64(0.5 + delta * (0.5 / scale)),
+        )
+        details.append(row)
+    return details
+
+
 def retrieval_audit(
     encoder: nn.Module,
     queries: torch.Tensor,
@@ -133,22 +217,34 @@ def retrieval_audit(
     steps: int = 20,
     targets: torch.Tensor | None = None,
     progress: Progress | None = None,
+    attack: str = "apgd",
+    details: int = 0,
 ) -> dict:
     """How far a budget-bounded attack moves the queries' top-k neighbours in the gallery.
 
     Returns the mean top-k overlap between clean and attacked neighbour sets (1 = unchanged),
     the fraction of queries whose top-1 neighbour changed, the same for a random perturbation
-    of the same size, and the settings. Puts the encoder in eval mode.
+    of the same size, and the settings; with `details`, what happened to the first `details`
+    queries (`query_details`). Puts the encoder in eval mode. attack "square": black-box,
+    `steps` queries per image.
     """
     result = attack_retrieval(
-        encoder, queries, gallery_embeddings, threat, k, steps, targets, progress=progress
+        encoder, queries, gallery_embeddings, threat, k, steps, targets, progress=progress,
+        attack=attack,
     )
-    return {**_settings(len(queries), threat, k, steps, targets is not None), **summarize(result)}
+    report = {**_settings(len(queries), threat, k, steps, targets is not None, attack),
+              **summarize(result)}
+    if details:
+        report["examples"] = query_details(queries, result, torch.as_tensor(gallery_embeddings),
+                                          details)
+    return report
 
 
-def _settings(num_queries: int, threat: ThreatModel, k: int, steps: int, toward: bool) -> dict:
-    return {"num_queries": num_queries, "k": k, "steps": steps, "norm": threat.norm,
-            "eps": threat.eps, "mode": "toward" if toward else "away", "attack": "apgd"}
+def _settings(num_queries: int, threat: ThreatModel, k: int, steps: int, toward: bool,
+              attack: str = "apgd") -> dict:
+    budget = {"steps": steps} if attack == "apgd" else {"queries": steps}
+    return {"num_queries": num_queries, "k": k, **budget, "norm": threat.norm,
+            "eps": threat.eps, "mode": "toward" if toward else "away", "attack": attack}
 
 
 def retrieval_demo(

@@ -24,16 +24,17 @@ async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service,
     """Start an audit; its report is at GET /audits/{id} once the job succeeded."""
     arrays = {}
     if isinstance(body, RobustnessAudit):
-        card = head_of_served_model(svc, body.head_id)
+        card, model = head_of_served_model(svc, body.head_id, body.model)
         check_labels(body.labels, len(card["classes"]), at_least_two=False)
         arrays["labels"] = np.asarray(body.labels, np.int64)
     else:
-        check_model(svc, body.index)
+        model = check_model(svc, body.index, body.model)
         if not len(svc.gallery.get(body.index)):
             raise APIError(422, "empty_index", f"index {body.index!r} holds no items to retrieve")
-    arrays["images"] = await svc.decode_base64(body.images, svc.settings.max_bulk_images)
-    params = {**body.model_dump(exclude={"images", "labels", "kind"}), "audit": body.kind}
-    return await submit_job(svc, response, "audit", "/audits", params, **arrays)
+    arrays["images"] = await model.decode_base64(body.images, svc.settings.max_bulk_images)
+    params = {**body.model_dump(exclude={"images", "labels", "kind", "model"}),
+              "audit": body.kind}
+    return await submit_job(svc, response, "audit", "/audits", model, params, **arrays)
 
 
 @router.get("", responses=error_responses(422))

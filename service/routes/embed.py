@@ -23,6 +23,7 @@ BODY = {
                 "properties": {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "normalize": {"type": "boolean", "default": True},
+                    "model": {"type": "string", "description": "A served model's id"},
                 },
                 "required": ["files"],
             }
@@ -41,9 +42,10 @@ def form_flag(value: object, name: str, default: bool) -> bool:
     return text in ("true", "1")
 
 
-async def read_embed_request(request: Request, limit: int) -> tuple[list[bytes], bool]:
-    """(image bytes, normalize) of a JSON body ({"images": [base64, ...], "normalize": bool})
-    or of a multipart form (`files`, optional field `normalize`)."""
+async def read_embed_request(request: Request, limit: int
+                             ) -> tuple[list[bytes], bool, str | None]:
+    """(image bytes, normalize, model) of a JSON body ({"images": [base64, ...], "normalize":
+    bool, "model": id}) or of a multipart form (`files`, optional fields `normalize`, `model`)."""
     content_type = request.headers.get("content-type", "application/json")
     if content_type.startswith("multipart/form-data"):
         try:
@@ -57,22 +59,25 @@ async def read_embed_request(request: Request, limit: int) -> tuple[list[bytes],
             raise APIError(400, "invalid_multipart", str(exc.detail)) from None
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         normalize = form_flag(form.get("normalize"), "normalize", default=True)
-        return [await f.read() for f in files], normalize
+        model = form.get("model")
+        return [await f.read() for f in files], normalize, None if model is None else str(model)
     if content_type.startswith("application/json"):
         body = EmbedRequest.model_validate_json(await request.body())
-        return [decode_base64(s, i) for i, s in enumerate(body.images)], body.normalize
+        return ([decode_base64(s, i) for i, s in enumerate(body.images)], body.normalize,
+                body.model)
     raise APIError(415, "unsupported_media_type",
                    f"send application/json or multipart/form-data, not {content_type}")
 
 
 @router.post("/embed", openapi_extra={"requestBody": BODY},
-             responses=error_responses(400, 413, 415, 422) | QUEUE_FULL)
+             responses=error_responses(400, 404, 413, 415, 422) | QUEUE_FULL)
 async def embed_images(request: Request, svc: Service) -> Embeddings:
     """Embed a batch of images; concurrent requests share one ONNX Runtime call."""
     limit = svc.settings.max_images
-    blobs, normalize = await read_embed_request(request, limit)
-    vectors = await svc.embed(await svc.decode(blobs, limit))
+    blobs, normalize, name = await read_embed_request(request, limit)
+    model = svc.model(name)
+    vectors = await model.embed(await model.decode(blobs, limit))
     if normalize:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return Embeddings(model_id=svc.model_id, dim=vectors.shape[1], normalized=normalize,
+    return Embeddings(model_id=model.model_id, dim=vectors.shape[1], normalized=normalize,
                       embeddings=vectors.tolist())

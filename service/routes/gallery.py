@@ -1,10 +1,12 @@
 """Galleries: named indexes of embedded images under user keys, with JSON metadata."""
 
+import io
 import json
 from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
+from PIL import Image
 
 from index.faiss_index import EmbeddingIndex
 from service.deps import QUEUE_FULL, AppState, Service
@@ -12,6 +14,7 @@ from service.errors import APIError, error_responses
 from service.pagination import Page, Paging, page, page_of
 from service.responses import items_response
 from service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
+from service.served_models import ServedModel
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 
@@ -22,12 +25,10 @@ def index_info(svc: AppState, name: str, index: EmbeddingIndex | None = None) ->
                      count=len(index))
 
 
-def check_model(svc: AppState, name: str) -> None:
-    """An index holds vectors of one model: the served one must be it to add or query images."""
-    index = svc.gallery.get(name)
-    if index.model_id != svc.model_id:
-        raise APIError(409, "model_mismatch", f"index {name!r} holds embeddings of model "
-                       f"{index.model_id!r}; the service runs {svc.model_id!r}")
+def check_model(svc: AppState, name: str, asked: str | None = None) -> ServedModel:
+    """An index holds vectors of one model: images added to it or searched in it are embedded
+    by that model (409 when the request names another, or it is no longer served)."""
+    return svc.model_of(svc.gallery.get(name).model_id, asked, f"index {name!r}")
 
 
 def check_metadata(metadata: list[Any] | None, limit: int) -> None:
@@ -53,9 +54,10 @@ def list_indexes(svc: Service, paging: Paging) -> Page[IndexInfo]:
 
 @router.post("", status_code=201, responses=error_responses(400, 409, 413, 422))
 def create_index(body: IndexCreate, svc: Service) -> IndexInfo:
-    """An empty index for embeddings of the served model."""
+    """An empty index for embeddings of the named model (default: the first served)."""
+    model = svc.model(body.model)
     try:
-        svc.gallery.create(body.name, svc.card["embedding_dim"], svc.model_id, body.factory)
+        svc.gallery.create(body.name, model.dim, model.model_id, body.factory)
     except ValueError as exc:
         if "factory" not in str(exc):
             raise
@@ -78,12 +80,12 @@ def delete_index(name: str, svc: Service) -> Response:
              responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
-    check_model(svc, name)
+    model = check_model(svc, name, body.model)
     check_metadata(body.metadata, svc.settings.max_metadata_bytes)
-    pixels = await svc.decode_base64(body.images, svc.settings.max_bulk_images)
-    vectors = await svc.embed(pixels)
+    pixels = await model.decode_base64(body.images, svc.settings.max_bulk_images)
+    vectors = await model.embed(pixels)
     await run_in_threadpool(svc.gallery.add, name, body.keys, vectors, pixels, body.metadata,
-                            svc.model_id)
+                            model.model_id)
     return ItemsAdded(index=name, added=len(body.keys), count=len(svc.gallery.get(name)))
 
 
@@ -94,6 +96,18 @@ def list_items(name: str, svc: Service, paging: Paging) -> Response:
     # one instant (removals race it); metadata as stored JSON text, never decoded
     count, items = index.page(paging.offset, paging.limit, raw_metadata=True)
     return items_response(name, page_of(items, count, paging), svc.settings.max_response_bytes)
+
+
+@router.get("/{name}/pixels/{key:path}", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The item's pixels"}}
+            | error_responses(404))
+def get_item_pixels(name: str, key: str, svc: Service) -> Response:
+    """The pixels an item was embedded from (the model's input size) as a PNG: thumbnails."""
+    pixels = svc.gallery.pixels(name, [key])[0]
+    buf = io.BytesIO()
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=60"})
 
 
 @router.delete("/{name}/items/{key:path}", responses=error_responses(404))

@@ -10,6 +10,7 @@ from service.pagination import Page, Paging, page
 from service.routes.gallery import check_model
 from service.routes.jobs import ACCEPTED, submit_job
 from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
+from service.served_models import ServedModel
 
 router = APIRouter(tags=["heads"])
 
@@ -24,23 +25,24 @@ def check_labels(labels: list[int], num_classes: int, at_least_two: bool) -> Non
                        "needs examples of at least two")
 
 
-async def labeled_pixels(svc: AppState, body: LabeledSet) -> np.ndarray:
-    """uint8 pixels of the submitted images, or of the given keys of an index."""
+async def labeled_pixels(svc: AppState, body: LabeledSet) -> tuple[ServedModel, np.ndarray]:
+    """The model to fit on (the index's, or the named one) and the uint8 pixels of the
+    submitted images, or of the given keys of an index."""
     limit = svc.settings.max_bulk_images
     if body.images is not None:
-        return await svc.decode_base64(body.images, limit)
-    check_model(svc, body.index)
+        model = svc.model(body.model)
+        return model, await model.decode_base64(body.images, limit)
+    model = check_model(svc, body.index, body.model)
     if len(body.keys) > limit:
         raise APIError(413, "too_many_images", f"{len(body.keys)} keys; the limit is {limit}")
-    return await run_in_threadpool(svc.gallery.pixels, body.index, body.keys)
+    return model, await run_in_threadpool(svc.gallery.pixels, body.index, body.keys)
 
 
-def head_of_served_model(svc: AppState, head_id: str) -> dict:
+def head_of_served_model(svc: AppState, head_id: str, asked: str | None = None
+                         ) -> tuple[dict, ServedModel]:
+    """A head's card and the model it was fitted on (409 when not served, or not `asked`)."""
     card = svc.heads.card(head_id)
-    if card["model_id"] != svc.model_id:
-        raise APIError(409, "model_mismatch", f"head {head_id!r} was fitted on model "
-                       f"{card['model_id']!r}; the service runs {svc.model_id!r}")
-    return card
+    return card, svc.model_of(card["model_id"], asked, f"head {head_id!r}")
 
 
 @router.post("/linear-head", status_code=202,
@@ -53,9 +55,9 @@ async def create_linear_head(body: LinearHeadRequest, svc: Service,
         raise APIError(413, "too_many_classes", f"{len(body.classes)} classes; the limit is "
                        f"{svc.settings.max_classes}")
     check_labels(body.labels, len(body.classes), at_least_two=True)
-    pixels = await labeled_pixels(svc, body)
-    params = body.model_dump(exclude={"images", "labels", "keys"})
-    return await submit_job(svc, response, "linear_head", "/heads", params, images=pixels,
+    model, pixels = await labeled_pixels(svc, body)
+    params = body.model_dump(exclude={"images", "labels", "keys", "model"})
+    return await submit_job(svc, response, "linear_head", "/heads", model, params, images=pixels,
                             labels=np.asarray(body.labels, np.int64))
 
 
@@ -79,10 +81,10 @@ def delete_head(head_id: str, svc: Service) -> Response:
 @router.post("/heads/{head_id}/predict",
              responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def predict_with_head(head_id: str, body: Images, svc: Service) -> Predictions:
-    """Class probabilities of images: softmax(W e(x) + b) on the served encoder."""
-    card = head_of_served_model(svc, head_id)
+    """Class probabilities of images: softmax(W e(x) + b) on the head's encoder."""
+    card, model = head_of_served_model(svc, head_id, body.model)
     weight, bias = svc.heads.weights(head_id)
-    features = await svc.embed(await svc.decode_base64(body.images, svc.settings.max_images))
+    features = await model.embed(await model.decode_base64(body.images, svc.settings.max_images))
     logits = features @ weight.T + bias
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

@@ -20,7 +20,7 @@ def check_health() -> Health:
 @router.get("/readyz", responses={503: {"model": Health}})
 async def check_readiness(svc: Service, response: Response) -> Health:
     """Model and indexes loaded, and the broker reachable when one is configured."""
-    checks = {"model": svc.session is not None, "indexes": svc.gallery is not None,
+    checks = {"model": len(svc.models) > 0, "indexes": svc.gallery is not None,
               "broker": await run_in_threadpool(svc.queue.ping)}
     ready = all(checks.values())
     response.status_code = 200 if ready else 503

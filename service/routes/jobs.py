@@ -7,6 +7,7 @@ from service.deps import AppState, Service
 from service.errors import APIError, error_responses
 from service.pagination import Page, Paging, page
 from service.schemas import Job, JobAccepted
+from service.served_models import ServedModel
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -18,10 +19,11 @@ ACCEPTED = {202: {"description": "Queued: poll the job at Location; its product 
 
 
 async def submit_job(svc: AppState, response: Response, kind: str, result_collection: str,
-                     params: dict, **arrays) -> JobAccepted:
-    """Record the job and its inputs in the data directory, then queue its id; the answer (202)
-    points at the job (Location) and at where its product will be (in `result_collection`)."""
-    job = await run_in_threadpool(svc.jobs.create, kind, {**params, "model_id": svc.model_id},
+                     model: ServedModel, params: dict, **arrays) -> JobAccepted:
+    """Record the job (for `model`) and its inputs in the data directory, then queue its id;
+    the answer (202) points at the job (Location) and at where its product will be (in
+    `result_collection`)."""
+    job = await run_in_threadpool(svc.jobs.create, kind, {**params, "model_id": model.model_id},
                                   **arrays)
     try:
         await run_in_threadpool(svc.queue.submit, job["id"])

@@ -21,9 +21,12 @@ async def search_index(body: SearchRequest, svc: Service) -> Response:
     if asked > limit:
         raise APIError(413, "too_many_results", f"queries x k = {asked}; the limit is {limit}")
     if body.images is not None:
-        check_model(svc, body.index)
-        queries = await svc.embed(await svc.decode_base64(body.images, svc.settings.max_images))
+        model = check_model(svc, body.index, body.model)
+        queries = await model.embed(await model.decode_base64(body.images,
+                                                              svc.settings.max_images))
     else:
+        if body.model is not None:
+            check_model(svc, body.index, body.model)
         queries = body.embeddings
         if len(queries) > svc.settings.max_images:
             raise APIError(413, "too_many_queries", f"{len(queries)} embeddings in one request; "

@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from service.main import create_app
 from service.settings import Settings
 
-OPEN = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+OPEN = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/demo")
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_a_failing_job_records_why(model_dir, tmp_path):
     images, labels = easy_set(4)
     job = JobStore(tmp_path).create("linear_head", {"model_id": "some-other-model"},
                                     images=images, labels=labels)
-    with pytest.raises(RuntimeError, match="some-other-model"):
+    with pytest.raises(LookupError, match="some-other-model"):
         run(job["id"], tmp_path, model_dir)
     record = JobStore(tmp_path).get(job["id"])
     assert record["state"] == "failed" and "some-other-model" in record["error"]

@@ -426,3 +426,21 @@ def test_report_names_the_attacks_settings_and_checks():
     with pytest.raises(ValueError, match="mode must be one of"):
         suite("paper", 10)
     assert [name for name, _, _ in suite("quick", 3)][:2] == ["apgd-ce", "apgd-dlr"]
+
+
+def test_black_box_evaluation_is_square_alone_and_an_upper_bound():
+    """Forward passes only (the model gives no gradients): Square fools some points, never
+    below the exact worst case, and the report says it is an upper bound."""
+    from tests.conftest import forward_only
+    from training.evaluate import evaluate_black_box
+
+    model, x, y = synthetic_linear()
+    eps = 0.05
+    exact = exact_linf_robust(model, x, y, eps).float().mean().item()
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    result = evaluate_black_box(forward_only(model), x, y, ThreatModel("linf", eps), "quick")
+    assert result["upper_bound"] and [a["name"] for a in result["attacks"]] == ["square"]
+    assert result["attacks"][0]["settings"]["queries"] == SUITES["quick"].square_queries
+    assert result["clean_accuracy"] == pytest.approx(clean)
+    assert exact <= result["robust_accuracy"] < clean
+    assert result["attacks"][0]["fooled"] == round((clean - result["robust_accuracy"]) * len(y))

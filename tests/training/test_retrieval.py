@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from tests.conftest import forward_only
 from training.attacks import ThreatModel
 from training.config import TrainConfig
 from training.data import load_images
@@ -93,3 +95,47 @@ def test_demo_writes_the_side_by_side_figure(image_folder, tmp_path):
     assert json.loads((tmp_path / "demo" / "retrieval.json").read_text()) == report
     with open(tmp_path / "demo" / "retrieval.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_square_moves_queries_with_forward_passes_only(encoder, split):
+    """Black-box: Square through a module that gives no gradients still lowers the cosine to
+    the clean embedding further than noise of the same size, within the budget."""
+    queries, gallery = split
+    threat = ThreatModel("linf", 8 / 255)
+    audit = retrieval_audit(forward_only(encoder), queries[:3], embed(encoder, gallery), threat,
+                            k=K, steps=100, attack="square")
+    assert audit["attack"] == "square" and audit["queries"] == 100 and "steps" not in audit
+    assert audit["max_perturbation_norm"] <= threat.eps * (1 + 1e-5)
+    assert audit["cosine_to_clean_adversarial"] < audit["cosine_to_clean_random"]
+    with pytest.raises(ValueError, match="square without targets"):
+        attack_retrieval(encoder, queries[:1], gallery[:4], threat, attack="square",
+                         targets=torch.zeros(1, 256))
+
+
+def test_query_details_are_the_neighbours_and_the_perturbation(encoder, split):
+    import base64
+    import io
+
+    from PIL import Image
+
+    queries, gallery = split
+    threat = ThreatModel("linf", 4 / 255)
+    vectors = embed(encoder, gallery)
+    audit = retrieval_audit(encoder, queries, vectors, threat, k=K, steps=5, details=2)
+    assert len(audit["examples"]) == 2
+    first = audit["examples"][0]
+    sims = embed(encoder, queries[:1]) @ vectors.T
+    best = sims.topk(K, dim=1)
+    assert [j for j, _ in first["neighbours_clean"]] == best.indices[0].tolist()
+    assert [s for _, s in first["neighbours_clean"]] == pytest.approx(best.values[0].tolist(),
+                                                                      abs=1e-5)
+    clean, adv = ({j for j, _ in first[f"neighbours_{kind}"]} for kind in ("clean", "adversarial"))
+    assert first["topk_overlap"] == pytest.approx(len(clean & adv) / K)
+    assert first["perturbation_linf"] <= threat.eps + 1e-6
+    assert first["perturbation_norm"] == pytest.approx(first["perturbation_linf"])  # linf
+    for name in ("adversarial_png", "perturbation_png"):
+        png = Image.open(io.BytesIO(base64.b64decode(first[name])))
+        assert png.size == (32, 32) and png.mode == "RGB"
+    png = Image.open(io.BytesIO(base64.b64decode(first["adversarial_png"])))
+    adversarial = torch.from_numpy(np.array(png)).permute(2, 0, 1).float() / 255
+    assert (adversarial - queries[0]).abs().max() <= threat.eps + 0.5 / 255  # 8-bit rounding

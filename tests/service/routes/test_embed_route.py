@@ -93,7 +93,7 @@ def test_a_full_embedding_queue_is_a_429_with_retry_after(settings, image_bytes)
     one = base64.b64encode(next(iter(image_bytes.values()))[0]).decode()
     bounded = settings.model_copy(update={"max_queued_images": 4, "max_batch": 4})
     with TestClient(create_app(bounded)) as c, ThreadPoolExecutor(2) as pool:
-        batcher = c.app.state.byorl.batcher
+        batcher = c.app.state.byorl.models.default.batcher
         gate, entered, model = threading.Event(), threading.Event(), batcher.run
 
         def held(x):

@@ -76,9 +76,9 @@ def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client):
     svc = client.app.state.byorl
     assert client.post("/indexes", json={"name": "churn"}).status_code == 201
     keys = [f"c{i}" for i in range(1000)]
-    vectors = np.random.default_rng(0).normal(size=(1000, svc.card["embedding_dim"]))
+    vectors = np.random.default_rng(0).normal(size=(1000, svc.models.default.dim))
     svc.gallery.add("churn", keys, vectors, np.zeros((1000, 3, 32, 32), np.uint8),
-                    [{"key": k} for k in keys], svc.model_id)
+                    [{"key": k} for k in keys], svc.models.default.model_id)
 
     def remove_all_but_one():
         for start in range(1, 1000, 9):
@@ -97,3 +97,24 @@ def test_listing_while_keys_are_removed_is_a_consistent_snapshot(client):
         assert page["count"] == len(page["items"])
         assert all(i["metadata"] == {"key": i["key"]} for i in page["items"])
     assert [i["key"] for i in client.get("/indexes/churn/items").json()["items"]] == ["c0"]
+
+
+def test_an_items_pixels_come_back_as_the_png_it_was_embedded_from(client, image_bytes):
+    import base64
+    import io
+
+    from PIL import Image
+
+    blob = image_bytes["frog"][0]
+    assert client.post("/indexes", json={"name": "thumbs"}).status_code == 201
+    assert client.post("/indexes/thumbs/items", json={
+        "keys": ["a/b c"], "images": [base64.b64encode(blob).decode()]}).status_code == 201
+    r = client.get("/indexes/thumbs/pixels/a/b c")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    png = np.asarray(Image.open(io.BytesIO(r.content)))
+    stored = client.app.state.byorl.gallery.pixels("thumbs", ["a/b c"])[0]
+    assert np.array_equal(png, stored.transpose(1, 2, 0))  # lossless: the stored pixels
+    assert np.array_equal(png, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
+    r = client.get("/indexes/thumbs/pixels/missing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "key_not_found"
+    assert client.get("/indexes/nope/pixels/a").json()["error"]["code"] == "index_not_found"
