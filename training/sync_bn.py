@@ -1,6 +1,7 @@
 """Cross-replica BatchNorm under DDP: the statistics of the global batch, not of one process's
-share. torch's SyncBatchNorm does it on CUDA (its kernels are CUDA-only); on the CPU (gloo) the
-same statistics come from two autograd-aware all-reduces, so DDP on CPUs trains the same model."""
+share. On CUDA that is torch's SyncBatchNorm. Its kernels are CUDA-only and DDP refuses it on
+CPU modules, so on the CPU (gloo) the same statistics come from two autograd-aware all-reduces
+in `CpuSyncBatchNorm`: DDP on CPUs trains the same model, and CI can test it."""
 
 import torch
 import torch.distributed as dist
@@ -8,14 +9,19 @@ from torch import nn
 from torch.distributed.nn import functional as dist_nn
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, extended to CPU tensors; outside training or a process group of
-    several processes it is plain BatchNorm."""
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the batches of all processes of `process_group` (the world when None);
+    outside training or a process group of several processes it is plain BatchNorm."""
+
+    process_group = None
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
-        if x.device.type == "cuda" or not self.training or group is None \
-                or dist.get_world_size(group) == 1:
+        if not self.training or group is None or dist.get_world_size(group) == 1:
             return super().forward(x)
         self._check_input_dim(x)
         dims, shape = [0, *range(2, x.dim())], (1, -1, *([1] * (x.dim() - 2)))
@@ -36,11 +42,12 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return out.to(x.dtype)
 
 
-def convert_sync_bn(module: nn.Module) -> nn.Module:
-    """Every BatchNorm of `module` made cross-replica (torch's conversion, kept parameters and
-    running statistics), on any device."""
+def convert_sync_bn(module: nn.Module, device_type: str) -> nn.Module:
+    """Every BatchNorm of `module` made cross-replica, parameters and running statistics kept
+    (torch's conversion): torch's SyncBatchNorm on CUDA, CpuSyncBatchNorm elsewhere."""
     module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for m in module.modules():
-        if type(m) is nn.SyncBatchNorm:
-            m.__class__ = SyncBatchNorm
+    if device_type != "cuda":
+        for m in module.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = CpuSyncBatchNorm
     return module

@@ -87,7 +87,7 @@ def build_networks(cfg: TrainConfig, device: torch.device, distributed: bool) ->
         cfg.model.arch, cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim
     ).to(device, memory_format=torch.channels_last)
     if distributed and cfg.sync_bn:
-        online = convert_sync_bn(online)
+        online = convert_sync_bn(online, device.type)
     target = make_target(online)
     if uses_compile(cfg, device):  # in place: state_dict keys and DDP's view stay the same
         for net in (online, target):

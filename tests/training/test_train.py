@@ -134,3 +134,70 @@ def test_two_process_ddp_run_takes_steps(image_folder, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # only rank 0 logs
     assert all(torch.isfinite(v).all() for v in ckpt["online"].values())
+
+
+# Runs `train` under torchrun, each process with a clock of its own: rank r's clock advances
+# RATES[r] "seconds" each time the loop reads it, so the two disagree on when a limit is hit.
+CLOCKED_TRAIN = """
+import itertools, json, os, sys, types
+import training.train
+from training.config import TrainConfig
+
+cfg = TrainConfig.from_dict(json.loads(open(sys.argv[1]).read()))
+rates, limit = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+ticks = itertools.count(0, rates[int(os.environ["RANK"])])
+training.train.time = types.SimpleNamespace(monotonic=lambda: next(ticks))
+training.train.train(cfg, time_limit_s=limit, progress=False)
+"""
+
+
+def torchrun_clocked(cfg: TrainConfig, tmp_path: Path, rates: list[float], limit) -> None:
+    script, config = tmp_path / "clocked_train.py", tmp_path / f"{Path(cfg.out).name}.json"
+    script.write_text(CLOCKED_TRAIN)
+    config.write_text(json.dumps(cfg.to_dict()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(config), json.dumps(rates), json.dumps(limit)],
+        cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def tiny_config(images: Path, out: Path) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.source, cfg.out, cfg.device, cfg.seed = str(images), str(out), "cpu", 3
+    cfg.model.arch, cfg.model.proj_hidden, cfg.model.proj_dim = "preact_resnet_tiny", 32, 16
+    cfg.attack.method, cfg.attack.steps = "apgd", 4
+    cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs = 32, 2, 1
+    cfg.log_every, cfg.checkpoint_every = 1, 100
+    return cfg
+
+
+def assert_same_networks(a: dict, b: dict) -> None:
+    for key in ("online", "target"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_ddp_stops_on_rank_0s_clock_and_resumes_exactly(image_folder, tmp_path):
+    """Rank 1's clock runs 1000x fast (it alone would stop after step 1): rank 0 decides, both
+    save at its step and leave together (no hang, no crash), and resuming reaches the state of
+    a run never stopped, bit for bit. The default config: SyncBN, per-view BN, AutoPGD (its
+    extra passes agreed by all ranks)."""
+    straight = tiny_config(image_folder, tmp_path / "straight")
+    torchrun_clocked(straight, tmp_path, [1, 1], None)
+    total = load_checkpoint(tmp_path / "straight")["step"]
+    assert total == 6
+
+    stopped = tiny_config(image_folder, tmp_path / "stopped")
+    torchrun_clocked(stopped, tmp_path, [1, 1000], 4.5)
+    ckpt = load_checkpoint(tmp_path / "stopped")
+    assert 1 < ckpt["step"] < total and len(ckpt["rng"]) == 2
+    logged = [json.loads(line)["step"] for line in
+              (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, ckpt["step"] + 1))
+
+    torchrun_clocked(stopped, tmp_path, [1, 1], None)
+    resumed = load_checkpoint(tmp_path / "stopped")
+    assert resumed["step"] == total
+    assert_same_networks(load_checkpoint(tmp_path / "straight"), resumed)
