@@ -5,6 +5,7 @@ job queue; nothing heavy happens at import. The api process never imports PyTorc
 """
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -28,6 +29,9 @@ def load_state(settings: Settings) -> AppState:
     s, data = settings, settings.data_dir
     card = model_card.read_card(s.model_dir)
     session = model_card.load_onnx_session(s.model_dir, s.num_threads, s.device)
+    logging.getLogger("uvicorn.error").info(
+        "encoder %s on %s (BYORL_DEVICE=%s)", card["model_id"], model_card.session_device(session),
+        s.device)
     warmup = model_card.embed(session, np.zeros((1, *card["input_size"]), np.uint8))
     if warmup.shape != (1, card["embedding_dim"]):
         raise RuntimeError(f"{s.model_dir}: the encoder returns {warmup.shape[1:]}, the card "

@@ -230,3 +230,4 @@ class Predictions(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, bool] = {}
+    device: str | None = None  # /readyz: where the encoder runs (cuda or cpu)
