@@ -23,14 +23,14 @@ $(PY):
 			"(Debian/Ubuntu: the python3-venv package)" >&2; exit 1; }
 
 setup: $(PY)
-	$(PY) -m pip install -q -e '.[train,service]'
+	$(PY) -m pip install -q -e '.[cpu,train,service]'
 
 # The service on the bundled default encoder; jobs run in-process unless BYORL_REDIS_URL is set.
 run: setup
 	$(VENV)/bin/uvicorn service.main:app --host $(HOST) --port $(PORT)
 
 test: test-tools setup
-	$(PY) -m pip install -q -e '.[train,service,dev]'
+	$(PY) -m pip install -q -e '.[cpu,train,service,dev]'
 	$(VENV)/bin/pytest
 
 # Fails naming the TEST_TOOLS not on PATH.
@@ -53,7 +53,7 @@ MUTANTS ?= training.byorl* training.optim* training.attacks* training.train* \
 	$(addprefix training.evaluate.x,$(EVAL_BOOKKEEPING))
 MUTMUT_JOBS ?= 1
 mutate: setup
-	$(PY) -m pip install -q -e '.[train,service,dev]'
+	$(PY) -m pip install -q -e '.[cpu,train,service,dev]'
 	rm -rf mutants  # mutmut keeps stale test-coverage stats across test changes
 	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTMUT_JOBS) $(foreach m,$(MUTANTS),'$(m)')
 	$(VENV)/bin/mutmut results

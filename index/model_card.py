@@ -100,7 +100,16 @@ def load_onnx_session(model_dir: str | Path, threads: int | None = None,
     elif device == "cuda":
         raise ModelCardError("device cuda asked, but onnxruntime has no CUDA provider "
                              "(install onnxruntime-gpu)")
-    return ort.InferenceSession(str(path), options, providers=providers)
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if device == "cuda" and session_device(session) != "cuda":  # ONNX Runtime fell back
+        raise ModelCardError("device cuda asked, but ONNX Runtime could not use a GPU "
+                             f"(session providers: {session.get_providers()})")
+    return session
+
+
+def session_device(session: ort.InferenceSession) -> str:
+    """Where a session runs its first-choice nodes: "cuda" or "cpu" (what /readyz reports)."""
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
 
 def embed(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256,

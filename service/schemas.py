@@ -248,6 +248,7 @@ class Predictions(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, bool] = {}
+    device: str | None = None  # /readyz: where the encoder runs (cuda or cpu)
 
 
 class ClaimedThreat(Strict):

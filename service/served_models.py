@@ -6,6 +6,7 @@ user models are registered with POST /models and live in `<data_dir>/models/<mod
 find a model's directory by its id with `find_model_dir` (no session, no PyTorch).
 """
 
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ def load_model(model_dir: Path, settings: Settings, bundled: bool) -> ServedMode
     s = settings
     card = model_card.read_card(model_dir)
     session = model_card.load_onnx_session(model_dir, s.num_threads, s.device)
+    logging.getLogger("uvicorn.error").info(
+        "encoder %s on %s (BYORL_DEVICE=%s)", card["model_id"], model_card.session_device(session),
+        s.device)
     warmup = model_card.embed(session, np.zeros((1, *card["input_size"]), np.uint8))
     if warmup.shape != (1, card["embedding_dim"]):
         raise RuntimeError(f"{model_dir}: the encoder returns {warmup.shape[1:]}, the card "

@@ -11,6 +11,8 @@ imports it torch-free.
 
 import functools
 import logging
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -27,6 +29,26 @@ from service.store import HeadStore, JobStore, LeaseLost, ReportStore
 
 log = logging.getLogger(__name__)
 DETAILED_QUERIES = 16  # queries of a retrieval audit whose neighbours and images the report keeps
+
+
+def job_device(asked: str) -> str:
+    """The device jobs run on ("cuda" or "cpu") under BYORL_DEVICE=`asked`, asked of PyTorch in
+    a subprocess: the worker's parent process, which forks the job processes, must not touch
+    CUDA. A worker asked for CUDA that has none fails here, at start, not at its first job."""
+    if asked == "cpu":
+        return "cpu"
+    code = "import torch; print(torch.cuda.is_available(), torch.version.cuda)"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300)
+    if probe.returncode != 0:
+        raise RuntimeError(f"could not import PyTorch to find the device: {probe.stderr[-500:]}")
+    available, cuda_build = probe.stdout.split()
+    if available == "True":
+        return "cuda"
+    if asked == "cuda":
+        raise RuntimeError(f"BYORL_DEVICE=cuda, but PyTorch (CUDA build: {cuda_build}) sees no "
+                           "GPU: give the container a GPU, or set BYORL_DEVICE=cpu or auto")
+    return "cpu"
 
 
 def init_process(threads: int) -> None:

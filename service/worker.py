@@ -1,10 +1,13 @@
 """The Celery worker: `celery -A service.worker worker --concurrency 1` (settings from BYORL_*).
 
 Each task is `service.tasks.run_job` on a job id; see `service.jobs.make_celery` for the
-delivery guarantees. PyTorch is imported in the pool's child processes only, after the fork.
+delivery guarantees. PyTorch is imported in the pool's child processes only, after the fork
+(the device jobs will run on is asked of it in a subprocess at start, and logged).
 """
 
-from celery.signals import worker_process_init
+import logging
+
+from celery.signals import worker_process_init, worker_ready
 
 from service import tasks
 from service.jobs import TASK, make_celery
@@ -13,6 +16,10 @@ from service.settings import Settings
 settings = Settings()
 if not settings.redis_url:
     raise SystemExit("the worker needs BYORL_REDIS_URL (without it the api runs jobs itself)")
+try:
+    device = tasks.job_device(settings.device)
+except RuntimeError as e:
+    raise SystemExit(f"worker: {e}") from None
 app = make_celery(settings)
 
 
@@ -24,3 +31,8 @@ def run_job(job_id: str) -> dict | None:
 @worker_process_init.connect
 def _init_process(**_) -> None:
     tasks.init_process(settings.num_threads)
+
+
+@worker_ready.connect
+def _say_device(**_) -> None:
+    logging.getLogger(__name__).info("jobs run on %s (BYORL_DEVICE=%s)", device, settings.device)

@@ -128,12 +128,16 @@ class APGD:
         restarts: int = 1,
         random_init: bool = True,
         rho: float = 0.75,
+        any_rank: Callable[[torch.Tensor], bool] | None = None,
     ):
         check_budget(norm, eps)
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
         self.loss_fn, self.norm, self.eps = loss_fn, norm, eps
         self.steps, self.restarts, self.random_init, self.rho = steps, restarts, random_init, rho
+        # Whether any example needs the extra pass: under DDP with cross-replica BatchNorm every
+        # process must make it (a collective), so the caller can make this a global decision.
+        self.any_rank = any_rank or (lambda flags: bool(flags.any()))
 
     def perturb(self, x: torch.Tensor, y) -> torch.Tensor:
         x = x.detach()
@@ -170,7 +174,7 @@ class APGD:
                 halve = stalled | stuck
                 eta[halve] /= 2.0
                 x_k[halve] = x_max[halve]
-                if halve.any():  # restart from the best point: recompute its loss and gradient
+                if self.any_rank(halve):  # restart from the best point: its loss and gradient
                     loss_k, grad = _loss_and_grad(self.loss_fn, x_k, y)
                 eta_reduced_at_ck, f_max_at_ck = halve, f_max.clone()
                 increases.zero_()

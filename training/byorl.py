@@ -29,7 +29,7 @@ class OnlineNetwork(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """gamma = g o e: the projection (what the target network outputs)."""
-        return self.projector(self.encoder.forward_features(x))
+        return self.projector(self.encoder(x))  # the encoder's forward: its features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """kappa = q o g o e: the online prediction."""
@@ -70,35 +70,47 @@ class StepLoss(NamedTuple):
     views: torch.Tensor  # the clean views, [v; v']
 
 
+def per_view(fn, v1: torch.Tensor, v2: torch.Tensor, separate: bool) -> torch.Tensor:
+    """[fn(v); fn(v')]: each view a batch of its own (its own BatchNorm statistics, as the
+    published BYOL), or both in one batch (`separate=False`: statistics of the two mixed)."""
+    if separate:
+        return torch.cat([fn(v1), fn(v2)])
+    return fn(torch.cat([v1, v2]))
+
+
 def symmetric_loss(
     online: nn.Module, target: OnlineNetwork, v1: torch.Tensor, v2: torch.Tensor, attack=None,
-    bf16: bool = False,
+    bf16: bool = False, separate: bool = True,
 ) -> StepLoss:
     """L(v, v') + L(v', v) of eq. 7, each averaged over the batch: every view, attacked through
     the online network (batch statistics, running averages left alone), is predicted against
-    the target projection of the *other* view. `attack.perturb(views, z)` maximises the loss."""
+    the target projection of the *other* view. `attack.perturb(views, z)` maximises the loss.
+    Every pass (target, attack, loss) sees the views as `per_view` does."""
     if v1.shape != v2.shape:
         raise ValueError(f"the two views must have one shape, got {v1.shape} and {v2.shape}")
     b = len(v1)
-    v = torch.cat([v1, v2])
-    autocast = functools.partial(torch.autocast, v.device.type, torch.bfloat16, enabled=bf16)
+    autocast = functools.partial(torch.autocast, v1.device.type, torch.bfloat16, enabled=bf16)
     with torch.no_grad(), autocast():
-        z = target.project(v).float()
+        z = per_view(target.project, v1, v2, separate).float()
     z = torch.cat([z[b:], z[:b]])
+    v_adv = torch.cat([v1, v2])
     if attack is not None:
         with frozen_bn_stats(online):
-            v_adv = attack.perturb(v, z)
-    else:
-        v_adv = v
+            if separate:
+                v_adv = torch.cat([attack.perturb(v1, z[:b]), attack.perturb(v2, z[b:])])
+            else:
+                v_adv = attack.perturb(v_adv, z)
     with autocast():
-        p = online(v_adv)
-    return StepLoss(2 * byol_loss(p, z).mean(), p, z, v)
+        p = per_view(online, v_adv[:b], v_adv[b:], separate)
+    return StepLoss(2 * byol_loss(p, z).mean(), p, z, torch.cat([v1, v2]))
 
 
-def make_attack(method: str, loss_fn, norm: str, eps: float, steps: int, step_size=None):
-    """The inner optimisation of eq. 6: AutoPGD (the paper's default) or fixed-step PGD."""
+def make_attack(method: str, loss_fn, norm: str, eps: float, steps: int, step_size=None,
+                any_rank=None):
+    """The inner optimisation of eq. 6: AutoPGD (the paper's default) or fixed-step PGD.
+    `any_rank` (AutoPGD) makes its data-dependent extra pass a decision of all processes."""
     if method == "apgd":
-        return APGD(loss_fn, norm, eps, steps)
+        return APGD(loss_fn, norm, eps, steps, any_rank=any_rank)
     if method == "pgd":
         return PGD(loss_fn, norm, eps, steps, step_size)
     raise ValueError(f"attack method must be 'apgd' or 'pgd', got {method!r}")

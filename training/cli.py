@@ -48,6 +48,11 @@ def train(
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto, cpu, cuda"),
     precision: str | None = typer.Option(None, help="auto, fp32, bf16"),
+    bn_views: str | None = typer.Option(
+        None, help="separate (each view its own BatchNorm batch, the paper's) or concat."),
+    sync_bn: bool | None = typer.Option(
+        None, "--sync-bn/--no-sync-bn", help="Under torchrun: global-batch BatchNorm (default)."),
+    compile: str | None = typer.Option(None, help="torch.compile: auto (CUDA only), on, off."),
     checkpoint_every: int | None = typer.Option(None),
     log_every: int | None = typer.Option(None),
     max_steps: int | None = typer.Option(None, help="Stop after this many steps (resumable)."),
@@ -72,6 +77,7 @@ def train(
         (cfg.augment, "color_strength", color_strength),
         (cfg.augment, "crop_scale", (min_crop, 1.0) if min_crop else None),
         (cfg, "seed", seed), (cfg, "device", device), (cfg, "precision", precision),
+        (cfg, "bn_views", bn_views), (cfg, "sync_bn", sync_bn), (cfg, "compile", compile),
         (cfg, "checkpoint_every", checkpoint_every), (cfg, "log_every", log_every),
     ]
     for obj, name, value in sets:
@@ -82,6 +88,7 @@ def train(
     if extra_unlabeled:
         cfg.data.extra_unlabeled = list(extra_unlabeled)
     cfg.attack.__post_init__()
+    cfg.__post_init__()
     time_limit = time_limit_min * 60 if time_limit_min else None
     run = run_train(cfg, max_steps=max_steps, time_limit_s=time_limit)
     typer.echo(f"run directory: {run}")

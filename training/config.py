@@ -55,6 +55,14 @@ class OptimConfig:
     tau_base: float = 0.996
 
 
+BN_VIEWS = ("separate", "concat")
+SWITCH = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16")
+# What a saved config without these fields was trained with: one batch of both views, and
+# (under torchrun) each GPU's own BatchNorm statistics.
+LEGACY = {"bn_views": "concat", "sync_bn": False}
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -68,12 +76,27 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
     log_every: int = 10
     checkpoint_every: int = 50
+    # How BatchNorm sees the two views: "separate" (each view through the networks on its own,
+    # as the published BYOL: each view normalised with its own statistics) or "concat" (both in
+    # one batch, statistics mixed: the recipe of the configs saved before this field existed).
+    bn_views: str = "separate"
+    sync_bn: bool = True  # under DDP: BatchNorm statistics of the global batch, not one GPU's
+    compile: str = "auto"  # torch.compile the networks: auto = on CUDA only; or on / off
+
+    def __post_init__(self):
+        for name, allowed in (("bn_views", BN_VIEWS), ("compile", SWITCH),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A saved config as what it was trained with: a field it lacks (it was written before
+        the field existed) takes its LEGACY value, not today's default."""
+        d = {**LEGACY, **d}
         a = dict(d.get("augment", {}))
         for k in ("crop_scale", "crop_ratio"):
             if k in a:

@@ -5,6 +5,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,17 +16,20 @@ from tqdm import tqdm
 from training.augment import augment
 from training.byorl import (
     OnlineNetwork,
+    StepLoss,
     byol_loss,
     ema_update,
     frozen_bn_stats,
     make_attack,
     make_target,
+    per_view,
     symmetric_loss,
 )
 from training.checkpoint import CHECKPOINT, load_checkpoint, save_atomic
 from training.config import TrainConfig
 from training.data import load_images, load_unlabeled
 from training.optim import LARS, get_lr, get_tau, lars_param_groups
+from training.sync_bn import convert_sync_bn
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -42,13 +46,110 @@ def batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int
     return perm[i * batch : (i + 1) * batch]
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def uses_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's value of `flag` on every process (a broadcast; the flag itself when alone):
+    a decision that changes which collectives run (stop, save) must be one for all, since each
+    process's clock is its own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def any_rank(flags: torch.Tensor) -> bool:
+    """Whether any example of any process has the flag (an all-reduce)."""
+    t = flags.any().float().reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Networks(NamedTuple):
+    online: OnlineNetwork  # the parameters (and what the attack runs through)
+    model: torch.nn.Module  # the online network as the loss pass calls it (DDP-wrapped or not)
+    target: OnlineNetwork
+    opt: LARS
+    attack: object | None  # an APGD/PGD on the online network, or None (BYOL)
+
+
+def build_networks(cfg: TrainConfig, device: torch.device, distributed: bool) -> Networks:
+    """The online and target networks (cross-replica BatchNorm under DDP when cfg.sync_bn,
+    channels-last, compiled when asked), LARS, and the attack on the online network."""
+    online = OnlineNetwork(
+        cfg.model.arch, cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim
+    ).to(device, memory_format=torch.channels_last)
+    if distributed and cfg.sync_bn:
+        online = convert_sync_bn(online, device.type)
+    target = make_target(online)
+    if uses_compile(cfg, device):  # in place: state_dict keys and DDP's view stay the same
+        for net in (online, target):
+            for part in (net.encoder, net.projector, net.predictor):
+                part.compile()
+    opt = LARS(
+        lars_param_groups(online, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        eta=cfg.optim.lars_eta,
+    )
+    model = DistributedDataParallel(online) if distributed else online
+    attack = None
+    if cfg.attack.method != "none":
+        bf16 = uses_bf16(cfg, device)
+
+        def attack_loss(x_adv, z):
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                return byol_loss(online(x_adv), z)
+
+        attack = make_attack(
+            cfg.attack.method,
+            attack_loss,
+            cfg.attack.norm,
+            cfg.attack.eps,
+            cfg.attack.steps,
+            cfg.attack.step_size,
+            any_rank if distributed and cfg.sync_bn else None,
+        )
+    return Networks(online, model, target, opt, attack)
+
+
+def train_step(nets: Networks, x: torch.Tensor, cfg: TrainConfig, lr: float, tau: float,
+               bf16: bool) -> StepLoss:
+    """One BYORL (BYOL) step on a batch of images: two augmented views, each attacked and
+    paired with the other's target projection (the symmetrised loss), a LARS step at `lr`,
+    the target's EMA at `tau`."""
+    for g in nets.opt.param_groups:
+        g["lr"] = lr
+    out = symmetric_loss(nets.model, nets.target, augment(x, cfg.augment),
+                         augment(x, cfg.augment), nets.attack, bf16, cfg.bn_views == "separate")
+    nets.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    nets.opt.step()
+    ema_update(nets.target, nets.online, tau)
+    return out
+
+
+def same_training(saved: dict, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's config (read as it was trained, see TrainConfig.from_dict) is
+    `cfg`'s training: where the run is written and whether it is compiled are not settings."""
+    return TrainConfig.from_dict({**saved, "out": cfg.out, "compile": cfg.compile}) == cfg
+
+
 def train(
     cfg: TrainConfig,
     max_steps: int | None = None,
     time_limit_s: float | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train to the end of the schedule, or stop early (max_steps, time_limit_s) resumably."""
+    """Train to the end of the schedule, or stop early (max_steps, time_limit_s) resumably.
+    Under torchrun, rank 0's clock decides the stop and every process saves at that step."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world, local_rank = 0, 1, int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
@@ -59,7 +160,7 @@ def train(
         torch.cuda.set_device(device)
     if cfg.optim.batch_size % world:
         raise ValueError(f"batch size {cfg.optim.batch_size} is not divisible by {world} processes")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(cfg, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -79,20 +180,12 @@ def train(
 
     # Networks, optimiser, and the state of an interrupted run
     torch.manual_seed(cfg.seed)
-    online = OnlineNetwork(
-        cfg.model.arch, cfg.model.width, cfg.model.proj_hidden, cfg.model.proj_dim
-    ).to(device, memory_format=torch.channels_last)
-    target = make_target(online)
-    opt = LARS(
-        lars_param_groups(online, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        momentum=cfg.optim.momentum,
-        eta=cfg.optim.lars_eta,
-    )
+    nets = build_networks(cfg, device, distributed)
+    online, target, opt = nets.online, nets.target, nets.opt
     start = 0
     if (out / CHECKPOINT).exists():
         ckpt = load_checkpoint(out, map_location=device)
-        if {**ckpt["config"], "out": cfg.out} != cfg.to_dict():  # a run directory may move
+        if not same_training(ckpt["config"], cfg):  # a run directory may move
             raise ValueError(f"{out} holds a run with another config; resume it or use a new --out")
         online.load_state_dict(ckpt["online"])
         target.load_state_dict(ckpt["target"])
@@ -101,24 +194,8 @@ def train(
         torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
     else:
         torch.manual_seed(cfg.seed + rank)
-    model = DistributedDataParallel(online) if distributed else online
     if rank == 0:
         cfg.save(out / "config.json")
-    attack = None
-    if cfg.attack.method != "none":
-
-        def attack_loss(x_adv, z):
-            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                return byol_loss(online(x_adv), z)
-
-        attack = make_attack(
-            cfg.attack.method,
-            attack_loss,
-            cfg.attack.norm,
-            cfg.attack.eps,
-            cfg.attack.steps,
-            cfg.attack.step_size,
-        )
 
     def save(step: int) -> None:
         rngs = [torch.get_rng_state()]
@@ -139,13 +216,13 @@ def train(
             )
 
     end = total_steps if max_steps is None else min(total_steps, start + max_steps)
-    t_start = t_log = time.time()
+    t_start = t_log = time.monotonic()
     bar = tqdm(
         range(start, end),
         initial=start,
         total=total_steps,
         disable=not progress or rank,
-        desc="byorl" if attack else "byol",
+        desc="byorl" if nets.attack else "byol",
     )
     with open(out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
         for step in bar:
@@ -154,34 +231,29 @@ def train(
             idx = idx[rank * batch // world : (rank + 1) * batch // world]
             x = images[idx].float().div_(255).contiguous(memory_format=torch.channels_last)
 
-            # 2-4. each view attacked through the online network and paired with the other
-            # view's target projection: the symmetrised BYORL loss; LARS step, scheduled lr
+            # 2-5. each view attacked through the online network and paired with the other
+            # view's target projection: the symmetrised BYORL loss; LARS step, scheduled lr;
+            # the target network's exponential moving average with the scheduled tau
             lr = get_lr(step, total_steps, warmup_steps, cfg.optim.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            step_loss = symmetric_loss(
-                model, target, augment(x, cfg.augment), augment(x, cfg.augment), attack, bf16
-            )
-            loss, p, z = step_loss.loss, step_loss.p, step_loss.z
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-            # 5. target network: exponential moving average with the scheduled tau
             tau = get_tau(step, total_steps, cfg.optim.tau_base)
-            ema_update(target, online, tau)
+            step_loss = train_step(nets, x, cfg, lr, tau, bf16)
+            loss, p, z = step_loss.loss, step_loss.p, step_loss.z
 
-            # 6. metrics (clean vs attacked similarity, collapse check) and checkpoints
+            # 6. metrics (clean vs attacked similarity, collapse check) and checkpoints; the
+            # clean pass runs on every process (cross-replica BatchNorm is a collective)
             done = step + 1
-            if rank == 0 and (done % cfg.log_every == 0 or done == end):
+            if done % cfg.log_every == 0 or done == end:
                 with (
                     torch.no_grad(),
                     frozen_bn_stats(online),
                     torch.autocast(device.type, torch.bfloat16, enabled=bf16),
                 ):
-                    clean = online(step_loss.views) if attack is not None else p.detach()
+                    views = step_loss.views
+                    clean = p.detach() if nets.attack is None else per_view(
+                        online, *views.chunk(2), cfg.bn_views == "separate")
                     p_clean = clean.float()
-                now = time.time()
+            if rank == 0 and (done % cfg.log_every == 0 or done == end):
+                now = time.monotonic()
                 steps_here = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
                 rec = {
                     "step": done,
@@ -202,9 +274,9 @@ def train(
                     cos_adv=f"{rec['cos_adv']:.3f}",
                     ips=f"{rec['images_per_s']:.0f}",
                 )
-            last = done == end or (
-                time_limit_s is not None and time.time() - t_start > time_limit_s
-            )
+            out_of_time = time_limit_s is not None and rank0_decides(
+                time.monotonic() - t_start > time_limit_s, device)
+            last = done == end or out_of_time
             if done % cfg.checkpoint_every == 0 or last:
                 save(done)
             if last:

@@ -2,8 +2,11 @@
 
 The e2e tests run the same topology natively (redis-server, celery worker, uvicorn)."""
 
+import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -54,5 +57,43 @@ def test_api_images_install_no_torch_and_worker_images_do():
         text = (DOCKER / name).read_text()
         assert "[train" not in text and "torch==" not in text
         assert "! pip show torch" in text  # the build fails if anything pulled PyTorch in
-    for name in ("Dockerfile.worker", "Dockerfile.worker-gpu"):
-        assert ".[train,service]" in (DOCKER / name).read_text()
+    for name, extra in (("Dockerfile.worker", "cpu"), ("Dockerfile.worker-gpu", "gpu")):
+        assert f".[{extra},train,service]" in (DOCKER / name).read_text()
+
+
+def test_cpu_and_gpu_installs_never_mix():
+    """faiss-cpu/faiss-gpu and onnxruntime/onnxruntime-gpu each share one module name: the base
+    install holds neither, the `cpu` and `gpu` extras one of each, and every image takes
+    exactly one of the two extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(reqs):
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in reqs}
+
+    assert not names(project["dependencies"]) & {"faiss-cpu", "onnxruntime"}
+    assert names(extras["cpu"]) == {"faiss-cpu", "onnxruntime"}
+    assert names(extras["gpu"]) == {"faiss-gpu-cu12", "onnxruntime-gpu"}
+    for extra, others in extras.items():
+        if extra not in ("cpu", "gpu"):
+            assert not names(others) & (names(extras["cpu"]) | names(extras["gpu"])), extra
+    for dockerfile in DOCKER.glob("Dockerfile.*"):
+        text = dockerfile.read_text()
+        gpu = dockerfile.name.endswith("-gpu")
+        assert ("[gpu," in text, "[cpu," in text) == (gpu, not gpu), dockerfile.name
+
+
+def test_gpu_images_have_the_cuda_of_the_builds_they_install():
+    """The GPU base images' CUDA is torch 2.14.1's (the pinned wheel's torch.version.cuda,
+    here the installed one), and check_cuda.py, run in the image build, refuses a mismatch."""
+    import torch
+
+    for name in ("Dockerfile.worker-gpu", "Dockerfile.api-gpu"):
+        base = re.search(r"^FROM nvidia/cuda:(\d+\.\d+)\.", (DOCKER / name).read_text(), re.M)
+        assert base and base.group(1) == torch.version.cuda, name
+    check = [sys.executable, str(DOCKER / "check_cuda.py")]
+    ok = subprocess.run(check, env={"CUDA_VERSION": f"{torch.version.cuda}.0"},
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    wrong = subprocess.run(check, env={"CUDA_VERSION": "12.6.3"}, capture_output=True, text=True)
+    assert wrong.returncode == 1 and "torch" in wrong.stderr and "12.6" in wrong.stderr

@@ -4,6 +4,7 @@ import base64
 import io
 
 import httpx
+import onnxruntime as ort
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -144,6 +145,8 @@ def test_probes_models_metrics_and_docs(client, model_dir):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and all(ready["checks"].values())
+    gpu_build = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert ready["device"] in (("cuda", "cpu") if gpu_build else ("cpu",))  # where it runs
     card = client.get("/models").json()
     assert len(card) == 1 and card[0]["embedding_dim"] == 256
     assert card[0]["onnx_sha256"] and card[0]["input_size"] == [3, 32, 32]

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -127,36 +128,71 @@ def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def test_attack_passes_use_batch_statistics_and_leave_running_averages_alone():
-    """In a BYORL step every forward pass normalises with the batch's own statistics, yet the
-    running averages move exactly once, by the loss pass: (1 - m) before + m batch stats."""
-    torch.manual_seed(0)
-    online = OnlineNetwork("preact_resnet_tiny", proj_hidden=16, proj_dim=8).train()
-    target = make_target(online)
-    bns = batch_norms(online)
-    before = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns}
-    calls = {m: [] for m in bns}
+def record_bn_calls(net: nn.Module) -> tuple[dict, list]:
+    """Per BatchNorm of `net`, every forward call's (batch size, mean, unbiased variance of its
+    input, whether it normalised with exactly those batch statistics); and the hooks."""
+    calls = {m: [] for m in batch_norms(net)}
 
     def record(m, inputs, output):
         x = inputs[0].detach()
         dims = [0] + list(range(2, x.dim()))
         batch_normed = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
-        calls[m].append((x.mean(dims), x.var(dims, unbiased=True),
+        calls[m].append((len(x), x.mean(dims), x.var(dims, unbiased=True),
                          torch.allclose(output, batch_normed, atol=1e-5)))
 
-    hooks = [m.register_forward_hook(record) for m in bns]
+    return calls, [m.register_forward_hook(record) for m in calls]
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_attack_passes_use_batch_statistics_and_leave_running_averages_alone(separate):
+    """In a BYORL step every forward pass normalises with the batch's own statistics, yet the
+    running averages move only by the loss pass: (1 - m) before + m batch stats, once for the
+    concatenated views, once per view (v, then v') when each view is a batch of its own; and
+    then every pass (2 attack steps, the loss) sees one view only, never the two mixed."""
+    torch.manual_seed(0)
+    online = OnlineNetwork("preact_resnet_tiny", proj_hidden=16, proj_dim=8).train()
+    target = make_target(online)
+    before = {m: (m.running_mean.clone(), m.running_var.clone()) for m in batch_norms(online)}
+    calls, hooks = record_bn_calls(online)
     attack = PGD(lambda xa, z: byol_loss(online(xa), z), "linf", 8 / 255, steps=2)
     x = torch.rand(4, 3, 32, 32)
-    symmetric_loss(online, target, x, x.flip(-1), attack)
+    symmetric_loss(online, target, x, x.flip(-1), attack, separate=separate)
     for h in hooks:
         h.remove()
-    for m in bns:
-        assert len(calls[m]) == 3  # two attack passes and the loss pass
-        assert all(used_batch_stats for _, _, used_batch_stats in calls[m])
-        mean, var, _ = calls[m][-1]
-        torch.testing.assert_close(m.running_mean, 0.9 * before[m][0] + 0.1 * mean)
-        torch.testing.assert_close(m.running_var, 0.9 * before[m][1] + 0.1 * var)
+    for m, seen in calls.items():
+        assert all(used_batch_stats for *_, used_batch_stats in seen)
         assert m.momentum == 0.1 and m.training
+        mean, var = before[m]
+        if separate:
+            assert [size for size, *_ in seen] == [4] * 6  # v: 2 attack passes, v': 2, loss: 2
+            for _, view_mean, view_var, _ in seen[-2:]:
+                mean, var = 0.9 * mean + 0.1 * view_mean, 0.9 * var + 0.1 * view_var
+        else:
+            assert [size for size, *_ in seen] == [8] * 3  # two attack passes, the loss pass
+            _, batch_mean, batch_var, _ = seen[-1]
+            mean, var = 0.9 * mean + 0.1 * batch_mean, 0.9 * var + 0.1 * batch_var
+        torch.testing.assert_close(m.running_mean, mean)
+        torch.testing.assert_close(m.running_var, var)
+
+
+def test_per_view_loss_is_each_view_through_the_networks_alone():
+    """separate=True (the default) is, by hand, L(v, v') + L(v', v) with every network called
+    on one view at a time; the concatenated variant normalises the two views together and so
+    gives another loss (same weights, same views)."""
+    torch.manual_seed(0)
+    online = OnlineNetwork("preact_resnet_tiny", proj_hidden=16, proj_dim=8).train()
+    target = make_target(online)
+    v1, v2 = torch.rand(6, 3, 32, 32), torch.rand(6, 3, 32, 32) * 0.5
+    ref_online, ref_target = copy.deepcopy(online), copy.deepcopy(target)
+    with torch.no_grad():
+        z1, z2 = ref_target.project(v1), ref_target.project(v2)
+    by_hand = (byol_loss(ref_online(v1), z2).mean() + byol_loss(ref_online(v2), z1).mean())
+    out = symmetric_loss(online, target, v1, v2)
+    torch.testing.assert_close(out.loss, by_hand)
+    torch.testing.assert_close(out.z, torch.cat([z2, z1]))
+    concat = symmetric_loss(copy.deepcopy(ref_online), copy.deepcopy(ref_target), v1, v2,
+                            separate=False)
+    assert abs(concat.loss.item() - by_hand.item()) > 1e-3
 
 
 def test_frozen_bn_stats_restores_momentum_when_the_attack_fails():

@@ -1,19 +1,31 @@
 """Real training steps on CIFAR-10 images, a SIGKILLed run resumed, a 2-process DDP run."""
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from training.byorl import byol_loss
 from training.checkpoint import load_checkpoint, load_encoder
 from training.config import TrainConfig
-from training.train import batch_indices, pick_device, train
+from training.train import (
+    batch_indices,
+    build_networks,
+    pick_device,
+    train,
+    uses_bf16,
+    uses_compile,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "BYORL_CACHE": str(ROOT / ".cache" / "byorl")}
@@ -134,3 +146,168 @@ def test_two_process_ddp_run_takes_steps(image_folder, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # only rank 0 logs
     assert all(torch.isfinite(v).all() for v in ckpt["online"].values())
+
+
+# Runs `train` under torchrun, each process with a clock of its own: rank r's clock advances
+# RATES[r] "seconds" each time the loop reads it, so the two disagree on when a limit is hit.
+CLOCKED_TRAIN = """
+import itertools, json, os, sys, types
+import training.train
+from training.config import TrainConfig
+
+cfg = TrainConfig.from_dict(json.loads(open(sys.argv[1]).read()))
+rates, limit = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+ticks = itertools.count(0, rates[int(os.environ["RANK"])])
+training.train.time = types.SimpleNamespace(monotonic=lambda: next(ticks))
+training.train.train(cfg, time_limit_s=limit, progress=False)
+"""
+
+
+def torchrun_clocked(cfg: TrainConfig, tmp_path: Path, rates: list[float], limit) -> None:
+    script, config = tmp_path / "clocked_train.py", tmp_path / f"{Path(cfg.out).name}.json"
+    script.write_text(CLOCKED_TRAIN)
+    config.write_text(json.dumps(cfg.to_dict()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(config), json.dumps(rates), json.dumps(limit)],
+        cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def tiny_config(images: Path, out: Path) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.source, cfg.out, cfg.device, cfg.seed = str(images), str(out), "cpu", 3
+    cfg.model.arch, cfg.model.proj_hidden, cfg.model.proj_dim = "preact_resnet_tiny", 32, 16
+    cfg.attack.method, cfg.attack.steps = "apgd", 4
+    cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.warmup_epochs = 32, 2, 1
+    cfg.log_every, cfg.checkpoint_every = 1, 100
+    return cfg
+
+
+def assert_same_networks(a: dict, b: dict) -> None:
+    for key in ("online", "target"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_ddp_stops_on_rank_0s_clock_and_resumes_exactly(image_folder, tmp_path):
+    """Rank 1's clock runs 1000x fast (it alone would stop after step 1): rank 0 decides, both
+    save at its step and leave together (no hang, no crash), and resuming reaches the state of
+    a run never stopped, bit for bit. The default config: SyncBN, per-view BN, AutoPGD (its
+    extra passes agreed by all ranks)."""
+    straight = tiny_config(image_folder, tmp_path / "straight")
+    torchrun_clocked(straight, tmp_path, [1, 1], None)
+    total = load_checkpoint(tmp_path / "straight")["step"]
+    assert total == 6
+
+    stopped = tiny_config(image_folder, tmp_path / "stopped")
+    torchrun_clocked(stopped, tmp_path, [1, 1000], 4.5)
+    ckpt = load_checkpoint(tmp_path / "stopped")
+    assert 1 < ckpt["step"] < total and len(ckpt["rng"]) == 2
+    logged = [json.loads(line)["step"] for line in
+              (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, ckpt["step"] + 1))
+
+    torchrun_clocked(stopped, tmp_path, [1, 1], None)
+    resumed = load_checkpoint(tmp_path / "stopped")
+    assert resumed["step"] == total
+    assert_same_networks(load_checkpoint(tmp_path / "straight"), resumed)
+
+
+def test_a_run_written_before_per_view_bn_resumes_as_it_was_trained(image_folder, tmp_path):
+    """A run whose checkpoint and config.json predate bn_views/sync_bn (written here, then the
+    fields removed as the old code wrote them) resumes from the command line as the recipe it
+    was trained with (concatenated views); today's default (per-view) may not mix into it."""
+    old = tiny_config(image_folder, tmp_path / "old")
+    old.bn_views, old.sync_bn, old.attack.method = "concat", False, "none"
+    train(old, max_steps=1, progress=False)
+    ckpt_path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    for d in (ckpt["config"], saved := json.loads((tmp_path / "old" / "config.json").read_text())):
+        for name in ("bn_views", "sync_bn", "compile"):
+            del d[name]
+    torch.save(ckpt, ckpt_path)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+
+    resumed = run_cli(["--out", str(tmp_path / "old"), "--max-steps", "1"])
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    again = load_checkpoint(ckpt_path)
+    assert again["step"] == 2 and again["config"]["bn_views"] == "concat"
+    fresh = tiny_config(image_folder, tmp_path / "old")
+    fresh.attack.method = "none"
+    with pytest.raises(ValueError, match="another config"):
+        train(fresh, max_steps=1, progress=False)
+
+
+def test_bf16_autocast_steps_on_the_cpu(image_folder, tmp_path):
+    cfg = tiny_config(image_folder, tmp_path / "bf16")
+    cfg.precision, cfg.attack.method, cfg.attack.steps = "bf16", "pgd", 2
+    assert uses_bf16(cfg, torch.device("cpu")) and not uses_bf16(TrainConfig(), torch.device("cpu"))
+    train(cfg, max_steps=2, progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert all(np.isfinite(v) for v in m.values())
+        assert 0 < m["loss"] < 8 and m["cos_adv"] < m["cos_clean"]
+
+
+def test_the_attack_in_bf16_reaches_the_loss_it_reaches_in_fp32():
+    """PITFALLS: bf16 changes the gradients the attack follows. The training attack (AutoPGD-10
+    through the online network, batch statistics) run under bf16 autocast must raise the fp32
+    loss about as far as the fp32 attack does."""
+    reached = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(device="cpu", precision=precision)
+        cfg.model.arch, cfg.model.proj_hidden, cfg.model.proj_dim = "preact_resnet_tiny", 64, 32
+        cfg.attack.steps = 10
+        torch.manual_seed(0)
+        nets = build_networks(cfg, torch.device("cpu"), distributed=False)
+        x = torch.rand(32, 3, 32, 32)
+        with torch.no_grad():
+            z = nets.target.project(x.flip(-1))
+        with torch.no_grad():
+            clean = byol_loss(nets.online(x), z).mean().item()
+        x_adv = nets.attack.perturb(x, z)
+        with torch.no_grad():
+            reached[precision] = byol_loss(nets.online(x_adv), z).mean().item()
+    assert reached["fp32"] > clean + 0.05  # the attack works
+    assert reached["bf16"] > clean + 0.9 * (reached["fp32"] - clean), (clean, reached)
+
+
+def write_unlabeled_archive(path: Path, count: int) -> None:
+    """A .tar.gz of `count` generated 48x48 PNGs in one flat folder (no classes)."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(count):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, "PNG")
+            info = tarfile.TarInfo(f"extra/{i:03d}.png")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+
+
+def test_extra_unlabeled_images_join_the_training_set(image_folder, tmp_path):
+    """120 labeled-set images + 8 generated ones (resized to 32x32) = 4 batches of 32 an epoch
+    (3 without them); the networks are channels-last."""
+    write_unlabeled_archive(tmp_path / "extra.tar.gz", 8)
+    cfg = tiny_config(image_folder, tmp_path / "extra")
+    cfg.attack.method, cfg.optim.epochs = "none", 1
+    cfg.data.extra_unlabeled = [str(tmp_path / "extra.tar.gz")]
+    train(cfg, progress=False)
+    metrics = [json.loads(line) for line in (tmp_path / "extra" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [(m["step"], m["epoch"]) for m in metrics] == [(1, 0.25), (2, 0.5), (3, 0.75),
+                                                          (4, 1.0)]
+    online = build_networks(cfg, torch.device("cpu"), distributed=False).online
+    convs = [m.weight for m in online.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def test_compile_is_on_for_cuda_by_default_and_as_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not uses_compile(TrainConfig(), cpu) and uses_compile(TrainConfig(), cuda)
+    assert uses_compile(TrainConfig(compile="on"), cpu)
+    assert not uses_compile(TrainConfig(compile="off"), cuda)

@@ -1,0 +1,96 @@
+"""Cross-replica BatchNorm on the CPU: two gloo processes, each with half of a batch, get the
+statistics, outputs and gradients of one process holding the whole batch."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from training.byorl import frozen_bn_stats
+from training.sync_bn import CpuSyncBatchNorm, convert_sync_bn
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def whole_batch(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """A batch, the weights of a loss sum(out * w) on it, and a BatchNorm with non-trivial
+    affine parameters and running statistics: the same in every process (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    w = torch.randn(shape, generator=g)
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1], momentum=0.3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2, generator=g)
+        bn.bias.uniform_(-1, 1, generator=g)
+        bn.running_mean.uniform_(-1, 1, generator=g)
+    return x, w, bn
+
+
+def reference(shape):
+    """One process, the whole batch: output, running stats, and the gradients of the loss."""
+    x, w, bn = whole_batch(shape)
+    x.requires_grad_(True)
+    out = bn(x)
+    (out * w).sum().backward()
+    return out.detach(), bn.running_mean, bn.running_var, x.grad, bn.weight.grad, bn.bias.grad
+
+
+def worker(rank: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        for shape in ((8, 3, 4, 4), (10, 5)):
+            out_ref, mean_ref, var_ref, dx_ref, dw_ref, db_ref = reference(shape)
+            x, w, bn = whole_batch(shape)
+            net = convert_sync_bn(nn.Sequential(bn), "cpu")
+            assert isinstance(net[0], CpuSyncBatchNorm)
+            share = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
+            xs = x[share].clone().requires_grad_(True)
+            out = net(xs)
+            (out * w[share]).sum().backward()
+            torch.testing.assert_close(out, out_ref[share])
+            torch.testing.assert_close(net[0].running_mean, mean_ref)
+            torch.testing.assert_close(net[0].running_var, var_ref)
+            torch.testing.assert_close(xs.grad, dx_ref[share])
+            for p, ref in ((net[0].weight, dw_ref), (net[0].bias, db_ref)):
+                dist.all_reduce(p.grad)  # what DDP does with parameter gradients
+                torch.testing.assert_close(p.grad, ref)
+            # the attack's passes: batch statistics, running averages left alone
+            before = net[0].running_mean.clone(), net[0].running_var.clone()
+            with torch.no_grad(), frozen_bn_stats(net):
+                again = net(x[share])
+            torch.testing.assert_close(again, out_ref[share])
+            assert torch.equal(net[0].running_mean, before[0])
+            assert torch.equal(net[0].running_var, before[1])
+            assert net[0].momentum == 0.3
+            net.eval()  # inference: the running statistics, no collective
+            with torch.no_grad():
+                torch.testing.assert_close(net(x[share]), F.batch_norm(
+                    x[share], mean_ref, var_ref, net[0].weight, net[0].bias, False, 0, 1e-5))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_normalise_with_the_statistics_of_the_whole_batch():
+    torch.multiprocessing.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+def test_alone_it_is_plain_batch_norm():
+    """No process group: the converted layer is the BatchNorm it was (same output, same
+    running statistics), and its state_dict keys are the same (checkpoints load either way)."""
+    x, _, plain = whole_batch((6, 3, 2, 2))
+    net = convert_sync_bn(nn.Sequential(whole_batch((6, 3, 2, 2))[2]), "cpu")
+    assert set(net[0].state_dict()) == set(plain.state_dict())
+    torch.testing.assert_close(net(x), plain(x))
+    torch.testing.assert_close(net[0].running_var, plain.running_var)
+    with pytest.raises(ValueError, match="2D"):
+        net(torch.ones(3))
