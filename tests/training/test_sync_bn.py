@@ -44,44 +44,66 @@ def reference(shape):
     return out.detach(), bn.running_mean, bn.running_var, x.grad, bn.weight.grad, bn.bias.grad
 
 
-def worker(rank: int, port: int) -> None:
+SHAPES = ((8, 3, 4, 4), (10, 5))
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    """One process with its share of each batch: what its synced BatchNorm computed, saved for
+    the test to compare with the whole-batch reference."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
-        for shape in ((8, 3, 4, 4), (10, 5)):
-            out_ref, mean_ref, var_ref, dx_ref, dw_ref, db_ref = reference(shape)
+        results = []
+        for shape in SHAPES:
             x, w, bn = whole_batch(shape)
             net = convert_sync_bn(nn.Sequential(bn), "cpu")
-            assert isinstance(net[0], CpuSyncBatchNorm)
             share = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
             xs = x[share].clone().requires_grad_(True)
             out = net(xs)
             (out * w[share]).sum().backward()
-            torch.testing.assert_close(out, out_ref[share])
-            torch.testing.assert_close(net[0].running_mean, mean_ref)
-            torch.testing.assert_close(net[0].running_var, var_ref)
-            torch.testing.assert_close(xs.grad, dx_ref[share])
-            for p, ref in ((net[0].weight, dw_ref), (net[0].bias, db_ref)):
+            for p in (net[0].weight, net[0].bias):
                 dist.all_reduce(p.grad)  # what DDP does with parameter gradients
-                torch.testing.assert_close(p.grad, ref)
+            r = {"type": type(net[0]), "out": out.detach(), "mean": net[0].running_mean.clone(),
+                 "var": net[0].running_var.clone(), "dx": xs.grad, "dw": net[0].weight.grad,
+                 "db": net[0].bias.grad}
             # the attack's passes: batch statistics, running averages left alone
-            before = net[0].running_mean.clone(), net[0].running_var.clone()
             with torch.no_grad(), frozen_bn_stats(net):
-                again = net(x[share])
-            torch.testing.assert_close(again, out_ref[share])
-            assert torch.equal(net[0].running_mean, before[0])
-            assert torch.equal(net[0].running_var, before[1])
-            assert net[0].momentum == 0.3
+                r["frozen_out"] = net(x[share])
+            r["frozen_mean"], r["frozen_var"] = net[0].running_mean, net[0].running_var
+            r["momentum"] = net[0].momentum
             net.eval()  # inference: the running statistics, no collective
             with torch.no_grad():
-                torch.testing.assert_close(net(x[share]), F.batch_norm(
-                    x[share], mean_ref, var_ref, net[0].weight, net[0].bias, False, 0, 1e-5))
+                r["eval_out"] = net(x[share])
+            r["weight"], r["bias"] = net[0].weight.detach(), net[0].bias.detach()
+            results.append(r)
+        torch.save(results, f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_normalise_with_the_statistics_of_the_whole_batch():
-    torch.multiprocessing.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+def test_two_processes_normalise_with_the_statistics_of_the_whole_batch(tmp_path):
+    torch.multiprocessing.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD,
+                                join=True)
+    for rank in range(WORLD):
+        results = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
+        assert len(results) == len(SHAPES)
+        for shape, r in zip(SHAPES, results, strict=True):
+            out_ref, mean_ref, var_ref, dx_ref, dw_ref, db_ref = reference(shape)
+            share = slice(rank * shape[0] // WORLD, (rank + 1) * shape[0] // WORLD)
+            assert r["type"] is CpuSyncBatchNorm
+            torch.testing.assert_close(r["out"], out_ref[share])
+            torch.testing.assert_close(r["mean"], mean_ref)
+            torch.testing.assert_close(r["var"], var_ref)
+            torch.testing.assert_close(r["dx"], dx_ref[share])
+            torch.testing.assert_close(r["dw"], dw_ref)
+            torch.testing.assert_close(r["db"], db_ref)
+            torch.testing.assert_close(r["frozen_out"], out_ref[share])
+            assert torch.equal(r["frozen_mean"], r["mean"])
+            assert torch.equal(r["frozen_var"], r["var"])
+            assert r["momentum"] == 0.3
+            x = whole_batch(shape)[0][share]
+            torch.testing.assert_close(r["eval_out"], F.batch_norm(
+                x, mean_ref, var_ref, r["weight"], r["bias"], False, 0, 1e-5))
 
 
 def test_alone_it_is_plain_batch_norm():
