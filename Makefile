@@ -27,7 +27,7 @@ setup: $(PY)
 
 # The service on the bundled default encoder; jobs run in-process unless BYORL_REDIS_URL is set.
 run: setup
-	$(VENV)/bin/uvicorn service.main:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn byorl.service.main:app --host $(HOST) --port $(PORT)
 
 test: test-tools setup
 	$(PY) -m pip install -q -e '.[cpu,train,service,dev]'

@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from index.model_card import INPUT_NAME, OUTPUT_NAME, load_onnx_session
-from training.export import load_torch_encoder, onnx_bytes
-from training.models import create_model
+from byorl.index.model_card import INPUT_NAME, OUTPUT_NAME, load_onnx_session
+from byorl.training.export import load_torch_encoder, onnx_bytes
+from byorl.training.models import create_model
 
 
 def throughput(run: Callable[[], object], batch: int, seconds: float) -> float:

@@ -22,10 +22,10 @@ import torchattacks
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import ThreatModel
-from training.data import load_images
-from training.evaluate import evaluate_robustness
-from training.heads import Classifier, HeadConfig, fit_linear_head, to_float
+from byorl.training.attacks import ThreatModel
+from byorl.training.data import load_images
+from byorl.training.evaluate import evaluate_robustness
+from byorl.training.heads import Classifier, HeadConfig, fit_linear_head, to_float
 
 CIFAR = Path(__file__).resolve().parents[1] / "../shared/data/cifar10-jpeg.tar.gz"
 
@@ -50,8 +50,8 @@ def small_cnn(data: str, steps: int) -> nn.Module:
 
 
 def checkpoint_classifier(path: str, data: str | None) -> nn.Module:
-    from training.checkpoint import load_encoder
-    from training.data import label_subset
+    from byorl.training.checkpoint import load_encoder
+    from byorl.training.data import label_subset
 
     encoder, config = load_encoder(path)
     train = load_images(data or config["data"]["source"], "train")

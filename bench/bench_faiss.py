@@ -22,7 +22,7 @@ import time
 import faiss
 import numpy as np
 
-from index.faiss_index import EmbeddingIndex
+from byorl.index.faiss_index import EmbeddingIndex
 
 SETTINGS = {"IVF": ("nprobe", (16, 64)), "HNSW": ("ef_search", (32, 128))}
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index.faiss_index import EmbeddingIndex
-from index.files import atomic_write
-from service.gallery import Gallery
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.index.files import atomic_write
+from byorl.service.gallery import Gallery
 
 DIM, PIXELS, CHUNK = 256, (3, 32, 32), 10_000
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from index.model_card import embed, load_onnx_session, read_card
-from service.images import decode_images
-from service.settings import Settings
+from byorl.index.model_card import embed, load_onnx_session, read_card
+from byorl.service.images import decode_images
+from byorl.service.settings import Settings
 
 CIFAR = Path(__file__).resolve().parents[1] / "../shared/data/cifar10-jpeg.tar.gz"
 
@@ -138,7 +138,7 @@ def main() -> None:
         env = {**os.environ, "BYORL_MODEL_DIR": str(args.model_dir), "BYORL_DATA_DIR": data,
                "BYORL_THREADS": str(args.threads), "BYORL_REDIS_URL": ""}
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(port),
+            [sys.executable, "-m", "uvicorn", "byorl.service.main:app", "--port", str(port),
              "--log-level", "warning"], env=env)
         try:
             for _ in range(3000):

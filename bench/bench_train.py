@@ -26,10 +26,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
-from training.byorl import OnlineNetwork, byol_loss, ema_update, make_target
-from training.config import TrainConfig
-from training.optim import LARS, lars_param_groups
-from training.train import build_networks, train_step, uses_bf16
+from byorl.training.byorl import OnlineNetwork, byol_loss, ema_update, make_target
+from byorl.training.config import TrainConfig
+from byorl.training.optim import LARS, lars_param_groups
+from byorl.training.train import build_networks, train_step, uses_bf16
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched in order.
 KNOWN_PEAKS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),

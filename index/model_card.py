@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from index.files import sha256_file
+from byorl.index.files import sha256_file
 
 CARD = "card.json"
 ONNX = "encoder.onnx"

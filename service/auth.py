@@ -12,7 +12,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import ERROR_STATUSES, error_response
+from byorl.service.errors import ERROR_STATUSES, error_response
 
 HEADER = "X-API-Key"
 SCHEME = "ApiKey"

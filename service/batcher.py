@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.metrics import BATCH_QUEUE, BATCH_SIZE
+from byorl.service.metrics import BATCH_QUEUE, BATCH_SIZE
 
 
 class QueueFull(Exception):

@@ -36,7 +36,7 @@ def read_images(source: str, per_class: int, skip: int = 0) -> tuple[list[bytes]
     else:
         from PIL import Image
 
-        from training.data import load_images
+        from byorl.training.data import load_images
 
         data = load_images(source, "test")
         names = [data.classes[y] for y in data.labels.tolist()]

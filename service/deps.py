@@ -5,13 +5,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import APIError
-from service.gallery import Gallery
-from service.jobs import CeleryQueue, EmbeddedQueue
-from service.schemas import ErrorBody
-from service.served_models import ModelRegistry, ServedModel
-from service.settings import Settings
-from service.store import HeadStore, JobStore, ReportStore
+from byorl.service.errors import APIError
+from byorl.service.gallery import Gallery
+from byorl.service.jobs import CeleryQueue, EmbeddedQueue
+from byorl.service.schemas import ErrorBody
+from byorl.service.served_models import ModelRegistry, ServedModel
+from byorl.service.settings import Settings
+from byorl.service.store import HeadStore, JobStore, ReportStore
 
 # How /docs shows the 429 of the routes that embed images (`ServedModel.embed`).
 QUEUE_FULL = {429: {"model": ErrorBody,

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from index import faiss_index as fi
-from service.schemas import ErrorBody
-from service.store import Conflict, NotFound
+from byorl.index import faiss_index as fi
+from byorl.service.schemas import ErrorBody
+from byorl.service.store import Conflict, NotFound
 
 CLIENT_CLOSED_REQUEST = 499
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from index.faiss_index import EmbeddingIndex
-from service.gallery_migration import is_old_format, migrate
-from service.gallery_store import DB_FILE, GalleryStore, create_store
-from service.store import NAME, Conflict, NotFound, check_name
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.service.gallery_migration import is_old_format, migrate
+from byorl.service.gallery_store import DB_FILE, GalleryStore, create_store
+from byorl.service.store import NAME, Conflict, NotFound, check_name
 
 log = logging.getLogger(__name__)
 CHECKPOINT_S = 1.0

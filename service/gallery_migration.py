@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from index.faiss_index import EmbeddingIndex
-from index.files import fsync_dir
-from service.gallery_store import DB_FILE, ID_FILE, TRAINED_FILE, VECTOR_FILE, create_store
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.index.files import fsync_dir
+from byorl.service.gallery_store import DB_FILE, ID_FILE, TRAINED_FILE, VECTOR_FILE, create_store
 
 OLD_INDEX_FILE = "index.bin"
 CHUNK = 10_000  # items per transaction

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from index.faiss_index import CorruptIndexError, EmbeddingIndex, UnknownKeyError
-from index.files import atomic_write, fsync_dir
-from service.store import NotFound
+from byorl.index.faiss_index import CorruptIndexError, EmbeddingIndex, UnknownKeyError
+from byorl.index.files import atomic_write, fsync_dir
+from byorl.service.store import NotFound
 
 DB_FILE, TRAINED_FILE = "gallery.db", "trained.faiss"
 VECTOR_FILE, ID_FILE = "vectors.f32", "vector-ids.i64"  # row i: the vector of id i

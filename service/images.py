@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from service.errors import APIError
-from service.settings import Settings
+from byorl.service.errors import APIError
+from byorl.service.settings import Settings
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 

@@ -1,6 +1,6 @@
 """Where jobs run: Celery workers on Redis, or (no broker configured) child processes of the api.
 
-Both run `service.tasks.run_job` on a job id whose record and inputs are already in the data
+Both run `byorl.service.tasks.run_job` on a job id whose record and inputs are already in the data
 directory, so the api's answers (202 + job id, GET /jobs/{id}) are the same in both modes. In
 both, the api sweeps for jobs whose runner was lost (`sweep_forever`, see `service.leases`).
 """
@@ -15,9 +15,9 @@ import redis
 from celery import Celery
 from fastapi.concurrency import run_in_threadpool
 
-from service import tasks
-from service.settings import Settings
-from service.store import JobStore
+from byorl.service import tasks
+from byorl.service.settings import Settings
+from byorl.service.store import JobStore
 
 log = logging.getLogger(__name__)
 TASK = "byorl.run_job"

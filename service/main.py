@@ -1,4 +1,4 @@
-"""The FastAPI app: `uvicorn service.main:app` (settings from BYORL_* environment variables).
+"""The FastAPI app: `uvicorn byorl.service.main:app` (settings from BYORL_* environment variables).
 
 The lifespan handler loads the models and the indexes once, starts each model's dynamic batcher
 and the job queue; nothing heavy happens at import. The api process never imports PyTorch.
@@ -9,17 +9,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.auth import ApiKeyMiddleware, declare_api_key, open_paths
-from service.deps import AppState
-from service.errors import error_responses, install_error_handlers
-from service.gallery import Gallery
-from service.jobs import make_queue, sweep_forever
-from service.metrics import JOB_QUEUE, MetricsMiddleware
-from service.middleware import BodyLimitMiddleware
-from service.routes import audits, demo, embed, gallery, heads, health, jobs, models, search
-from service.served_models import ModelRegistry
-from service.settings import Settings
-from service.store import HeadStore, JobStore, ReportStore
+from byorl.service.auth import ApiKeyMiddleware, declare_api_key, open_paths
+from byorl.service.deps import AppState
+from byorl.service.errors import error_responses, install_error_handlers
+from byorl.service.gallery import Gallery
+from byorl.service.jobs import make_queue, sweep_forever
+from byorl.service.metrics import JOB_QUEUE, MetricsMiddleware
+from byorl.service.middleware import BodyLimitMiddleware
+from byorl.service.routes import audits, demo, embed, gallery, heads, health, jobs, models, search
+from byorl.service.served_models import ModelRegistry
+from byorl.service.settings import Settings
+from byorl.service.store import HeadStore, JobStore, ReportStore
 
 
 def load_state(settings: Settings) -> AppState:

@@ -8,7 +8,7 @@ app's error handlers say.)
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import APIError, error_response
+from byorl.service.errors import APIError, error_response
 
 
 class BodyLimitMiddleware:

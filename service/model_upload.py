@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from index import model_card
-from index.files import atomic_write, fsync_dir, sha256_file
-from service.errors import APIError
-from service.schemas import UploadedModelCard
-from service.served_models import ModelRegistry, ServedModel, load_model, user_models_root
-from service.settings import Settings
-from service.store import write_json
+from byorl.index import model_card
+from byorl.index.files import atomic_write, fsync_dir, sha256_file
+from byorl.service.errors import APIError
+from byorl.service.schemas import UploadedModelCard
+from byorl.service.served_models import ModelRegistry, ServedModel, load_model, user_models_root
+from byorl.service.settings import Settings
+from byorl.service.store import write_json
 
 TRIAL_BATCH = 2
 UPLOAD_BODY = {

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from fastapi import Response
 
-from service.errors import APIError
+from byorl.service.errors import APIError
 
 
 class BoundedJSON:
@@ -57,8 +57,8 @@ def search_response(index: str, model_id: str, rows, limit: int) -> Response:
 
 
 def items_response(index: str, shown: dict, limit: int) -> Response:
-    """An `ItemsPage` body from the fields of a `Page` (service.pagination.page) whose items are
-    (key, raw JSON metadata) pairs."""
+    """An `ItemsPage` body from the fields of a `Page` (byorl.service.pagination.page) whose
+    items are (key, raw JSON metadata) pairs."""
     out = BoundedJSON(limit, "ask for a smaller page (limit)")
     fields = {"index": index, **{k: shown[k] for k in ("count", "offset", "limit", "next_offset")}}
     out.add(json.dumps(fields, separators=(",", ":"))[:-1] + ',"items":')

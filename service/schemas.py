@@ -4,9 +4,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.head_rule import AUTO_VALIDATION_FRACTION, MIN_LABELS_FOR_HOLDOUT, SMALL_SET_L2
-from service.pagination import Page
-from service.store import NAME
+from byorl.service.head_rule import AUTO_VALIDATION_FRACTION, MIN_LABELS_FOR_HOLDOUT, SMALL_SET_L2
+from byorl.service.pagination import Page
+from byorl.service.store import NAME
 
 Base64Image = Annotated[str, Field(description="A PNG, JPEG or WebP image, base64 (or data URL)")]
 Key = Annotated[str, Field(min_length=1, max_length=256)]

@@ -16,12 +16,12 @@ import numpy as np
 import onnxruntime as ort
 from fastapi.concurrency import run_in_threadpool
 
-from index import model_card
-from service.batcher import Batcher, QueueFull
-from service.errors import APIError
-from service.images import decode_base64, decode_images
-from service.settings import Settings
-from service.store import NotFound, check_name
+from byorl.index import model_card
+from byorl.service.batcher import Batcher, QueueFull
+from byorl.service.errors import APIError
+from byorl.service.images import decode_base64, decode_images
+from byorl.service.settings import Settings
+from byorl.service.store import NotFound, check_name
 
 INLINE_DECODE_BYTES = 64 * 1024
 USER_MODELS = "models"  # under the data directory

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from index.files import atomic_write
-from service.leases import runner_gone
-from service.settings import Settings
+from byorl.index.files import atomic_write
+from byorl.service.leases import runner_gone
+from byorl.service.settings import Settings
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STATES = ("queued", "running", "succeeded", "failed")

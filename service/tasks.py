@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from index.model_card import ONNX
-from service.gallery import load_index
-from service.head_rule import head_rule
-from service.leases import Heartbeat, runner_identity
-from service.served_models import find_model_dir
-from service.settings import Settings
-from service.store import HeadStore, JobStore, LeaseLost, ReportStore
+from byorl.index.model_card import ONNX
+from byorl.service.gallery import load_index
+from byorl.service.head_rule import head_rule
+from byorl.service.leases import Heartbeat, runner_identity
+from byorl.service.served_models import find_model_dir
+from byorl.service.settings import Settings
+from byorl.service.store import HeadStore, JobStore, LeaseLost, ReportStore
 
 log = logging.getLogger(__name__)
 DETAILED_QUERIES = 16  # queries of a retrieval audit whose neighbours and images the report keeps
@@ -71,7 +71,7 @@ def _torch_device(device: str) -> str:
 @functools.cache
 def _torch_encoder(model_dir: str, device: str):
     """The model directory's PyTorch weights (encoder.pt), once per process."""
-    from training.export import load_torch_encoder
+    from byorl.training.export import load_torch_encoder
 
     return load_torch_encoder(model_dir).to(_torch_device(device)).eval()
 
@@ -79,7 +79,7 @@ def _torch_encoder(model_dir: str, device: str):
 @functools.cache
 def _converted(model_dir: str, device: str):
     """The ONNX graph converted to PyTorch (onnx2torch), or the reason it could not be."""
-    from training.onnx_encoder import convert
+    from byorl.training.onnx_encoder import convert
 
     try:
         return convert(str(Path(model_dir) / ONNX)).to(_torch_device(device)), None
@@ -89,7 +89,7 @@ def _converted(model_dir: str, device: str):
 
 @functools.cache
 def _query_only(model_dir: str, threads: int):
-    from training.onnx_encoder import OnnxRuntimeEncoder
+    from byorl.training.onnx_encoder import OnnxRuntimeEncoder
 
     return OnnxRuntimeEncoder(str(Path(model_dir) / ONNX), threads)
 
@@ -101,7 +101,7 @@ def audit_encoder(model_dir: Path, method: str, settings: Settings, probe: np.nd
     (query-only, black-box). `access` says which, and why, for the report."""
     import torch
 
-    from training.onnx_encoder import PARITY_TOLERANCE, parity_error
+    from byorl.training.onnx_encoder import PARITY_TOLERANCE, parity_error
 
     weights = Path(model_dir) / "encoder.pt"
     if method != "black-box" and weights.is_file():
@@ -194,8 +194,8 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pro
     """Fit a linear head (robust or not) on the submitted labeled set; save it as a head."""
     import torch
 
-    from training.data import ImageSet
-    from training.heads import HeadConfig, fit_head
+    from byorl.training.data import ImageSet
+    from byorl.training.heads import HeadConfig, fit_head
 
     encoder, access = model
     if params["robust"] and access["method"] != "white-box":
@@ -237,7 +237,7 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
     saved under the job's id, with how the model was attacked (`access`)."""
     import torch
 
-    from training.attacks import ThreatModel
+    from byorl.training.attacks import ThreatModel
 
     encoder, access = model
     white_box = access["method"] == "white-box"
@@ -246,8 +246,8 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
     images = torch.from_numpy(inputs["images"])
     device = next(encoder.parameters(), torch.empty(0)).device
     if params["audit"] == "robustness":
-        from training.evaluate import evaluate_black_box, evaluate_robustness
-        from training.heads import Classifier, linear_from
+        from byorl.training.evaluate import evaluate_black_box, evaluate_robustness
+        from byorl.training.heads import Classifier, linear_from
 
         head = linear_from(*HeadStore(data_dir).weights(params["head_id"])).to(device)
         classifier = Classifier(encoder, head).eval()
@@ -256,7 +256,7 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
         report = evaluate(classifier, images, labels, threat, params["mode"], progress=progress)
         report["head_id"] = params["head_id"]
     else:
-        from training.retrieval import retrieval_audit
+        from byorl.training.retrieval import retrieval_audit
 
         index = load_index(data_dir, params["index"])
         if not len(index):

@@ -1,6 +1,6 @@
-"""The Celery worker: `celery -A service.worker worker --concurrency 1` (settings from BYORL_*).
+"""The Celery worker: `celery -A byorl.service.worker worker --concurrency 1` (settings: BYORL_*).
 
-Each task is `service.tasks.run_job` on a job id; see `service.jobs.make_celery` for the
+Each task is `byorl.service.tasks.run_job` on a job id; see `byorl.service.jobs.make_celery` for the
 delivery guarantees. PyTorch is imported in the pool's child processes only, after the fork
 (the device jobs will run on is asked of it in a subprocess at start, and logged).
 """
@@ -9,9 +9,9 @@ import logging
 
 from celery.signals import worker_process_init, worker_ready
 
-from service import tasks
-from service.jobs import TASK, make_celery
-from service.settings import Settings
+from byorl.service import tasks
+from byorl.service.jobs import TASK, make_celery
+from byorl.service.settings import Settings
 
 settings = Settings()
 if not settings.redis_url:

@@ -81,9 +81,9 @@ def export_tiny_model(out: Path, images: Path) -> None:
     """Export a randomly initialised preact_resnet_small through a checkpoint like a run's."""
     import torch
 
-    from training.config import TrainConfig
-    from training.export import export_encoder
-    from training.models import create_model
+    from byorl.training.config import TrainConfig
+    from byorl.training.export import export_encoder
+    from byorl.training.models import create_model
 
     torch.manual_seed(0)
     encoder = create_model("preact_resnet_small")

@@ -42,7 +42,7 @@ def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
 
 
 def uvicorn_argv(port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+    return [sys.executable, "-m", "uvicorn", "byorl.service.main:app", "--host", "127.0.0.1",
             "--port", str(port)]
 
 

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import PGD, ThreatModel
-from training.augment import random_resized_crop_flip
-from training.byorl import frozen_bn_stats
-from training.data import ImageSet
-from training.heads import Classifier, Progress, to_float
-from training.models import create_model
-from training.train import pick_device
+from byorl.training.attacks import PGD, ThreatModel
+from byorl.training.augment import random_resized_crop_flip
+from byorl.training.byorl import frozen_bn_stats
+from byorl.training.data import ImageSet
+from byorl.training.heads import Classifier, Progress, to_float
+from byorl.training.models import create_model
+from byorl.training.train import pick_device
 
 
 @dataclass

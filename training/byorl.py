@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import APGD, PGD
-from training.models import MLP, create_model
+from byorl.training.attacks import APGD, PGD
+from byorl.training.models import MLP, create_model
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from index.model_card import read_card
-from training.models import create_model
+from byorl.index.model_card import read_card
+from byorl.training.models import create_model
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -38,7 +38,7 @@ def load_encoder(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module,
     (models/default: no checkpoint needed to evaluate or demo it), in eval mode, and the run's
     config."""
     if (Path(path) / "card.json").exists():
-        from training.export import load_torch_encoder  # export imports this module
+        from byorl.training.export import load_torch_encoder  # export imports this module
 
         return load_torch_encoder(path, map_location), read_card(path)["training"]["config"]
     ckpt = load_checkpoint(path, map_location)

@@ -59,8 +59,8 @@ def train(
     time_limit_min: float | None = typer.Option(None, help="Stop after this long (resumable)."),
 ):
     """Train a BYORL (or BYOL, --attack none) encoder. Defaults are the paper's."""
-    from training.config import TrainConfig
-    from training.train import train as run_train
+    from byorl.training.config import TrainConfig
+    from byorl.training.train import train as run_train
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
     cfg = TrainConfig.from_dict(json.loads(base.read_text())) if base else TrainConfig()
@@ -104,8 +104,8 @@ def export(
         None, help="evaluation.json of `byorl evaluate` (or any JSON) for the model card."),
 ):
     """Export the encoder to ONNX with a model card; fails unless ONNX Runtime matches PyTorch."""
-    from training.export import export_encoder
-    from training.progress import Bars
+    from byorl.training.export import export_encoder
+    from byorl.training.progress import Bars
 
     command = ["byorl", "export", str(run), "--out", str(out)]
     command += ["--images", images] if images else []
@@ -132,9 +132,9 @@ def index_build(
 ):
     """Embed every image of a split and save a FAISS index of them, keyed SPLIT/N, with the
     class name as metadata."""
-    from index.build import build_index
-    from index.model_card import read_card
-    from training.data import load_images
+    from byorl.index.build import build_index
+    from byorl.index.model_card import read_card
+    from byorl.training.data import load_images
 
     data = load_images(images, split, read_card(model)["input_size"][1])
     keys = [f"{split}/{i}" for i in range(len(data))]
@@ -147,7 +147,7 @@ def index_build(
 
 def parse_threat(text: str):
     """'linf:8/255' -> ThreatModel."""
-    from training.attacks import ThreatModel
+    from byorl.training.attacks import ThreatModel
 
     norm, _, eps = text.partition(":")
     return ThreatModel(norm, parse_eps(eps or "nan"))
@@ -186,8 +186,8 @@ def experiment(
 ):
     """The grid of methods x label amounts x threat models (Fig. 3/4, 7/8): resumable, writes
     results.{csv,json,md} and figures/ to OUT."""
-    from training.experiment import ExperimentConfig, run_experiment
-    from training.progress import Bars
+    from byorl.training.experiment import ExperimentConfig, run_experiment
+    from byorl.training.progress import Bars
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
     cfg = ExperimentConfig.from_dict(json.loads(base.read_text())) if base else ExperimentConfig()
@@ -238,8 +238,8 @@ def landscape(
     seed: int = typer.Option(0),
 ):
     """Margin-loss landscapes around test images (Fig. 9/10), a gradient-masking check."""
-    from training.figures import model_landscapes
-    from training.heads import HeadConfig
+    from byorl.training.figures import model_landscapes
+    from byorl.training.heads import HeadConfig
 
     head = HeadConfig(robust=robust_head, min_steps=head_min_steps)
     lands = model_landscapes(run, data, out, parse_threat(threat), labels, head, images,
@@ -267,7 +267,7 @@ def retrieval_demo(
     seed: int = typer.Option(0),
 ):
     """Fig. 1: attacked queries change BYOL's nearest neighbours, not BYORL's."""
-    from training.retrieval import retrieval_demo as demo
+    from byorl.training.retrieval import retrieval_demo as demo
 
     report = demo({"BYOL": byol, "BYORL": byorl}, data, out, parse_threat(threat), k, queries,
                   gallery, steps, toward, show, seed=seed)
@@ -293,7 +293,7 @@ def demo_gallery(
     steps: int = typer.Option(20, help="AutoPGD steps of --audit."),
 ):
     """One gallery of CIFAR-10 test images per served model, for the demo page (GET /demo)."""
-    from service.demo_gallery import Api, audit_demo_galleries, build_demo_galleries
+    from byorl.service.demo_gallery import Api, audit_demo_galleries, build_demo_galleries
 
     client = Api(api, api_key)
     names = build_demo_galleries(client, data, per_class, group, replace, typer.echo)
@@ -332,9 +332,9 @@ def evaluate(
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from training.evaluate import evaluate_checkpoint, report_markdown, write_report
-    from training.heads import HeadConfig
-    from training.progress import Bars
+    from byorl.training.evaluate import evaluate_checkpoint, report_markdown, write_report
+    from byorl.training.heads import HeadConfig
+    from byorl.training.progress import Bars
 
     heads = ("nonrobust", "robust") if head == "both" else tuple(head.split(","))
     overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps,

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.attacks import check_budget
-from training.augment import AugmentConfig
+from byorl.training.attacks import check_budget
+from byorl.training.augment import AugmentConfig
 
 
 @dataclass

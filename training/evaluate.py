@@ -20,11 +20,11 @@ import torchattacks
 from torch import nn
 from torch.nn import functional as F
 
-from index.files import atomic_write
-from training.attacks import APGD, ThreatModel
-from training.checkpoint import load_encoder
-from training.data import VAL_SIZE, label_subset, load_images
-from training.heads import (
+from byorl.index.files import atomic_write
+from byorl.training.attacks import APGD, ThreatModel
+from byorl.training.checkpoint import load_encoder
+from byorl.training.data import VAL_SIZE, label_subset, load_images
+from byorl.training.heads import (
     HEAD_KINDS,
     Classifier,
     HeadConfig,
@@ -33,7 +33,7 @@ from training.heads import (
     linear_to_lists,
     to_float,
 )
-from training.train import pick_device
+from byorl.training.train import pick_device
 
 # attack(model, x, y, norm, eps) -> x_adv inside the eps-ball around x and inside [0, 1].
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str, float], torch.Tensor]

@@ -5,7 +5,7 @@ stops early on the 1024 held-out validation images, and is evaluated by the atta
 paper's full suite by default) on a seeded random subset of the test set:
 
 - byorl / byol, and any encoder named in `encoders`: a linear head on the frozen encoder, one
-  cell per head kind in `heads` (training.heads.HEAD_KINDS), its W and b saved in the cell;
+  cell per head kind in `heads` (byorl.training.heads.HEAD_KINDS), its W and b saved in the cell;
 - at: adversarial training of the same architecture on the labeled images only;
 - uat_ft: pseudo-labeling, then adversarial training on all training images.
 
@@ -25,16 +25,23 @@ from pathlib import Path
 
 import torch
 
-from index.files import atomic_write
-from index.model_card import CARD, read_card
-from training.attacks import ThreatModel
-from training.baselines import BaselineConfig, train_classifier, uat_ft
-from training.checkpoint import checkpoint_path, load_checkpoint, load_encoder
-from training.data import ImageSet, label_subset, load_images
-from training.evaluate import evaluate_robustness
-from training.figures import plot_accuracy, threat_label
-from training.heads import HEAD_KINDS, Classifier, HeadConfig, Progress, fit_head, linear_to_lists
-from training.train import pick_device
+from byorl.index.files import atomic_write
+from byorl.index.model_card import CARD, read_card
+from byorl.training.attacks import ThreatModel
+from byorl.training.baselines import BaselineConfig, train_classifier, uat_ft
+from byorl.training.checkpoint import checkpoint_path, load_checkpoint, load_encoder
+from byorl.training.data import ImageSet, label_subset, load_images
+from byorl.training.evaluate import evaluate_robustness
+from byorl.training.figures import plot_accuracy, threat_label
+from byorl.training.heads import (
+    HEAD_KINDS,
+    Classifier,
+    HeadConfig,
+    Progress,
+    fit_head,
+    linear_to_lists,
+)
+from byorl.training.train import pick_device
 
 METHODS = ("byorl", "byol", "at", "uat_ft")
 
@@ -130,8 +137,8 @@ def encoder_checkpoint(config: ExperimentConfig, method: str, threat: ThreatMode
     if config.pretrain is None:
         raise ValueError(f"no {_encoder_name(method, threat)} checkpoint given and no pretrain "
                          "config to train one")
-    from training.config import TrainConfig
-    from training.train import train
+    from byorl.training.config import TrainConfig
+    from byorl.training.train import train
 
     cfg = TrainConfig.from_dict(config.pretrain)
     cfg.data.source, cfg.data.root = config.data, config.data_root

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from index.files import atomic_write, sha256_file
-from index.model_card import (
+from byorl.index.files import atomic_write, sha256_file
+from byorl.index.model_card import (
     CARD,
     INPUT_NAME,
     ONNX,
@@ -27,9 +27,9 @@ from index.model_card import (
     read_card,
     validate_card,
 )
-from training.checkpoint import load_encoder, save_atomic
-from training.data import load_images
-from training.models import create_model
+from byorl.training.checkpoint import load_encoder, save_atomic
+from byorl.training.data import load_images
+from byorl.training.models import create_model
 
 WEIGHTS = "encoder.pt"
 PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| over embedding coordinates

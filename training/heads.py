@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import PGD, check_budget
-from training.data import ImageSet
+from byorl.training.attacks import PGD, check_budget
+from byorl.training.data import ImageSet
 
 # progress(done, total, what): called after every unit of work (an epoch here).
 Progress = Callable[[int, int, str], None]

@@ -5,7 +5,7 @@ from tqdm import tqdm
 
 
 class Bars:
-    """A `progress(done, total, what)` callback (see training.heads.Progress) drawn as tqdm
+    """A `progress(done, total, what)` callback (see byorl.training.heads.Progress) drawn as tqdm
     bars on stderr. A new bar starts with each new sequence of work (`done` falls back, or
     `total` changes: the next head, the attacks after it). With a `label`, the label names the
     bar and `what` is shown beside it; without, `what` names the bar."""

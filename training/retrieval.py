@@ -19,10 +19,10 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import APGD, ThreatModel, normalized_step, project
-from training.checkpoint import load_encoder
-from training.data import load_images
-from training.heads import Progress, encode, to_float
+from byorl.training.attacks import APGD, ThreatModel, normalized_step, project
+from byorl.training.checkpoint import load_encoder
+from byorl.training.data import load_images
+from byorl.training.heads import Progress, encode, to_float
 
 
 def embed(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -267,7 +267,7 @@ def retrieval_demo(
     query is pushed toward a random gallery image of another class. Writes retrieval.json (the
     summary per encoder) and retrieval.png (query `show` and its neighbours before and after).
     """
-    from training.figures import plot_neighbours  # matplotlib: not for the worker's audits
+    from byorl.training.figures import plot_neighbours  # matplotlib: not for the worker's audits
 
     gen = torch.Generator().manual_seed(seed)
     train = load_images(data, "train", image_size)

@@ -13,8 +13,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.augment import augment
-from training.byorl import (
+from byorl.training.augment import augment
+from byorl.training.byorl import (
     OnlineNetwork,
     StepLoss,
     byol_loss,
@@ -25,11 +25,11 @@ from training.byorl import (
     per_view,
     symmetric_loss,
 )
-from training.checkpoint import CHECKPOINT, load_checkpoint, save_atomic
-from training.config import TrainConfig
-from training.data import load_images, load_unlabeled
-from training.optim import LARS, get_lr, get_tau, lars_param_groups
-from training.sync_bn import convert_sync_bn
+from byorl.training.checkpoint import CHECKPOINT, load_checkpoint, save_atomic
+from byorl.training.config import TrainConfig
+from byorl.training.data import load_images, load_unlabeled
+from byorl.training.optim import LARS, get_lr, get_tau, lars_param_groups
+from byorl.training.sync_bn import convert_sync_bn
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:

@@ -5,14 +5,14 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Body, Response
 
-from service.deps import Service
-from service.errors import APIError, error_responses
-from service.pagination import Page, Paging, page
-from service.routes.gallery import check_model
-from service.routes.heads import check_labels, head_of_served_model
-from service.routes.jobs import ACCEPTED, submit_job
-from service.schemas import AuditRequest, Job, JobAccepted, RobustnessAudit
-from service.store import NotFound
+from byorl.service.deps import Service
+from byorl.service.errors import APIError, error_responses
+from byorl.service.pagination import Page, Paging, page
+from byorl.service.routes.gallery import check_model
+from byorl.service.routes.heads import check_labels, head_of_served_model
+from byorl.service.routes.jobs import ACCEPTED, submit_job
+from byorl.service.schemas import AuditRequest, Job, JobAccepted, RobustnessAudit
+from byorl.service.store import NotFound
 
 router = APIRouter(prefix="/audits", tags=["audits"])
 

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.deps import QUEUE_FULL, Service
-from service.errors import APIError, error_responses
-from service.images import decode_base64
-from service.schemas import Embeddings, EmbedRequest
+from byorl.service.deps import QUEUE_FULL, Service
+from byorl.service.errors import APIError, error_responses
+from byorl.service.images import decode_base64
+from byorl.service.schemas import Embeddings, EmbedRequest
 
 router = APIRouter(tags=["embeddings"])
 

@@ -8,13 +8,13 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from index.faiss_index import EmbeddingIndex
-from service.deps import QUEUE_FULL, AppState, Service
-from service.errors import APIError, error_responses
-from service.pagination import Page, Paging, page, page_of
-from service.responses import items_response
-from service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
-from service.served_models import ServedModel
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.service.deps import QUEUE_FULL, AppState, Service
+from byorl.service.errors import APIError, error_responses
+from byorl.service.pagination import Page, Paging, page, page_of
+from byorl.service.responses import items_response
+from byorl.service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
+from byorl.service.served_models import ServedModel
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 

@@ -4,13 +4,20 @@ import numpy as np
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import QUEUE_FULL, AppState, Service
-from service.errors import APIError, error_responses
-from service.pagination import Page, Paging, page
-from service.routes.gallery import check_model
-from service.routes.jobs import ACCEPTED, submit_job
-from service.schemas import Head, Images, JobAccepted, LabeledSet, LinearHeadRequest, Predictions
-from service.served_models import ServedModel
+from byorl.service.deps import QUEUE_FULL, AppState, Service
+from byorl.service.errors import APIError, error_responses
+from byorl.service.pagination import Page, Paging, page
+from byorl.service.routes.gallery import check_model
+from byorl.service.routes.jobs import ACCEPTED, submit_job
+from byorl.service.schemas import (
+    Head,
+    Images,
+    JobAccepted,
+    LabeledSet,
+    LinearHeadRequest,
+    Predictions,
+)
+from byorl.service.served_models import ServedModel
 
 router = APIRouter(tags=["heads"])
 

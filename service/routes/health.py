@@ -4,10 +4,10 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from index import model_card
-from service.deps import Service
-from service.metrics import REGISTRY
-from service.schemas import Health
+from byorl.index import model_card
+from byorl.service.deps import Service
+from byorl.service.metrics import REGISTRY
+from byorl.service.schemas import Health
 
 router = APIRouter(tags=["health"])
 

@@ -3,11 +3,11 @@
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import AppState, Service
-from service.errors import APIError, error_responses
-from service.pagination import Page, Paging, page
-from service.schemas import Job, JobAccepted
-from service.served_models import ServedModel
+from byorl.service.deps import AppState, Service
+from byorl.service.errors import APIError, error_responses
+from byorl.service.pagination import Page, Paging, page
+from byorl.service.schemas import Job, JobAccepted
+from byorl.service.served_models import ServedModel
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

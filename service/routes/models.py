@@ -7,10 +7,10 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.deps import Service
-from service.errors import APIError, error_responses
-from service.model_upload import UPLOAD_BODY, register_model
-from service.schemas import UploadedModelCard
+from byorl.service.deps import Service
+from byorl.service.errors import APIError, error_responses
+from byorl.service.model_upload import UPLOAD_BODY, register_model
+from byorl.service.schemas import UploadedModelCard
 
 router = APIRouter(prefix="/models", tags=["models"])
 

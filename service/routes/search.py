@@ -3,11 +3,11 @@
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import QUEUE_FULL, Service
-from service.errors import APIError, error_responses
-from service.responses import search_response
-from service.routes.gallery import check_model
-from service.schemas import SearchRequest, SearchResults
+from byorl.service.deps import QUEUE_FULL, Service
+from byorl.service.errors import APIError, error_responses
+from byorl.service.responses import search_response
+from byorl.service.routes.gallery import check_model
+from byorl.service.schemas import SearchRequest, SearchResults
 
 router = APIRouter(tags=["gallery"])
 

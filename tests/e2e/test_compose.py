@@ -97,3 +97,22 @@ def test_gpu_images_have_the_cuda_of_the_builds_they_install():
     assert ok.returncode == 0, ok.stdout + ok.stderr
     wrong = subprocess.run(check, env={"CUDA_VERSION": "12.6.3"}, capture_output=True, text=True)
     assert wrong.returncode == 1 and "torch" in wrong.stderr and "12.6" in wrong.stderr
+
+
+def test_images_install_the_whole_package_and_run_it_by_its_byorl_paths(config):
+    """Each image copies every folder pyproject maps into `byorl`, installs it from /src and
+    runs from /app (where no source folder shadows the installed package), naming the apps
+    `byorl.service.main:app` and `byorl.service.worker`, as the compose health check does."""
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"].values()
+    for dockerfile in DOCKER.glob("Dockerfile.*"):
+        text = dockerfile.read_text()
+        for folder in folders:
+            assert f"COPY {folder} ./{folder}\n" in text, (dockerfile.name, folder)
+        assert text.index("WORKDIR /src") < text.index("pip install \".[") < text.rindex(
+            "WORKDIR /app"), dockerfile.name
+        apps = re.findall(r"(?:uvicorn\"?, \"|-A\"?,? \"?)([\w.:]+)", text)
+        expected = "byorl.service.main:app" if "api" in dockerfile.name else "byorl.service.worker"
+        assert apps and set(apps) == {expected}, (dockerfile.name, apps)
+    health = config["services"]["worker"]["healthcheck"]["test"]
+    assert "celery -A byorl.service.worker inspect ping" in " ".join(health)

@@ -62,7 +62,7 @@ class Stack:
 
     def start_worker(self, name: str, isolated: bool = False) -> None:
         self.start(name, (ISOLATED if isolated else []) + [
-            sys.executable, "-m", "celery", "-A", "service.worker", "worker", "--pool",
+            sys.executable, "-m", "celery", "-A", "byorl.service.worker", "worker", "--pool",
             "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", f"{name}@%h",
             "--without-gossip", "--without-mingle"])
         wait_for(lambda: " ready." in self.log(name), 300, f"worker {name}")

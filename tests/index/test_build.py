@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from index.build import build_index
-from index.faiss_index import EmbeddingIndex
-from index.model_card import embed, load_onnx_session, read_card
-from training.cli import app
-from training.data import load_images
+from byorl.index.build import build_index
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.index.model_card import embed, load_onnx_session, read_card
+from byorl.training.cli import app
+from byorl.training.data import load_images
 
 
 def test_index_build_command_indexes_every_image_under_its_model(model_dir, image_folder, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.faiss_index import (
+from byorl.index.faiss_index import (
     CorruptIndexError,
     DimensionMismatchError,
     DuplicateKeyError,
@@ -252,7 +252,7 @@ def test_concurrent_searches_during_writes(vectors):
 CHILD = """
 import sys, time
 import numpy as np
-from index.faiss_index import EmbeddingIndex
+from byorl.index.faiss_index import EmbeddingIndex
 path = sys.argv[1]
 index = EmbeddingIndex.load(path)
 vectors = np.random.default_rng(int(sys.argv[2])).standard_normal((1000, index.dim))

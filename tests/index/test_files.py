@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from index.files import atomic_write, sha256_file
+from byorl.index.files import atomic_write, sha256_file
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):

@@ -6,8 +6,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from index.model_card import ModelCardError, embed, load_onnx_session, read_card, validate_card
-from training.data import decode_image
+from byorl.index.model_card import (
+    ModelCardError,
+    embed,
+    load_onnx_session,
+    read_card,
+    validate_card,
+)
+from byorl.training.data import decode_image
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
-from service.settings import Settings
+from byorl.service.main import create_app
+from byorl.service.settings import Settings
 from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
 
 

@@ -3,8 +3,8 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
-from service.settings import Settings
+from byorl.service.main import create_app
+from byorl.service.settings import Settings
 
 OPEN = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/demo")
 

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, QueueFull
+from byorl.service.batcher import Batcher, QueueFull
 
 
 class Model:

@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.demo_gallery import gallery_name, read_images
+from byorl.service.demo_gallery import gallery_name, read_images
 from tests.conftest import SAMPLE
 
 

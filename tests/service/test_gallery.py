@@ -4,9 +4,9 @@ import time
 import numpy as np
 import pytest
 
-from index.faiss_index import DuplicateKeyError, UnknownKeyError
-from service.gallery import Gallery, load_index
-from service.store import Conflict, NotFound
+from byorl.index.faiss_index import DuplicateKeyError, UnknownKeyError
+from byorl.service.gallery import Gallery, load_index
+from byorl.service.store import Conflict, NotFound
 
 
 def items(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:

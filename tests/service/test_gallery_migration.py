@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 
-from index.faiss_index import EmbeddingIndex
-from service.gallery import Gallery
-from service.gallery_store import create_store
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.service.gallery import Gallery
+from byorl.service.gallery_store import create_store
 
 
 def old_gallery(root, n: int = 30) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.faiss_index import DuplicateKeyError, TrainingError, UnknownKeyError
-from service.gallery_store import (
+from byorl.index.faiss_index import DuplicateKeyError, TrainingError, UnknownKeyError
+from byorl.service.gallery_store import (
     DB_FILE,
     ID_FILE,
     TRAINED_FILE,
@@ -176,7 +176,7 @@ def test_a_read_only_store_writes_nothing(store):
 WRITER = """
 import sys, numpy as np
 from pathlib import Path
-from service.gallery import Gallery
+from byorl.service.gallery import Gallery
 from tests.service.test_gallery_store import items
 data, start = Path(sys.argv[1]), int(sys.argv[2])
 g = Gallery(data, checkpoint_s=0.001)  # checkpoints all the time: kills land in them too

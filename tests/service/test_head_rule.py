@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.head_rule import MIN_LABELS_FOR_HOLDOUT, SMALL_SET_L2, head_rule
+from byorl.service.head_rule import MIN_LABELS_FOR_HOLDOUT, SMALL_SET_L2, head_rule
 
 
 def test_small_sets_hold_nothing_out_and_take_the_studys_l2():

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import APIError
-from service.images import decode_base64, decode_image, decode_images
-from service.settings import Settings
-from training.data import decode_image as training_decode
+from byorl.service.errors import APIError
+from byorl.service.images import decode_base64, decode_image, decode_images
+from byorl.service.settings import Settings
+from byorl.training.data import decode_image as training_decode
 
 S = Settings(model_dir="unused", data_dir="unused")
 

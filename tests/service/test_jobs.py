@@ -11,19 +11,19 @@ import numpy as np
 import torch
 from fastapi.testclient import TestClient
 
-from service.jobs import make_celery
-from service.main import create_app
-from service.settings import Settings
-from service.store import JobStore
+from byorl.service.jobs import make_celery
+from byorl.service.main import create_app
+from byorl.service.settings import Settings
+from byorl.service.store import JobStore
+from byorl.training.export import load_torch_encoder
+from byorl.training.heads import Classifier
 from tests.live import wait_for
-from training.export import load_torch_encoder
-from training.heads import Classifier
 
 # Runs in a fresh interpreter: the api (in-process client, embedded jobs) on BYORL_* settings.
 API_SCRIPT = r"""
 import json, sys, time
 from fastapi.testclient import TestClient
-from service.main import create_app
+from byorl.service.main import create_app
 
 images, labels, classes = json.load(sys.stdin)
 keys = [f"k{i}" for i in range(len(images))]

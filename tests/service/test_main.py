@@ -17,8 +17,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.main import create_app
-from service.settings import Settings
+from byorl.service.main import create_app
+from byorl.service.settings import Settings
 
 
 def png_b64(size=(32, 32)) -> str:

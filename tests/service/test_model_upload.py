@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from service.errors import APIError
-from service.model_upload import check_signature, open_session, trial_run, user_card
-from service.schemas import UploadedModelCard
+from byorl.service.errors import APIError
+from byorl.service.model_upload import check_signature, open_session, trial_run, user_card
+from byorl.service.schemas import UploadedModelCard
 from tests.conftest import flatten_onnx
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
-from service.pagination import MAX_LIMIT, PageQuery, page
-from service.store import HeadStore, JobStore
+from byorl.service.main import create_app
+from byorl.service.pagination import MAX_LIMIT, PageQuery, page
+from byorl.service.store import HeadStore, JobStore
 
 N = 5  # of each kind
 

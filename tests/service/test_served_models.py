@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from index.model_card import ModelCardError, read_card
-from service.served_models import ModelRegistry, find_model_dir, user_models_root
-from service.settings import BUNDLED_MODELS, Settings
-from service.store import NotFound
+from byorl.index.model_card import ModelCardError, read_card
+from byorl.service.served_models import ModelRegistry, find_model_dir, user_models_root
+from byorl.service.settings import BUNDLED_MODELS, Settings
+from byorl.service.store import NotFound
 from tests.conftest import ROOT
 
 SECOND = ROOT / "models" / "byol-reference"

@@ -9,14 +9,14 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from service.leases import runner_identity
-from service.settings import Settings
-from service.store import JobStore, LeaseLost
+from byorl.service.leases import runner_identity
+from byorl.service.settings import Settings
+from byorl.service.store import JobStore, LeaseLost
 
 
 def dead_runner() -> dict:
     """The identity of a process that has exited (in this pid namespace)."""
-    out = subprocess.run([sys.executable, "-c", "import json; from service.leases import "
+    out = subprocess.run([sys.executable, "-c", "import json; from byorl.service.leases import "
                           "runner_identity; print(json.dumps(runner_identity()))"],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from index.model_card import embed, load_onnx_session, read_card
-from service import tasks
-from service.gallery import Gallery
-from service.settings import Settings
-from service.store import HeadStore, JobStore, ReportStore
+from byorl.index.model_card import embed, load_onnx_session, read_card
+from byorl.service import tasks
+from byorl.service.gallery import Gallery
+from byorl.service.settings import Settings
+from byorl.service.store import HeadStore, JobStore, ReportStore
+from byorl.training.export import load_torch_encoder
+from byorl.training.heads import L2_GRID, Classifier
 from tests.live import wait_for
-from training.export import load_torch_encoder
-from training.heads import L2_GRID, Classifier
 
 
 def run(job_id: str, data, model_dir) -> dict | None:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from service import tasks
+from byorl.service import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_worker_module(device: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BYORL_DEVICE": device, "BYORL_REDIS_URL": "redis://127.0.0.1:1/0"}
-    return subprocess.run([sys.executable, "-c", "import service.worker"], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-c", "import byorl.service.worker"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

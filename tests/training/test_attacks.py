@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.attacks import (
+from byorl.training.attacks import (
     APGD,
     PGD,
     ThreatModel,
@@ -10,7 +10,7 @@ from training.attacks import (
     project,
     random_start,
 )
-from training.byorl import OnlineNetwork, byol_loss
+from byorl.training.byorl import OnlineNetwork, byol_loss
 
 BUDGETS = [("linf", 8 / 255), ("l2", 0.5)]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from training import augment as A
+from byorl.training import augment as A
 
 
 @pytest.fixture

@@ -7,9 +7,15 @@ the tint (100 % clean, ~0 % robust); adversarial training has to use the brightn
 import pytest
 import torch
 
-from training.attacks import ThreatModel
-from training.baselines import BaselineConfig, accuracy, new_classifier, train_classifier, uat_ft
-from training.data import ImageSet
+from byorl.training.attacks import ThreatModel
+from byorl.training.baselines import (
+    BaselineConfig,
+    accuracy,
+    new_classifier,
+    train_classifier,
+    uat_ft,
+)
+from byorl.training.data import ImageSet
 
 THREAT = ThreatModel("linf", 0.05)  # > the tint (0.03), << the brightness gap (0.4)
 # teacher_steps: 30 left the teacher at its first rise (58 % pseudo-labels right), 60 fits it

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import APGD, PGD
-from training.byorl import (
+from byorl.training.attacks import APGD, PGD
+from byorl.training.byorl import (
     OnlineNetwork,
     byol_loss,
     ema_update,

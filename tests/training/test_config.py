@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import LEGACY, TrainConfig
+from byorl.training.config import LEGACY, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "results" / "cpu-default" / "train-byorl-linf" / "config.json"

@@ -4,8 +4,8 @@ import tarfile
 import pytest
 import torch
 
-from training import data
-from training.data import label_subset, load_images, load_unlabeled
+from byorl.training import data
+from byorl.training.data import label_subset, load_images, load_unlabeled
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import torchattacks
 from torch import nn
 from torch.nn import functional as F
 
-from training.attacks import APGD, ThreatModel
-from training.data import load_images
-from training.evaluate import (
+from byorl.training.attacks import APGD, ThreatModel
+from byorl.training.data import load_images
+from byorl.training.evaluate import (
     SUITES,
     MultiTargeted,
     SuiteSettings,
@@ -24,7 +24,7 @@ from training.evaluate import (
     margin_loss,
     suite,
 )
-from training.heads import to_float
+from byorl.training.heads import to_float
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -206,9 +206,9 @@ def test_evaluate_command_writes_json_and_markdown(tmp_path, image_folder):
     """`byorl evaluate` end to end on a randomly initialised encoder saved like a run's."""
     from typer.testing import CliRunner
 
-    from training.cli import app
-    from training.config import TrainConfig
-    from training.models import create_model
+    from byorl.training.cli import app
+    from byorl.training.config import TrainConfig
+    from byorl.training.models import create_model
 
     torch.manual_seed(0)
     config = TrainConfig()
@@ -238,7 +238,7 @@ def test_evaluate_command_writes_json_and_markdown(tmp_path, image_folder):
 
 def test_the_full_suite_is_the_default():
     """Numbers come from the paper's suite unless a caller asks for the quick smoke mode."""
-    from training.evaluate import evaluate_checkpoint
+    from byorl.training.evaluate import evaluate_checkpoint
 
     for fn in (evaluate_robustness, evaluate_checkpoint):
         assert inspect.signature(fn).parameters["mode"].default == "full"
@@ -431,8 +431,8 @@ def test_report_names_the_attacks_settings_and_checks():
 def test_black_box_evaluation_is_square_alone_and_an_upper_bound():
     """Forward passes only (the model gives no gradients): Square fools some points, never
     below the exact worst case, and the report says it is an upper bound."""
+    from byorl.training.evaluate import evaluate_black_box
     from tests.conftest import forward_only
-    from training.evaluate import evaluate_black_box
 
     model, x, y = synthetic_linear()
     eps = 0.05

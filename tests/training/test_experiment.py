@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from training.attacks import ThreatModel
-from training.baselines import BaselineConfig
-from training.checkpoint import load_encoder
-from training.data import load_images
-from training.evaluate import evaluate_robustness
-from training.experiment import ExperimentConfig, cell_key, run_experiment
-from training.export import export_encoder
-from training.heads import Classifier, HeadConfig, linear_from
+from byorl.training.attacks import ThreatModel
+from byorl.training.baselines import BaselineConfig
+from byorl.training.checkpoint import load_encoder
+from byorl.training.data import load_images
+from byorl.training.evaluate import evaluate_robustness
+from byorl.training.experiment import ExperimentConfig, cell_key, run_experiment
+from byorl.training.export import export_encoder
+from byorl.training.heads import Classifier, HeadConfig, linear_from
 
 METHODS = ["byorl", "byol", "at", "uat_ft"]
 AMOUNTS = [0.25, 1.0]
@@ -168,7 +168,7 @@ def test_command_shows_a_bar_of_cells_with_time_left(config, first_run, tmp_path
     is one tqdm bar of the cells (not printed lines), with the time left."""
     from typer.testing import CliRunner
 
-    from training.cli import app
+    from byorl.training.cli import app
 
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     result = CliRunner().invoke(app, ["experiment", "--config", str(tmp_path / "config.json"),

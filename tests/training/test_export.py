@@ -6,19 +6,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from index.files import sha256_file
-from index.model_card import load_onnx_session, read_card
-from training.checkpoint import load_encoder
-from training.cli import app
-from training.config import TrainConfig
-from training.data import load_images
-from training.export import (
+from byorl.index.files import sha256_file
+from byorl.index.model_card import load_onnx_session, read_card
+from byorl.training.checkpoint import load_encoder
+from byorl.training.cli import app
+from byorl.training.config import TrainConfig
+from byorl.training.data import load_images
+from byorl.training.export import (
     PARITY_TOLERANCE,
     export_encoder,
     load_torch_encoder,
     parity_error,
 )
-from training.models import create_model
+from byorl.training.models import create_model
 
 
 def encoder_with_nontrivial_batchnorm(seed: int) -> torch.nn.Module:

@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from training.attacks import ThreatModel
-from training.data import load_images
-from training.evaluate import margin_loss
-from training.figures import loss_landscape, plot_accuracy, plot_landscapes, plot_neighbours
-from training.heads import Classifier, to_float
-from training.models import create_model
+from byorl.training.attacks import ThreatModel
+from byorl.training.data import load_images
+from byorl.training.evaluate import margin_loss
+from byorl.training.figures import loss_landscape, plot_accuracy, plot_landscapes, plot_neighbours
+from byorl.training.heads import Classifier, to_float
+from byorl.training.models import create_model
 
 
 def assert_png(path, min_size=(100, 100)) -> None:

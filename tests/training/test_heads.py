@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from training.attacks import ThreatModel
-from training.data import ImageSet, load_images
-from training.evaluate import evaluate_robustness
-from training.heads import (
+from byorl.training.attacks import ThreatModel
+from byorl.training.data import ImageSet, load_images
+from byorl.training.evaluate import evaluate_robustness
+from byorl.training.heads import (
     Classifier,
     HeadConfig,
     StandardizedLinear,
@@ -25,7 +25,7 @@ from training.heads import (
     shuffled_batches,
     to_float,
 )
-from training.models import create_model
+from byorl.training.models import create_model
 
 ROOT = Path(__file__).resolve().parents[2]
 EPS = 0.1  # > the faint class pattern (0.05), << the bright-row gap (0.6)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from training.models import create_model, list_models
+from byorl.training.models import create_model, list_models
 
 
 @pytest.mark.parametrize(("name", "width", "dim"), [

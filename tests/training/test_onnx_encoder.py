@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from byorl.training.onnx_encoder import PARITY_TOLERANCE, OnnxRuntimeEncoder, convert, parity_error
 from tests.conftest import flatten_onnx
-from training.onnx_encoder import PARITY_TOLERANCE, OnnxRuntimeEncoder, convert, parity_error
 
 
 def test_a_torchvision_export_converts_with_parity_and_gradients(user_onnx):

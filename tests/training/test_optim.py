@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.optim import LARS, get_lr, get_tau, lars_param_groups
+from byorl.training.optim import LARS, get_lr, get_tau, lars_param_groups
 
 
 def test_warmup_then_cosine_values():

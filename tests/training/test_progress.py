@@ -1,7 +1,7 @@
 import io
 import re
 
-from training.progress import Bars
+from byorl.training.progress import Bars
 
 TIME_LEFT = re.compile(r"\[\d\d:\d\d<\d\d:\d\d")  # tqdm's [elapsed<remaining]
 

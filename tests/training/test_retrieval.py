@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from byorl.training.attacks import ThreatModel
+from byorl.training.config import TrainConfig
+from byorl.training.data import load_images
+from byorl.training.heads import to_float
+from byorl.training.models import create_model
+from byorl.training.retrieval import attack_retrieval, embed, retrieval_audit, retrieval_demo
 from tests.conftest import forward_only
-from training.attacks import ThreatModel
-from training.config import TrainConfig
-from training.data import load_images
-from training.heads import to_float
-from training.models import create_model
-from training.retrieval import attack_retrieval, embed, retrieval_audit, retrieval_demo
 
 K = 10
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from training.byorl import frozen_bn_stats
-from training.sync_bn import CpuSyncBatchNorm, convert_sync_bn
+from byorl.training.byorl import frozen_bn_stats
+from byorl.training.sync_bn import CpuSyncBatchNorm, convert_sync_bn
 
 WORLD = 2
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from training.byorl import byol_loss
-from training.checkpoint import load_checkpoint, load_encoder
-from training.config import TrainConfig
-from training.train import (
+from byorl.training.byorl import byol_loss
+from byorl.training.checkpoint import load_checkpoint, load_encoder
+from byorl.training.config import TrainConfig
+from byorl.training.train import (
     batch_indices,
     build_networks,
     pick_device,
@@ -40,7 +40,7 @@ def tiny_args(images: Path, out: Path, epochs: float = 3) -> list[str]:
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "training.cli", "train", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "byorl.training.cli", "train", *args], cwd=ROOT,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
@@ -138,7 +138,7 @@ def test_two_process_ddp_run_takes_steps(image_folder, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "training.cli", "train", *tiny_args(image_folder, out, epochs=1)],
+         "-m", "byorl.training.cli", "train", *tiny_args(image_folder, out, epochs=1)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ckpt = load_checkpoint(out)
@@ -152,14 +152,14 @@ def test_two_process_ddp_run_takes_steps(image_folder, tmp_path):
 # RATES[r] "seconds" each time the loop reads it, so the two disagree on when a limit is hit.
 CLOCKED_TRAIN = """
 import itertools, json, os, sys, types
-import training.train
-from training.config import TrainConfig
+import byorl.training.train
+from byorl.training.config import TrainConfig
 
 cfg = TrainConfig.from_dict(json.loads(open(sys.argv[1]).read()))
 rates, limit = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 ticks = itertools.count(0, rates[int(os.environ["RANK"])])
-training.train.time = types.SimpleNamespace(monotonic=lambda: next(ticks))
-training.train.train(cfg, time_limit_s=limit, progress=False)
+byorl.training.train.time = types.SimpleNamespace(monotonic=lambda: next(ticks))
+byorl.training.train.train(cfg, time_limit_s=limit, progress=False)
 """
 
 

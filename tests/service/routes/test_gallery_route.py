@@ -3,7 +3,7 @@ import threading
 import numpy as np
 from fastapi.testclient import TestClient
 
-from service.main import create_app
+from byorl.service.main import create_app
 
 
 def test_add_list_remove_and_survive_a_restart(client, settings, labeled):

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.main import create_app
-from service.settings import Settings
+from byorl.service.main import create_app
+from byorl.service.settings import Settings
 from tests.conftest import ROOT, flatten_onnx
 
 SECOND = ROOT / "models" / "byol-reference"  # bundled: a real second model

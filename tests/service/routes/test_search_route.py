@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
-from service.settings import Settings
+from byorl.service.main import create_app
+from byorl.service.settings import Settings
 
 
 def test_search_by_image_and_by_embedding(client, labeled):

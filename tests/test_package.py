@@ -1,0 +1,85 @@
+"""The installed layout: one top-level package, `byorl`, whose subpackages are the repository's
+`training/`, `index/` and `service/` folders (pyproject's package-dir), and its entry points."""
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("training", "index", "service")
+
+
+def test_the_wheel_holds_only_the_byorl_package(tmp_path):
+    src = tmp_path / "src"  # a copy: building in the tree would leave build/ behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("byorl", *FOLDERS):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "-q", "-w", str(tmp_path / "dist"), str(src)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("byorl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"byorl"}
+    for folder in FOLDERS:  # every module of each folder, under byorl/
+        for path in (ROOT / folder).rglob("*.py"):
+            assert f"byorl/{path.relative_to(ROOT).as_posix()}" in names
+    assert "byorl/service/static/demo.html" in names
+    scripts = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "byorl = byorl.training.cli:app" in zipfile.ZipFile(wheel).read(scripts).decode()
+
+
+def test_import_byorl_exposes_the_entry_points_without_loading_torch():
+    code = """
+import json, sys
+import byorl
+light = not {"torch", "onnxruntime", "faiss"} & set(sys.modules)
+names = {n: getattr(byorl, n).__module__ for n in byorl.__all__}
+print(json.dumps({"light": light, "names": names}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["light"]  # `import byorl` alone loads no heavy library
+    assert got["names"] == {
+        "read_card": "byorl.index.model_card", "load_onnx_session": "byorl.index.model_card",
+        "embed": "byorl.index.model_card", "TrainConfig": "byorl.training.config",
+        "train": "byorl.training.train", "evaluate_checkpoint": "byorl.training.evaluate"}
+
+
+def test_every_module_loads_once_under_its_byorl_name():
+    """Importing every module of the package leaves no module of the folders under a second,
+    top-level name (`training.x` beside `byorl.training.x` would be two copies of one file)."""
+    code = """
+import importlib, pkgutil, sys
+import byorl.index, byorl.service, byorl.training
+for pkg in (byorl.index, byorl.service, byorl.training):
+    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        if m.name != "byorl.service.worker":  # the Celery app: connects at import
+            importlib.import_module(m.name)
+print(sorted(n for n in sys.modules if n.split(".")[0] in ("training", "index", "service")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_file_imports_the_folders_by_their_bare_names():
+    """Every Python file of the repository imports `byorl.<folder>`, never `<folder>` itself."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if {".venv", ".cache", "build", "mutants"} & set(path.relative_to(ROOT).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                          if n and n.split(".")[0] in FOLDERS]
+    assert offenders == []
