@@ -161,10 +161,12 @@ def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -
         raise RuntimeError(f"attack left the {norm} ball of radius {eps}: {size.max():.6f}")
 
 
-def _break(model, attack: AttackFn, x, y, robust, norm, eps, batch_size) -> int:
-    """Attack the still-robust points in batches; mark those fooled; return how many."""
+def _break(model, attack: AttackFn, x, y, robust, norm, eps, batch_size, todo=None,
+           after_batch=None) -> int:
+    """Attack the points `todo` (default: the still-robust ones) in batches; mark those fooled;
+    return how many. `after_batch(batch, fooled)` follows each batch, e.g. to save progress."""
     dev = next(model.parameters()).device
-    idx = robust.nonzero().squeeze(1)
+    idx = robust.nonzero().squeeze(1) if todo is None else todo
     fooled = 0
     for b in idx.split(batch_size) if len(idx) else ():  # split() of nothing gives one empty part
         xb, yb = x[b].to(dev), y[b].to(dev)
@@ -174,6 +176,8 @@ def _break(model, attack: AttackFn, x, y, robust, norm, eps, batch_size) -> int:
             hit = (model(x_adv).argmax(1) != yb).cpu()
         robust[b[hit]] = False
         fooled += int(hit.sum())
+        if after_batch is not None:
+            after_batch(b, int(hit.sum()))
     return fooled
 
 
@@ -203,11 +207,19 @@ def evaluate_robustness(
     mode: str = "full",
     batch_size: int = 256,
     progress: Progress | None = None,
+    state: str | Path | None = None,
 ) -> dict:
     """Clean and robust accuracy of a classifier (pixels in [0, 1] -> logits) under the suite.
 
     `images` are uint8 or floats in [0, 1]. The model is evaluated in eval mode (its mode is
     restored afterwards). The sanity checks always run and are reported under "checks".
+
+    Args:
+        batch_size: points per attacked batch; with `state`, also how often progress is saved.
+        state: a JSON file that holds the run's progress, written after every attacked batch;
+            a run given the file of an interrupted one goes on where it stopped (the full suite
+            on a robust model takes hours on a CPU). It must come from the same model, points
+            and suite: the clean predictions, the mode and the threat model are checked.
     """
     if len(labels) == 0 or len(images) != len(labels):
         raise ValueError(f"need one label per image, at least one: {len(images)}, {len(labels)}")
@@ -215,19 +227,49 @@ def evaluate_robustness(
     model.eval()
     try:
         return _evaluate(model, to_float(images), labels.long().cpu(), threat, mode, batch_size,
-                         progress)
+                         progress, Path(state) if state is not None else None)
     finally:
         model.train(was_training)
 
 
-def _evaluate(model, x, y, threat, mode, batch_size, progress) -> dict:
+def _bits(mask: torch.Tensor) -> str:
+    return "".join("1" if v else "0" for v in mask.tolist())
+
+
+def _mask(bits: str) -> torch.Tensor:
+    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
+
+
+def _suite_state(path: Path | None, mode: str, threat: ThreatModel, correct: torch.Tensor) -> dict:
+    """The saved progress at `path` when it exists and fits this run, else a fresh one."""
+    fresh = {"mode": mode, "threat_model": {"norm": threat.norm, "eps": threat.eps},
+             "correct": _bits(correct), "robust": _bits(correct), "attacks": [], "current": None,
+             "rungs": [], "seconds": 0.0}
+    if path is None or not path.is_file():
+        return fresh
+    saved = json.loads(path.read_text())
+    if any(saved.get(k) != fresh[k] for k in ("mode", "threat_model", "correct")):
+        raise ValueError(f"{path} holds the progress of another model, test set, mode or threat "
+                         "model; delete it to start over")
+    return saved
+
+
+def _evaluate(model, x, y, threat, mode, batch_size, progress, path) -> dict:
     start, n = time.perf_counter(), len(y)
     with torch.no_grad():
         num_classes = model(x[:1].to(next(model.parameters()).device)).shape[1]
     attacks = suite(mode, num_classes)
     ladder = [(f"{m:g} eps", m * threat.eps) for m in LADDER]
     ladder.append(("large eps", large_eps(threat.norm, x.shape[1:])))
-    total, done = len(attacks) + len(ladder) + 1, 0
+    correct = _predict(model, x, batch_size) == y
+    st = _suite_state(path, mode, threat, correct)
+    robust, records, rungs = _mask(st["robust"]), st["attacks"], st["rungs"]
+    total, done, before = len(attacks) + len(ladder) + 1, len(records) + len(rungs), st["seconds"]
+
+    def save() -> None:
+        st["robust"], st["seconds"] = _bits(robust), before + time.perf_counter() - start
+        if path is not None:
+            atomic_write(path, [json.dumps(st).encode()])
 
     def step(what: str) -> None:
         nonlocal done
@@ -235,27 +277,35 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress) -> dict:
         if progress is not None:
             progress(done, total, what)
 
-    correct = _predict(model, x, batch_size) == y
-    robust = correct.clone()
-    records = []
-    for name, settings, attack in attacks:
-        t0 = time.perf_counter()
-        fooled = _break(model, attack, x, y, robust, threat.norm, threat.eps, batch_size)
+    for name, settings, attack in attacks[len(records):]:  # attacks finished before are kept
+        cur = st["current"] or {"todo": robust.nonzero().squeeze(1).tolist(), "fooled": 0,
+                                "seconds": 0.0}
+        st["current"], t0, spent = cur, time.perf_counter(), cur["seconds"]
+
+        def after_batch(b, fooled, cur=cur, t0=t0, spent=spent):
+            cur["todo"], cur["fooled"] = cur["todo"][len(b):], cur["fooled"] + fooled
+            cur["seconds"] = spent + time.perf_counter() - t0
+            save()
+
+        _break(model, attack, x, y, robust, threat.norm, threat.eps, batch_size,
+               torch.tensor(cur["todo"], dtype=torch.long), after_batch)
         records.append({
-            "name": name, "settings": settings, "fooled": fooled,
+            "name": name, "settings": settings, "fooled": cur["fooled"],
             "robust_accuracy": robust.float().mean().item(),
-            "seconds": round(time.perf_counter() - t0, 3),
+            "seconds": round(spent + time.perf_counter() - t0, 3),
         })
+        st["current"] = None
+        save()
         step(name)
     clean_acc, robust_acc = correct.float().mean().item(), robust.float().mean().item()
 
     s = SUITES[mode]
     probe = _library(torchattacks.APGD, steps=s.sanity_steps, n_restarts=1, loss="ce")
-    rungs = []
-    for label, eps in ladder:
+    for label, eps in ladder[len(rungs):]:
         still = correct.clone()
         _break(model, probe, x, y, still, threat.norm, eps, batch_size)
         rungs.append({"eps": eps, "label": label, "robust_accuracy": still.float().mean().item()})
+        save()
         step(f"sanity {label}")
     zero_grad = _zero_gradient_fraction(model, x, y, correct, batch_size)
     step("sanity gradients")
@@ -292,7 +342,7 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress) -> dict:
         "checks_passed": all(c["passed"] for c in checks.values()),
         "sanity_probe": {"attack": "apgd-ce", "library": "torchattacks", "restarts": 1,
                          "steps": s.sanity_steps},
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(before + time.perf_counter() - start, 3),
     }
 
 

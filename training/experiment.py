@@ -10,7 +10,10 @@ paper's full suite by default) on a seeded random subset of the test set:
 - uat_ft: pseudo-labeling, then adversarial training on all training images.
 
 A cell's result is written (atomically) as soon as it finishes, with the settings it depends
-on; a rerun skips finished cells and refuses to mix in cells computed with other settings.
+on; a rerun skips finished cells and refuses to mix in cells computed with other settings. A
+cell in progress keeps its fitted classifier and the attack suite's progress (saved after
+every attacked batch) in `partial/<key>/`, so an interrupted cell goes on where it
+stopped, on this machine or, once that folder is copied, on another.
 Encoders come from `byorl train` runs, or are trained here from `pretrain` (a TrainConfig dict)
 when a cell needs one that was not given.
 """
@@ -19,6 +22,7 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +32,7 @@ import torch
 from byorl.index.files import atomic_write
 from byorl.index.model_card import CARD, read_card
 from byorl.training.attacks import ThreatModel
-from byorl.training.baselines import BaselineConfig, train_classifier, uat_ft
+from byorl.training.baselines import BaselineConfig, new_classifier, train_classifier, uat_ft
 from byorl.training.checkpoint import checkpoint_path, load_checkpoint, load_encoder
 from byorl.training.data import ImageSet, label_subset, load_images
 from byorl.training.evaluate import evaluate_robustness
@@ -39,6 +43,7 @@ from byorl.training.heads import (
     HeadConfig,
     Progress,
     fit_head,
+    linear_from,
     linear_to_lists,
 )
 from byorl.training.train import pick_device
@@ -67,6 +72,7 @@ class ExperimentConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval_mode: str = "full"
     eval_size: int = 1000  # random test images the suite attacks; 0 = the whole test set
+    eval_batch_size: int = 64  # points per attacked batch; a cell's progress is saved after each
     val_size: int = 1024
     device: str = "auto"
     seed: int = 0
@@ -179,6 +185,19 @@ def _cell_settings(config: ExperimentConfig, method: str, threat: ThreatModel,
             "encoder": encoder}
 
 
+def _resumed(partial: Path | None, fit, save, load):
+    """What `fit()` returns, saved under `partial`; loaded instead when an earlier run of the
+    same cell saved it (fitting a robust head or a baseline takes up to an hour)."""
+    done = partial / "fitted.json" if partial is not None else None
+    if done is not None and done.is_file():
+        return load(json.loads(done.read_text()))
+    fitted = fit()
+    if done is not None:
+        partial.mkdir(parents=True, exist_ok=True)
+        _write_json(done, save(*fitted))
+    return fitted
+
+
 def run_cell(
     config: ExperimentConfig,
     method: str,
@@ -188,9 +207,15 @@ def run_cell(
     test: ImageSet,
     progress: Progress | None = None,
     head_kind: str | None = None,
+    partial: Path | None = None,
 ) -> dict:
     """Train and evaluate one cell (an encoder method's with the head of `head_kind`); returns
-    its result row (plus training and evaluation logs)."""
+    its result row (plus training and evaluation logs).
+
+    Args:
+        partial: a folder for the cell's progress (its fitted classifier, the suite's state):
+            a run given the folder of an interrupted one resumes it.
+    """
     start, device = time.perf_counter(), pick_device(config.device)
     num_classes = len(train.classes)
     labeled_idx, val_idx = label_subset(len(train), amount, config.seed, config.val_size)
@@ -201,26 +226,29 @@ def run_cell(
         path = encoder_checkpoint(config, method, threat)
         encoder, train_config = load_encoder(path, map_location=device)
         _check_encoder(method, threat, train_config, path)
-        head, history = fit_head(head_kind, encoder, labeled, val, num_classes,
-                                 head_config(config, head_kind, threat), progress)
+        head, history = _resumed(
+            partial,
+            lambda: fit_head(head_kind, encoder, labeled, val, num_classes,
+                             head_config(config, head_kind, threat), progress),
+            lambda head, history: {"linear": linear_to_lists(head), "history": history},
+            lambda d: (linear_from(**d["linear"]).to(device), d["history"]))
         model = Classifier(encoder, head)
         step = load_checkpoint(path)["step"] if checkpoint_path(path).is_file() else None
         extra = {"encoder": path, "encoder_step": step,  # None: an exported model directory
                  "encoder_epochs": train_config["optim"]["epochs"],
                  "encoder_attack": train_config["attack"], "head_l2": history.get("l2")}
-    elif method == "at":
-        model, history = train_classifier(labeled, val, num_classes, baseline, threat,
-                                          progress=progress)
     else:
-        rest = torch.ones(len(train), dtype=torch.bool)
-        rest[labeled_idx], rest[val_idx] = False, False
-        model, history = uat_ft(labeled, train.images[rest], val, num_classes, threat, baseline,
-                                progress)
-        pseudo = history.pop("pseudo_labels")
-        if len(pseudo):
-            extra["pseudo_label_accuracy"] = (pseudo == train.labels[rest]).float().mean().item()
-    evaluation = evaluate_robustness(model, test.images, test.labels, threat, config.eval_mode,
-                                     progress=progress)
+        model, history = _resumed(
+            partial, lambda: _baseline(method, config, train, labeled_idx, val_idx, threat,
+                                       baseline, progress),
+            lambda model, history: _save_baseline(model, history, partial),
+            lambda d: _load_baseline(d, config, num_classes, partial, device))
+        if "pseudo_label_accuracy" in history:
+            extra["pseudo_label_accuracy"] = history.pop("pseudo_label_accuracy")
+    evaluation = evaluate_robustness(
+        model, test.images, test.labels, threat, config.eval_mode,
+        batch_size=config.eval_batch_size, progress=progress,
+        state=partial / "suite.json" if partial is not None else None)
     row = {
         "method": method,
         "head": head_kind or "",
@@ -242,6 +270,32 @@ def run_cell(
     if head_kind:
         cell["linear"] = linear_to_lists(head)
     return cell
+
+
+def _baseline(method, config, train, labeled_idx, val_idx, threat, baseline, progress):
+    """AT on the labeled images, or UAT-FT on all of them (its pseudo-labels scored here)."""
+    labeled, val, num_classes = train.subset(labeled_idx), train.subset(val_idx), len(train.classes)
+    if method == "at":
+        return train_classifier(labeled, val, num_classes, baseline, threat, progress=progress)
+    rest = torch.ones(len(train), dtype=torch.bool)
+    rest[labeled_idx], rest[val_idx] = False, False
+    model, history = uat_ft(labeled, train.images[rest], val, num_classes, threat, baseline,
+                            progress)
+    pseudo = history.pop("pseudo_labels")
+    if len(pseudo):
+        history["pseudo_label_accuracy"] = (pseudo == train.labels[rest]).float().mean().item()
+    return model, history
+
+
+def _save_baseline(model, history, partial: Path) -> dict:
+    torch.save(model.state_dict(), partial / "model.pt")
+    return {"history": history}
+
+
+def _load_baseline(saved, config, num_classes, partial: Path, device):
+    model = new_classifier(config.baseline.arch, config.baseline.width, num_classes)
+    model.load_state_dict(torch.load(partial / "model.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval(), saved["history"]
 
 
 def run_experiment(
@@ -280,15 +334,28 @@ def run_experiment(
                 data = (load_images(config.data, "train", **load),
                         load_images(config.data, "test", **load).random_subset(
                             config.eval_size, config.seed))
+            partial = out / "partial" / key
+            _check_partial(partial, settings)
             cell = run_cell(config, method, amount, threat, *data, progress=cell_progress,
-                            head_kind=head)
+                            head_kind=head, partial=partial)
             _write_json(path, cell)
+            shutil.rmtree(partial)
             ran.append(key)
         rows.append(cell["row"])
         if progress is not None:
             progress(i + 1, len(grid), key)
     write_results(rows, out)
     return {"rows": rows, "ran": ran, "skipped": skipped}
+
+
+def _check_partial(partial: Path, settings: dict) -> None:
+    """A cell's progress may only resume under the settings it was made with."""
+    pinned = partial / "settings.json"
+    if pinned.is_file() and json.loads(pinned.read_text()) != settings:
+        raise ValueError(f"{partial} holds the progress of this cell under other settings; "
+                         "delete it or use another output directory")
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_json(pinned, settings)
 
 
 def series_name(row: dict) -> str:

@@ -178,3 +178,48 @@ def test_command_shows_a_bar_of_cells_with_time_left(config, first_run, tmp_path
     assert f"0 cells run, {n} already done" in result.stdout
     assert re.search(rf"cells: 100%.* {n}/{n} \[\d\d:\d\d<\d\d:\d\d", result.stderr)
     assert "[1/" not in result.stdout + result.stderr
+
+
+class Killed(Exception):
+    """The process dies in the middle of a cell's attack suite."""
+
+
+SUITE_STEPS = ["apgd-ce", "apgd-dlr", "multitargeted", "square", "sanity 0 eps", "sanity 0.5 eps",
+               "sanity 1 eps", "sanity 2 eps", "sanity large eps", "sanity gradients"]
+
+
+def test_an_interrupted_cell_resumes_without_refitting_or_reattacking(config, first_run,
+                                                                      tmp_path):
+    """Killed after two of the suite's attacks, a head cell and a baseline cell keep their fitted
+    classifier and the finished attacks; the rerun goes on from the third attack, then drops
+    the cell's progress folder."""
+    partial = tmp_path / "partial"
+    for method, key in (("byorl", cell_key("byorl", THREAT, 0.25, "nonrobust")),
+                        ("at", cell_key("at", THREAT, 0.25))):
+        resumable = ExperimentConfig.from_dict({
+            **config.to_dict(), "out": str(tmp_path), "methods": [method], "label_amounts": [0.25],
+            "byorl_checkpoints": {"linf": f"{config.out}/encoders/byorl-linf"}})
+
+        def die(done, total, what):
+            if what == "apgd-dlr":
+                raise Killed
+
+        with pytest.raises(Killed):
+            run_experiment(resumable, cell_progress=die)
+        saved = json.loads((partial / key / "suite.json").read_text())
+        assert [a["name"] for a in saved["attacks"]] == ["apgd-ce", "apgd-dlr"]
+        fitted = json.loads((partial / key / "fitted.json").read_text())
+
+        seen = []
+        result = run_experiment(resumable, cell_progress=lambda *a, seen=seen: seen.append(a))
+        assert key in result["ran"] and not (partial / key).exists()
+        cell = json.loads((tmp_path / "cells" / f"{key}.json").read_text())
+        ours = [a for a in seen if a[2] in SUITE_STEPS]
+        assert ours[:8] == [(i + 1, 10, s) for i, s in enumerate(SUITE_STEPS)][2:]  # resumed
+        assert cell["evaluation"]["attacks"][:2] == saved["attacks"]
+        if method == "byorl":
+            assert cell["linear"] == fitted["linear"]  # the head was not fitted again
+            assert not any(a[2] not in SUITE_STEPS for a in seen[:8])
+        else:
+            assert cell["training"]["best_step"] == fitted["history"]["best_step"]
+            assert all(a[2] in SUITE_STEPS for a in seen[:8])  # no training before the suite
