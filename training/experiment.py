@@ -239,8 +239,8 @@ def run_cell(
                  "encoder_attack": train_config["attack"], "head_l2": history.get("l2")}
     else:
         model, history = _resumed(
-            partial, lambda: _baseline(method, config, train, labeled_idx, val_idx, threat,
-                                       baseline, progress),
+            partial, lambda: _baseline(method, train, labeled, val, labeled_idx, val_idx,
+                                       threat, baseline, progress),
             lambda model, history: _save_baseline(model, history, partial),
             lambda d: _load_baseline(d, config, num_classes, partial, device))
         if "pseudo_label_accuracy" in history:
@@ -272,9 +272,9 @@ def run_cell(
     return cell
 
 
-def _baseline(method, config, train, labeled_idx, val_idx, threat, baseline, progress):
+def _baseline(method, train, labeled, val, labeled_idx, val_idx, threat, baseline, progress):
     """AT on the labeled images, or UAT-FT on all of them (its pseudo-labels scored here)."""
-    labeled, val, num_classes = train.subset(labeled_idx), train.subset(val_idx), len(train.classes)
+    num_classes = len(train.classes)
     if method == "at":
         return train_classifier(labeled, val, num_classes, baseline, threat, progress=progress)
     rest = torch.ones(len(train), dtype=torch.bool)
