@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from byorl.training.attacks import ThreatModel
 from byorl.training.data import load_images
 from byorl.training.evaluate import evaluate_robustness
-from byorl.training.heads import Classifier, HeadConfig, fit_linear_head, to_float
+from byorl.training.linear_classifier import Classifier, HeadConfig, fit_linear_head, to_float
 
 CIFAR = Path(__file__).resolve().parents[1] / "../shared/data/cifar10-jpeg.tar.gz"
 

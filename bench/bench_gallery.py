@@ -27,8 +27,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from byorl.files import atomic_write
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.index.files import atomic_write
 from byorl.service.gallery import Gallery
 
 DIM, PIXELS, CHUNK = 256, (3, 32, 32), 10_000

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from byorl.index.model_card import embed, load_onnx_session, read_card
+from byorl.model_dir import embed, load_onnx_session, read_card
 from byorl.service.images import decode_images
 from byorl.service.settings import Settings
 

@@ -11,9 +11,9 @@ from importlib import import_module
 # name -> the module that defines it
 _ENTRY_POINTS = {
     # an exported model directory (encoder.onnx + card.json): open it and embed images
-    "read_card": "byorl.index.model_card",
-    "load_onnx_session": "byorl.index.model_card",
-    "embed": "byorl.index.model_card",
+    "read_card": "byorl.model_dir",
+    "load_onnx_session": "byorl.model_dir",
+    "embed": "byorl.model_dir",
     # train from a config
     "TrainConfig": "byorl.training.config",
     "train": "byorl.training.train",

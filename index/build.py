@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.index.model_card import embed, load_onnx_session, read_card
+from byorl.model_dir import embed, load_onnx_session, read_card
 
 
 def build_index(model_dir: str | Path, images: np.ndarray, keys: Sequence[str],

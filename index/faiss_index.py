@@ -35,7 +35,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from byorl.index.files import atomic_write
+from byorl.files import atomic_write
 
 FORMAT = 1
 MAGIC = b"BYORLIDX"

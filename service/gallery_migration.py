@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from byorl.files import fsync_dir
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.index.files import fsync_dir
 from byorl.service.gallery_store import DB_FILE, ID_FILE, TRAINED_FILE, VECTOR_FILE, create_store
 
 OLD_INDEX_FILE = "index.bin"

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from byorl.files import atomic_write, fsync_dir
 from byorl.index.faiss_index import CorruptIndexError, EmbeddingIndex, UnknownKeyError
-from byorl.index.files import atomic_write, fsync_dir
 from byorl.service.store import NotFound
 
 DB_FILE, TRAINED_FILE = "gallery.db", "trained.faiss"

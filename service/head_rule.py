@@ -17,7 +17,8 @@ def head_rule(n: int, robust: bool, validation_fraction: float | None,
               l2: float | None) -> tuple[float, str, float]:
     """(validation fraction, head kind, L2 strength) for a head on n images; None = automatic.
 
-    Kinds are byorl.training.heads.HEAD_KINDS: "l2" chooses the strength on the held-out images.
+    Kinds are byorl.training.linear_classifier.HEAD_KINDS: "l2" chooses the strength on the
+    held-out images.
     """
     if validation_fraction is None:
         validation_fraction = AUTO_VALIDATION_FRACTION if n >= MIN_LABELS_FOR_HOLDOUT else 0.0

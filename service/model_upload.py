@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from byorl.index import model_card
-from byorl.index.files import atomic_write, fsync_dir, sha256_file
+from byorl import model_dir
+from byorl.files import atomic_write, fsync_dir, sha256_file
 from byorl.service.errors import APIError
 from byorl.service.schemas import UploadedModelCard
 from byorl.service.served_models import ModelRegistry, ServedModel, load_model, user_models_root
@@ -78,7 +78,7 @@ def trial_run(session: ort.InferenceSession, size: int, max_dim: int) -> int:
     """The embedding size of a run on a seeded random batch of 2 at the declared size."""
     x = np.random.default_rng(0).random((TRIAL_BATCH, 3, size, size), dtype=np.float32)
     try:
-        out = model_card.embed(session, x)
+        out = model_dir.embed(session, x)
     except Exception as exc:
         raise invalid("onnx_run_failed", f"the encoder failed on a batch of {TRIAL_BATCH} "
                       f"images of 3x{size}x{size}: {str(exc)[:300]}") from None
@@ -94,7 +94,7 @@ def trial_run(session: ort.InferenceSession, size: int, max_dim: int) -> int:
 
 
 def user_card(upload: UploadedModelCard, sha256: str, dim: int) -> dict:
-    """A model card (index.model_card's fields) for an uploaded encoder."""
+    """A model card (byorl.model_dir's card fields) for an uploaded encoder."""
     claim = upload.threat_model
     card = {
         "model_id": f"{upload.name}-{sha256[:8]}",
@@ -112,7 +112,7 @@ def user_card(upload: UploadedModelCard, sha256: str, dim: int) -> dict:
         "description": upload.description,
         "created_at": time.time(),
     }
-    return model_card.validate_card(card)
+    return model_dir.validate_card(card)
 
 
 def register_model(data: bytes, upload: UploadedModelCard, settings: Settings,
@@ -129,15 +129,15 @@ def register_model(data: bytes, upload: UploadedModelCard, settings: Settings,
     root = user_models_root(settings)
     tmp = root / f".creating-{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
-    atomic_write(tmp / model_card.ONNX, [data])
-    card = user_card(upload, sha256_file(tmp / model_card.ONNX), dim)
+    atomic_write(tmp / model_dir.ONNX, [data])
+    card = user_card(upload, sha256_file(tmp / model_dir.ONNX), dim)
     final = root / card["model_id"]
     if card["model_id"] in registry or final.exists():
-        os.remove(tmp / model_card.ONNX)
+        os.remove(tmp / model_dir.ONNX)
         tmp.rmdir()
         raise APIError(409, "model_exists", f"model {card['model_id']!r} (the same name and "
                        "file) is already registered")
-    write_json(tmp / model_card.CARD, card)
+    write_json(tmp / model_dir.CARD, card)
     os.rename(tmp, final)
     fsync_dir(root)
     return load_model(Path(final), settings, bundled=False)

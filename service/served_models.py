@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from fastapi.concurrency import run_in_threadpool
 
-from byorl.index import model_card
+from byorl import model_dir
 from byorl.service.batcher import Batcher, QueueFull
 from byorl.service.errors import APIError
 from byorl.service.images import decode_base64, decode_images
@@ -34,10 +34,10 @@ def user_models_root(settings: Settings) -> Path:
 def find_model_dir(settings: Settings, model_id: str) -> Path:
     """The directory of a served model, bundled or registered by a user (NotFound otherwise)."""
     user = user_models_root(settings) / check_name(model_id, "model")
-    if (user / model_card.CARD).is_file():
+    if (user / model_dir.CARD).is_file():
         return user
     for path in settings.served_model_dirs:
-        if model_card.read_card(path)["model_id"] == model_id:
+        if model_dir.read_card(path)["model_id"] == model_id:
             return path
     raise NotFound("model", model_id)
 
@@ -94,16 +94,16 @@ def load_model(model_dir: Path, settings: Settings, bundled: bool) -> ServedMode
     """A model directory's session (sha256 checked) and batcher, after a warm-up call that
     checks the card's embedding size."""
     s = settings
-    card = model_card.read_card(model_dir)
-    session = model_card.load_onnx_session(model_dir, s.num_threads, s.device)
+    card = model_dir.read_card(model_dir)
+    session = model_dir.load_onnx_session(model_dir, s.num_threads, s.device)
     logging.getLogger("uvicorn.error").info(
-        "encoder %s on %s (BYORL_DEVICE=%s)", card["model_id"], model_card.session_device(session),
+        "encoder %s on %s (BYORL_DEVICE=%s)", card["model_id"], model_dir.session_device(session),
         s.device)
-    warmup = model_card.embed(session, np.zeros((1, *card["input_size"]), np.uint8))
+    warmup = model_dir.embed(session, np.zeros((1, *card["input_size"]), np.uint8))
     if warmup.shape != (1, card["embedding_dim"]):
         raise RuntimeError(f"{model_dir}: the encoder returns {warmup.shape[1:]}, the card "
                            f"says {card['embedding_dim']}")
-    batcher = Batcher(lambda x: model_card.embed(session, x, s.max_batch), s.max_batch,
+    batcher = Batcher(lambda x: model_dir.embed(session, x, s.max_batch), s.max_batch,
                       s.batch_wait_ms, s.max_queued_images)
     return ServedModel(card, Path(model_dir), bundled, settings, session, batcher)
 
@@ -121,8 +121,8 @@ class ModelRegistry:
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(".*"):  # an interrupted registration or deletion
             shutil.rmtree(leftover, ignore_errors=True)
-        user = [p for p in root.iterdir() if (p / model_card.CARD).is_file()]
-        for path in sorted(user, key=lambda p: model_card.read_card(p).get("created_at", 0)):
+        user = [p for p in root.iterdir() if (p / model_dir.CARD).is_file()]
+        for path in sorted(user, key=lambda p: model_dir.read_card(p).get("created_at", 0)):
             self._put(load_model(path, settings, bundled=False))
 
     def _put(self, model: ServedModel) -> None:

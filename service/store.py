@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from byorl.index.files import atomic_write
+from byorl.files import atomic_write
 from byorl.service.leases import runner_gone
 from byorl.service.settings import Settings
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from byorl.index.model_card import ONNX
+from byorl.model_dir import ONNX
 from byorl.service.gallery import load_index
 from byorl.service.head_rule import head_rule
 from byorl.service.leases import Heartbeat, runner_identity
@@ -71,7 +71,7 @@ def _torch_device(device: str) -> str:
 @functools.cache
 def _torch_encoder(model_dir: str, device: str):
     """The model directory's PyTorch weights (encoder.pt), once per process."""
-    from byorl.training.export import load_torch_encoder
+    from byorl.model_dir import load_torch_encoder
 
     return load_torch_encoder(model_dir).to(_torch_device(device)).eval()
 
@@ -195,7 +195,7 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pro
     import torch
 
     from byorl.training.data import ImageSet
-    from byorl.training.heads import HeadConfig, fit_head
+    from byorl.training.linear_classifier import HeadConfig, fit_head
 
     encoder, access = model
     if params["robust"] and access["method"] != "white-box":
@@ -247,7 +247,7 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
     device = next(encoder.parameters(), torch.empty(0)).device
     if params["audit"] == "robustness":
         from byorl.training.evaluate import evaluate_black_box, evaluate_robustness
-        from byorl.training.heads import Classifier, linear_from
+        from byorl.training.linear_classifier import Classifier, linear_from
 
         head = linear_from(*HeadStore(data_dir).weights(params["head_id"])).to(device)
         classifier = Classifier(encoder, head).eval()

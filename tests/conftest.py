@@ -105,7 +105,7 @@ def model_dir(image_folder) -> Path:
     import torch
 
     sources = [ROOT / f for f in ("training/models.py", "training/export.py",
-                                  "training/checkpoint.py", "index/model_card.py")]
+                                  "training/checkpoint.py", "byorl/model_dir.py")]
     key = [p.read_bytes() for p in sources] + [torch.__version__.encode(),
                                                onnxruntime.__version__.encode()]
     return cached_dir("tiny-model", key, lambda out: export_tiny_model(out, image_folder))

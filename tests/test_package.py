@@ -49,8 +49,8 @@ print(json.dumps({"light": light, "names": names}))
     got = json.loads(out.stdout)
     assert got["light"]  # `import byorl` alone loads no heavy library
     assert got["names"] == {
-        "read_card": "byorl.index.model_card", "load_onnx_session": "byorl.index.model_card",
-        "embed": "byorl.index.model_card", "TrainConfig": "byorl.training.config",
+        "read_card": "byorl.model_dir", "load_onnx_session": "byorl.model_dir",
+        "embed": "byorl.model_dir", "TrainConfig": "byorl.training.config",
         "train": "byorl.training.train", "evaluate_checkpoint": "byorl.training.evaluate"}
 
 

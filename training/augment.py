@@ -5,22 +5,13 @@ Inputs and outputs are float pixels in [0, 1], shape (N, 3, H, W).
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
+from byorl.training.config import AugmentConfig
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # as torchvision's rgb_to_grayscale
-
-
-@dataclass
-class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    color_strength: float = 0.5  # the paper's s: jitter (0.8s, 0.8s, 0.8s, 0.2s)
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
 
 
 def _uniform(n: int, lo: float, hi: float, device) -> torch.Tensor:

@@ -22,11 +22,11 @@ from torch.nn import functional as F
 
 from byorl.training.attacks import PGD, ThreatModel
 from byorl.training.augment import random_resized_crop_flip
-from byorl.training.byorl import frozen_bn_stats
+from byorl.training.batchnorm import frozen_bn_stats
 from byorl.training.data import ImageSet
-from byorl.training.heads import Classifier, Progress, to_float
+from byorl.training.device import pick_device
+from byorl.training.linear_classifier import Classifier, Progress, to_float
 from byorl.training.models import create_model
-from byorl.training.train import pick_device
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""BYOL's networks and loss, and the BYORL attack on the online view (eq. 4-7 of the paper)."""
+"""BYOL's networks (the encoder and its projector and predictor heads) and loss, and the BYORL
+attack on the online view (eq. 4-7 of the paper)."""
 
-import contextlib
 import copy
 import functools
 from typing import NamedTuple
@@ -10,7 +10,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from byorl.training.attacks import APGD, PGD
-from byorl.training.models import MLP, create_model
+from byorl.training.batchnorm import frozen_bn_stats
+from byorl.training.models import create_model
+
+
+class MLP(nn.Sequential):
+    """BYOL projector/predictor: Linear -> BatchNorm -> ReLU -> Linear."""
+
+    def __init__(self, dim_in: int, hidden: int = 4096, dim_out: int = 256):
+        super().__init__(
+            nn.Linear(dim_in, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, dim_out),
+        )
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -46,21 +59,11 @@ def make_target(online: OnlineNetwork) -> OnlineNetwork:
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """xi <- tau xi + (1 - tau) theta, on weights only: the target runs on batch statistics
     during training, so its BatchNorm running averages are never used."""
-    with torch.no_grad():
-        for t, o in zip(target.parameters(), online.parameters(), strict=True):
-            t.lerp_(o.detach(), 1 - tau)
-
-
-def frozen_bn_stats(module: nn.Module) -> contextlib.ExitStack:
-    """`with frozen_bn_stats(net):` batch statistics still normalise, but running averages are
-    left alone (momentum 0): the attack's extra forward passes must not pollute the statistics
-    used at inference. Leaving the block restores each momentum."""
-    restore = contextlib.ExitStack()
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            restore.callback(setattr, m, "momentum", m.momentum)
-            m.momentum = 0.0
-    return restore
+    targets, onlines = list(target.parameters()), list(online.parameters())
+    if len(targets) != len(onlines):
+        raise ValueError(f"target has {len(targets)} parameters, online {len(onlines)}")
+    with torch.no_grad():  # one fused kernel per device and dtype (timm ModelEmaV3)
+        torch._foreach_lerp_(targets, [o.detach() for o in onlines], 1 - tau)
 
 
 class StepLoss(NamedTuple):

@@ -1,24 +1,20 @@
 """Atomic checkpoint files and loading a trained encoder back from a run or checkpoint."""
 
-import os
 from pathlib import Path
 
 import torch
 
-from byorl.index.model_card import read_card
+from byorl.files import atomic_file
+from byorl.model_dir import CARD, load_torch_encoder, read_card
 from byorl.training.models import create_model
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def save_atomic(obj, path: Path) -> None:
-    """Write to a temporary file, fsync, rename: a kill at any moment leaves the old or the new."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+def save_atomic(obj, path: str | Path) -> None:
+    """torch.save through `atomic_file`: a kill at any moment leaves the old file or the new."""
+    with atomic_file(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -37,9 +33,7 @@ def load_encoder(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module,
     """The online encoder of a run directory or checkpoint, or of an exported model directory
     (models/default: no checkpoint needed to evaluate or demo it), in eval mode, and the run's
     config."""
-    if (Path(path) / "card.json").exists():
-        from byorl.training.export import load_torch_encoder  # export imports this module
-
+    if (Path(path) / CARD).exists():
         return load_torch_encoder(path, map_location), read_card(path)["training"]["config"]
     ckpt = load_checkpoint(path, map_location)
     config = ckpt["config"]

@@ -5,6 +5,17 @@ import shlex
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
+
+from byorl.training.config import (
+    AttackMethod,
+    BnViews,
+    Device,
+    Norm,
+    Precision,
+    Switch,
+    TrainConfig,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -22,6 +33,26 @@ def parse_eps(text: str) -> float:
     return float(text)
 
 
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with the non-None values of `overrides` (nested dicts merged key by key)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        if isinstance(v, dict):
+            out[k] = merged(out.get(k, {}), v)
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def validated(cls, d: dict):
+    """`cls.from_dict(d)`, a validation error becoming a usage error that names the field."""
+    try:
+        return cls.from_dict(d)
+    except ValidationError as e:
+        problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise typer.BadParameter("; ".join(problems)) from None
+
+
 @app.command()
 def train(
     out: Path = typer.Option(Path("runs/byorl"), help="Run directory (resumed if it exists)."),
@@ -34,8 +65,8 @@ def train(
     width: int | None = typer.Option(None, help="Width multiplier (1, 2, 4)."),
     proj_hidden: int | None = typer.Option(None),
     proj_dim: int | None = typer.Option(None),
-    attack: str | None = typer.Option(None, help="apgd (paper), pgd, or none (= BYOL)."),
-    norm: str | None = typer.Option(None, help="linf or l2"),
+    attack: AttackMethod | None = typer.Option(None, help="apgd (paper), pgd, or none (= BYOL)."),
+    norm: Norm | None = typer.Option(None),
     eps: str | None = typer.Option(None, help="Budget, e.g. 8/255 or 128/255"),
     steps: int | None = typer.Option(None, help="Attack steps K"),
     epochs: float | None = typer.Option(None),
@@ -46,49 +77,38 @@ def train(
     color_strength: float | None = typer.Option(None),
     min_crop: float | None = typer.Option(None, help="Smallest crop area fraction."),
     seed: int | None = typer.Option(None),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda"),
-    precision: str | None = typer.Option(None, help="auto, fp32, bf16"),
-    bn_views: str | None = typer.Option(
+    device: Device | None = typer.Option(None),
+    precision: Precision | None = typer.Option(None),
+    bn_views: BnViews | None = typer.Option(
         None, help="separate (each view its own BatchNorm batch, the paper's) or concat."),
     sync_bn: bool | None = typer.Option(
         None, "--sync-bn/--no-sync-bn", help="Under torchrun: global-batch BatchNorm (default)."),
-    compile: str | None = typer.Option(None, help="torch.compile: auto (CUDA only), on, off."),
+    compile: Switch | None = typer.Option(None, help="torch.compile: auto (CUDA only), on, off."),
     checkpoint_every: int | None = typer.Option(None),
     log_every: int | None = typer.Option(None),
     max_steps: int | None = typer.Option(None, help="Stop after this many steps (resumable)."),
     time_limit_min: float | None = typer.Option(None, help="Stop after this long (resumable)."),
 ):
     """Train a BYORL (or BYOL, --attack none) encoder. Defaults are the paper's."""
-    from byorl.training.config import TrainConfig
     from byorl.training.train import train as run_train
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
-    cfg = TrainConfig.from_dict(json.loads(base.read_text())) if base else TrainConfig()
-    cfg.out = str(out)
-    sets = [
-        (cfg.data, "source", data), (cfg.data, "root", data_root),
-        (cfg.model, "arch", arch), (cfg.model, "width", width),
-        (cfg.model, "proj_hidden", proj_hidden), (cfg.model, "proj_dim", proj_dim),
-        (cfg.attack, "method", attack), (cfg.attack, "norm", norm),
-        (cfg.attack, "eps", parse_eps(eps) if eps else None), (cfg.attack, "steps", steps),
-        (cfg.optim, "epochs", epochs), (cfg.optim, "warmup_epochs", warmup_epochs),
-        (cfg.optim, "batch_size", batch_size), (cfg.optim, "lr", lr),
-        (cfg.optim, "tau_base", tau_base),
-        (cfg.augment, "color_strength", color_strength),
-        (cfg.augment, "crop_scale", (min_crop, 1.0) if min_crop else None),
-        (cfg, "seed", seed), (cfg, "device", device), (cfg, "precision", precision),
-        (cfg, "bn_views", bn_views), (cfg, "sync_bn", sync_bn), (cfg, "compile", compile),
-        (cfg, "checkpoint_every", checkpoint_every), (cfg, "log_every", log_every),
-    ]
-    for obj, name, value in sets:
-        if value is not None:
-            setattr(obj, name, value)
-    if download:
-        cfg.data.download = True
-    if extra_unlabeled:
-        cfg.data.extra_unlabeled = list(extra_unlabeled)
-    cfg.attack.__post_init__()
-    cfg.__post_init__()
+    flags = {
+        "out": str(out), "seed": seed, "device": device, "precision": precision,
+        "bn_views": bn_views, "sync_bn": sync_bn, "compile": compile,
+        "checkpoint_every": checkpoint_every, "log_every": log_every,
+        "data": {"source": data, "root": data_root, "download": download or None,
+                 "extra_unlabeled": list(extra_unlabeled) or None},
+        "model": {"arch": arch, "width": width, "proj_hidden": proj_hidden, "proj_dim": proj_dim},
+        "attack": {"method": attack, "norm": norm, "eps": parse_eps(eps) if eps else None,
+                   "steps": steps},
+        "optim": {"epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size,
+                  "lr": lr, "tau_base": tau_base},
+        "augment": {"color_strength": color_strength,
+                    "crop_scale": (min_crop, 1.0) if min_crop else None},
+    }
+    saved = json.loads(base.read_text()) if base else TrainConfig().to_dict()
+    cfg = validated(TrainConfig, merged(saved, flags))
     time_limit = time_limit_min * 60 if time_limit_min else None
     run = run_train(cfg, max_steps=max_steps, time_limit_s=time_limit)
     typer.echo(f"run directory: {run}")
@@ -133,7 +153,7 @@ def index_build(
     """Embed every image of a split and save a FAISS index of them, keyed SPLIT/N, with the
     class name as metadata."""
     from byorl.index.build import build_index
-    from byorl.index.model_card import read_card
+    from byorl.model_dir import read_card
     from byorl.training.data import load_images
 
     data = load_images(images, split, read_card(model)["input_size"][1])
@@ -239,7 +259,7 @@ def landscape(
 ):
     """Margin-loss landscapes around test images (Fig. 9/10), a gradient-masking check."""
     from byorl.training.figures import model_landscapes
-    from byorl.training.heads import HeadConfig
+    from byorl.training.linear_classifier import HeadConfig
 
     head = HeadConfig(robust=robust_head, min_steps=head_min_steps)
     lands = model_landscapes(run, data, out, parse_threat(threat), labels, head, images,
@@ -333,7 +353,7 @@ def evaluate(
     from rich.markdown import Markdown
 
     from byorl.training.evaluate import evaluate_checkpoint, report_markdown, write_report
-    from byorl.training.heads import HeadConfig
+    from byorl.training.linear_classifier import HeadConfig
     from byorl.training.progress import Bars
 
     heads = ("nonrobust", "robust") if head == "both" else tuple(head.split(","))

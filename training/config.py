@@ -1,118 +1,112 @@
-"""Typed training configuration. Defaults are the paper's (section 4.1, appendix A); the CPU
-recipe overrides them explicitly. Saved as JSON next to every run and inside every checkpoint."""
+"""Typed training configuration, validated once. Defaults are the paper's (section 4.1, appendix
+A); the CPU recipe overrides them explicitly. Saved as JSON next to every run and inside every
+checkpoint.
 
-import dataclasses
+pydantic models: a wrong type, an unknown field or a value outside its choices fails at once,
+naming the field, whether it comes from a saved config.json or the command line (the CLI builds
+a dict of its flags over the base config and validates it here, in one place). The fixed choices
+are `Literal` types, which the CLI lists in its --help.
+"""
+
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from byorl.training.attacks import check_budget
-from byorl.training.augment import AugmentConfig
+from pydantic import BaseModel, ConfigDict, Field
 
-
-@dataclass
-class ModelConfig:
-    arch: str = "preact_resnet34"
-    width: int = 2
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-
-
-@dataclass
-class DataConfig:
-    source: str = "cifar10"
-    root: str = "data"
-    download: bool = False
-    extra_unlabeled: list[str] = field(default_factory=list)
-    image_size: int = 32
-
-
-@dataclass
-class AttackConfig:
-    """The inner maximisation. method 'none' turns BYORL into plain BYOL."""
-
-    method: str = "apgd"
-    norm: str = "linf"
-    eps: float = 8 / 255
-    steps: int = 40
-    step_size: float | None = None  # PGD only; AutoPGD adapts its own
-
-    def __post_init__(self):
-        if self.method not in ("apgd", "pgd", "none"):
-            raise ValueError(f"attack method must be apgd, pgd or none, got {self.method!r}")
-        check_budget(self.norm, self.eps)
-
-
-@dataclass
-class OptimConfig:
-    epochs: float = 1000
-    warmup_epochs: float = 10
-    batch_size: int = 512  # global, over all processes
-    lr: float = 2.0
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    lars_eta: float = 1e-3
-    tau_base: float = 0.996
-
-
-BN_VIEWS = ("separate", "concat")
-SWITCH = ("auto", "on", "off")
-PRECISIONS = ("auto", "fp32", "bf16")
+AttackMethod = Literal["apgd", "pgd", "none"]
+Norm = Literal["linf", "l2"]
+BnViews = Literal["separate", "concat"]
+Switch = Literal["auto", "on", "off"]
+Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]  # what the CLI offers; configs take any torch device
+NORMS = get_args(Norm)
 # What a saved config without these fields was trained with: one batch of both views, and
 # (under torchrun) each GPU's own BatchNorm statistics.
 LEGACY = {"bn_views": "concat", "sync_bn": False}
 
 
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+class _Config(BaseModel):
+    """Unknown fields are errors (a typo must not silently train the default), and assignments
+    are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Config):
+    arch: str = "preact_resnet34"
+    width: int = Field(2, ge=1)
+    proj_hidden: int = Field(4096, ge=1)
+    proj_dim: int = Field(256, ge=1)
+
+
+class DataConfig(_Config):
+    source: str = "cifar10"
+    root: str = "data"
+    download: bool = False
+    extra_unlabeled: list[str] = Field(default_factory=list)
+    image_size: int = Field(32, ge=1)
+
+
+class AugmentConfig(_Config):
+    """The views' augmentations (appendix A; `augment.augment` applies them)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = Field(0.5, ge=0, le=1)
+    color_strength: float = Field(0.5, ge=0)  # the paper's s: jitter (0.8s, 0.8s, 0.8s, 0.2s)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    gray_p: float = Field(0.2, ge=0, le=1)
+
+
+class AttackConfig(_Config):
+    """The inner maximisation. method 'none' turns BYORL into plain BYOL."""
+
+    method: AttackMethod = "apgd"
+    norm: Norm = "linf"
+    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False)
+    steps: int = Field(40, ge=0)
+    step_size: float | None = Field(None, gt=0)  # PGD only; AutoPGD adapts its own
+
+
+class OptimConfig(_Config):
+    epochs: float = Field(1000, gt=0)
+    warmup_epochs: float = Field(10, ge=0)
+    batch_size: int = Field(512, ge=1)  # global, over all processes
+    lr: float = Field(2.0, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lars_eta: float = Field(1e-3, gt=0)
+    tau_base: float = Field(0.996, ge=0, le=1)
+
+
+class TrainConfig(_Config):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
     seed: int = 0
     out: str = "runs/byorl"
     device: str = "auto"  # auto = CUDA when present, else CPU
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
-    log_every: int = 10
-    checkpoint_every: int = 50
+    precision: Precision = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     # How BatchNorm sees the two views: "separate" (each view through the networks on its own,
     # as the published BYOL: each view normalised with its own statistics) or "concat" (both in
     # one batch, statistics mixed: the recipe of the configs saved before this field existed).
-    bn_views: str = "separate"
+    bn_views: BnViews = "separate"
     sync_bn: bool = True  # under DDP: BatchNorm statistics of the global batch, not one GPU's
-    compile: str = "auto"  # torch.compile the networks: auto = on CUDA only; or on / off
-
-    def __post_init__(self):
-        for name, allowed in (("bn_views", BN_VIEWS), ("compile", SWITCH),
-                              ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    compile: Switch = "auto"  # torch.compile the networks: auto = on CUDA only; or on / off
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """A saved config as what it was trained with: a field it lacks (it was written before
         the field existed) takes its LEGACY value, not today's default."""
-        d = {**LEGACY, **d}
-        a = dict(d.get("augment", {}))
-        for k in ("crop_scale", "crop_ratio"):
-            if k in a:
-                a[k] = tuple(a[k])
-        return cls(
-            model=ModelConfig(**d.get("model", {})),
-            data=DataConfig(**d.get("data", {})),
-            augment=AugmentConfig(**a),
-            attack=AttackConfig(**d.get("attack", {})),
-            optim=OptimConfig(**d.get("optim", {})),
-            **{
-                k: v
-                for k, v in d.items()
-                if k not in ("model", "data", "augment", "attack", "optim")
-            },
-        )
+        return cls.model_validate({**LEGACY, **d})
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

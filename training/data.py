@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from byorl.files import atomic_file
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 DEFAULT_CACHE = Path(os.environ.get("BYORL_CACHE") or Path.home() / ".cache" / "byorl")
 VAL_SIZE = 1024
@@ -147,10 +149,8 @@ def load_images(
             )
         data = _load_folder(path, split, size)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": data.images, "labels": data.labels, "classes": data.classes}, tmp)
-        os.replace(tmp, cache)
+        with atomic_file(cache) as f:
+            torch.save({"images": data.images, "labels": data.labels, "classes": data.classes}, f)
     return data
 
 

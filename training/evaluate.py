@@ -4,7 +4,8 @@ The suite (paper section 4.1 and appendix A) is a per-example worst case over Au
 cross-entropy, AutoPGD on the difference-of-logits-ratio loss, MultiTargeted on the margin loss
 and the black-box Square attack, each attack run only on the points all previous ones failed on.
 torchattacks provides APGD and Square; MultiTargeted (Gowal et al. 2019) is in no library and
-lives here. Every result names the mode and the exact attack settings that produced it.
+lives with the project's other attacks (attacks.py). Every result names the mode and the exact
+attack settings that produced it.
 """
 
 import itertools
@@ -20,11 +21,12 @@ import torchattacks
 from torch import nn
 from torch.nn import functional as F
 
-from byorl.index.files import atomic_write
-from byorl.training.attacks import APGD, ThreatModel
+from byorl.files import atomic_write
+from byorl.training.attacks import MultiTargeted, ThreatModel
 from byorl.training.checkpoint import load_encoder
 from byorl.training.data import VAL_SIZE, label_subset, load_images
-from byorl.training.heads import (
+from byorl.training.device import pick_device
+from byorl.training.linear_classifier import (
     HEAD_KINDS,
     Classifier,
     HeadConfig,
@@ -33,7 +35,6 @@ from byorl.training.heads import (
     linear_to_lists,
     to_float,
 )
-from byorl.training.train import pick_device
 
 # attack(model, x, y, norm, eps) -> x_adv inside the eps-ball around x and inside [0, 1].
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str, float], torch.Tensor]
@@ -58,48 +59,6 @@ LARGE_EPS_PIXEL = 0.5  # linf radius that reaches mid-grey from any image; l2 us
 NEAR_ZERO = 0.05  # robust accuracy at the large eps must not exceed this
 SQUARE_TOLERANCE = 0.01  # Square may fool at most this fraction more than the white-box attacks
 ZERO_GRAD_TOLERANCE = 0.05  # fraction of correct points allowed an exactly-zero input gradient
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """max_{j != y} z_j - z_y: positive exactly when the example is misclassified."""
-    other = logits.scatter(1, y[:, None], -math.inf).amax(1)
-    return other - logits.gather(1, y[:, None]).squeeze(1)
-
-
-class MultiTargeted:
-    """MultiTargeted (Gowal et al. 2019): restart r maximises z_t - z_y for one wrong class t.
-
-    Targets are the wrong classes ranked by their clean logit, cycled over the restarts (20
-    restarts over 9 CIFAR-10 targets visit the top two three times). Each restart optimises
-    with the project's AutoPGD and only attacks points that no earlier restart fooled.
-    """
-
-    def __init__(self, model: nn.Module, norm: str, eps: float, steps: int, restarts: int):
-        self.model, self.norm, self.eps = model, norm, eps
-        self.steps, self.restarts = steps, restarts
-
-    def _targeted_margin(self, x_adv: torch.Tensor, yt: torch.Tensor) -> torch.Tensor:
-        z = self.model(x_adv)
-        return (z.gather(1, yt[:, 1:]) - z.gather(1, yt[:, :1])).squeeze(1)
-
-    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, x_adv = x.detach(), x.detach().clone()
-        with torch.no_grad():
-            logits = self.model(x)
-        fooled = logits.argmax(1) != y
-        targets = logits.scatter(1, y[:, None], -math.inf).argsort(1, descending=True)
-        targets = targets[:, : logits.shape[1] - 1]
-        for r in range(self.restarts):
-            todo = (~fooled).nonzero().squeeze(1)
-            if len(todo) == 0:
-                break
-            t = targets[todo, r % targets.shape[1]]
-            attack = APGD(self._targeted_margin, self.norm, self.eps, self.steps)
-            found = attack.perturb(x[todo], torch.stack([y[todo], t], 1))
-            with torch.no_grad():
-                hit = self.model(found).argmax(1) != y[todo]
-            x_adv[todo[hit]], fooled[todo[hit]] = found[hit], True
-        return x_adv
 
 
 _TA_NORM = {"linf": "Linf", "l2": "L2"}

@@ -5,7 +5,8 @@ stops early on the 1024 held-out validation images, and is evaluated by the atta
 paper's full suite by default) on a seeded random subset of the test set:
 
 - byorl / byol, and any encoder named in `encoders`: a linear head on the frozen encoder, one
-  cell per head kind in `heads` (byorl.training.heads.HEAD_KINDS), its W and b saved in the cell;
+  cell per head kind in `heads` (byorl.training.linear_classifier.HEAD_KINDS), its W and b saved
+  in the cell;
 - at: adversarial training of the same architecture on the labeled images only;
 - uat_ft: pseudo-labeling, then adversarial training on all training images.
 
@@ -29,15 +30,16 @@ from pathlib import Path
 
 import torch
 
-from byorl.index.files import atomic_write
-from byorl.index.model_card import CARD, read_card
+from byorl.files import atomic_write
+from byorl.model_dir import CARD, read_card
 from byorl.training.attacks import ThreatModel
 from byorl.training.baselines import BaselineConfig, new_classifier, train_classifier, uat_ft
-from byorl.training.checkpoint import checkpoint_path, load_checkpoint, load_encoder
+from byorl.training.checkpoint import checkpoint_path, load_checkpoint, load_encoder, save_atomic
 from byorl.training.data import ImageSet, label_subset, load_images
+from byorl.training.device import pick_device
 from byorl.training.evaluate import evaluate_robustness
 from byorl.training.figures import plot_accuracy, threat_label
-from byorl.training.heads import (
+from byorl.training.linear_classifier import (
     HEAD_KINDS,
     Classifier,
     HeadConfig,
@@ -46,7 +48,6 @@ from byorl.training.heads import (
     linear_from,
     linear_to_lists,
 )
-from byorl.training.train import pick_device
 
 METHODS = ("byorl", "byol", "at", "uat_ft")
 
@@ -288,7 +289,7 @@ def _baseline(method, train, labeled, val, labeled_idx, val_idx, threat, baselin
 
 
 def _save_baseline(model, history, partial: Path) -> dict:
-    torch.save(model.state_dict(), partial / "model.pt")
+    save_atomic(model.state_dict(), partial / "model.pt")
     return {"history": history}
 
 

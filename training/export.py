@@ -16,22 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from byorl.index.files import atomic_write, sha256_file
-from byorl.index.model_card import (
+from byorl.files import atomic_write, sha256_file
+from byorl.model_dir import (
     CARD,
     INPUT_NAME,
     ONNX,
     OUTPUT_NAME,
+    WEIGHTS,
     embed,
     load_onnx_session,
-    read_card,
     validate_card,
 )
 from byorl.training.checkpoint import load_encoder, save_atomic
 from byorl.training.data import load_images
-from byorl.training.models import create_model
 
-WEIGHTS = "encoder.pt"
 PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| over embedding coordinates
 PARITY_BATCHES = (1, 64)
 
@@ -167,11 +165,3 @@ def export_encoder(checkpoint_or_run: str | Path, out_dir: str | Path,
     stage(5, "parity checked")
     return card
 
-
-def load_torch_encoder(model_dir: str | Path, map_location="cpu") -> nn.Module:
-    """The exported encoder as a PyTorch module in eval mode (for workers that need gradients)."""
-    read_card(model_dir)  # a directory without a valid card is not a finished export
-    state = torch.load(Path(model_dir) / WEIGHTS, map_location=map_location, weights_only=True)
-    encoder = create_model(state["arch"], width=state["width"])
-    encoder.load_state_dict(state["state_dict"])
-    return encoder.eval()

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from byorl.training.attacks import PGD, ThreatModel
+from byorl.training.attacks import PGD, ThreatModel, margin_loss
 from byorl.training.checkpoint import load_encoder
 from byorl.training.data import label_subset, load_images
-from byorl.training.evaluate import margin_loss
-from byorl.training.heads import Classifier, HeadConfig, fit_linear_head, to_float
+from byorl.training.linear_classifier import Classifier, HeadConfig, fit_linear_head, to_float
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)

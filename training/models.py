@@ -95,15 +95,3 @@ def create_model(name: str, width: int = 1, **kw) -> PreActResNet:
     if width < 1:
         raise ValueError(f"width multiplier must be >= 1, got {width}")
     return _REGISTRY[name](width=width, **kw)
-
-
-class MLP(nn.Sequential):
-    """BYOL projector/predictor: Linear -> BatchNorm -> ReLU -> Linear."""
-
-    def __init__(self, dim_in: int, hidden: int = 4096, dim_out: int = 256):
-        super().__init__(
-            nn.Linear(dim_in, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, dim_out),
-        )

@@ -5,9 +5,9 @@ from tqdm import tqdm
 
 
 class Bars:
-    """A `progress(done, total, what)` callback (see byorl.training.heads.Progress) drawn as tqdm
-    bars on stderr. A new bar starts with each new sequence of work (`done` falls back, or
-    `total` changes: the next head, the attacks after it). With a `label`, the label names the
+    """A `progress(done, total, what)` callback (byorl.training.linear_classifier.Progress) drawn
+    as tqdm bars on stderr. A new bar starts with each new sequence of work (`done` falls back,
+    or `total` changes: the next head, the attacks after it). With a `label`, the label names the
     bar and `what` is shown beside it; without, `what` names the bar."""
 
     def __init__(self, label: str | None = None, position: int = 0, leave: bool = True, **kw):

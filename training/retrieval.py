@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from byorl.training.attacks import APGD, ThreatModel, normalized_step, project
 from byorl.training.checkpoint import load_encoder
 from byorl.training.data import load_images
-from byorl.training.heads import Progress, encode, to_float
+from byorl.training.linear_classifier import Progress, encode, to_float
 
 
 def embed(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from byorl.training.augment import augment
+from byorl.training.batchnorm import convert_sync_bn, frozen_bn_stats
 from byorl.training.byorl import (
     OnlineNetwork,
     StepLoss,
     byol_loss,
     ema_update,
-    frozen_bn_stats,
     make_attack,
     make_target,
     per_view,
@@ -28,14 +28,8 @@ from byorl.training.byorl import (
 from byorl.training.checkpoint import CHECKPOINT, load_checkpoint, save_atomic
 from byorl.training.config import TrainConfig
 from byorl.training.data import load_images, load_unlabeled
+from byorl.training.device import pick_device
 from byorl.training.optim import LARS, get_lr, get_tau, lars_param_groups
-from byorl.training.sync_bn import convert_sync_bn
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:

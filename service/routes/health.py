@@ -4,7 +4,7 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from byorl.index import model_card
+from byorl import model_dir
 from byorl.service.deps import Service
 from byorl.service.metrics import REGISTRY
 from byorl.service.schemas import Health
@@ -25,7 +25,7 @@ async def check_readiness(svc: Service, response: Response) -> Health:
               "broker": await run_in_threadpool(svc.queue.ping)}
     ready = all(checks.values())
     response.status_code = 200 if ready else 503
-    device = model_card.session_device(svc.models.default.session) if len(svc.models) else None
+    device = model_dir.session_device(svc.models.default.session) if len(svc.models) else None
     return Health(status="ready" if ready else "not ready", checks=checks, device=device)
 
 

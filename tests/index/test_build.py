@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from byorl.index.build import build_index
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.index.model_card import embed, load_onnx_session, read_card
+from byorl.model_dir import embed, load_onnx_session, read_card
 from byorl.training.cli import app
 from byorl.training.data import load_images
 

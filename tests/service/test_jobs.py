@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from fastapi.testclient import TestClient
 
+from byorl.model_dir import load_torch_encoder
 from byorl.service.jobs import make_celery
 from byorl.service.main import create_app
 from byorl.service.settings import Settings
 from byorl.service.store import JobStore
-from byorl.training.export import load_torch_encoder
-from byorl.training.heads import Classifier
+from byorl.training.linear_classifier import Classifier
 from tests.live import wait_for
 
 # Runs in a fresh interpreter: the api (in-process client, embedded jobs) on BYORL_* settings.

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from byorl.index.model_card import ModelCardError, read_card
+from byorl.model_dir import ModelCardError, read_card
 from byorl.service.served_models import ModelRegistry, find_model_dir, user_models_root
 from byorl.service.settings import BUNDLED_MODELS, Settings
 from byorl.service.store import NotFound

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from byorl.index.model_card import embed, load_onnx_session, read_card
+from byorl.model_dir import embed, load_onnx_session, load_torch_encoder, read_card
 from byorl.service import tasks
 from byorl.service.gallery import Gallery
 from byorl.service.settings import Settings
 from byorl.service.store import HeadStore, JobStore, ReportStore
-from byorl.training.export import load_torch_encoder
-from byorl.training.heads import L2_GRID, Classifier
+from byorl.training.linear_classifier import L2_GRID, Classifier
 from tests.live import wait_for
 
 

@@ -4,13 +4,16 @@ import torch
 from byorl.training.attacks import (
     APGD,
     PGD,
+    MultiTargeted,
     ThreatModel,
     apgd_checkpoints,
+    margin_loss,
     normalized_step,
     project,
     random_start,
 )
 from byorl.training.byorl import OnlineNetwork, byol_loss
+from tests.training.conftest import exact_linf_robust, synthetic_linear
 
 BUDGETS = [("linf", 8 / 255), ("l2", 0.5)]
 
@@ -260,3 +263,50 @@ def test_apgd_first_l2_step_is_the_plain_projected_step():
     x0, x1 = queries[0], queries[1]
     assert not torch.equal(x0, x)  # a random start
     torch.testing.assert_close(x1, project(x0 + 2 * 0.2 * w / 5, x, "l2", 0.2))
+
+
+def test_margin_loss_is_best_other_logit_minus_true_logit():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    assert margin_loss(logits, torch.tensor([0, 1])).tolist() == [2.0, -1.0]
+
+
+@pytest.mark.parametrize("threat", [ThreatModel("linf", 8 / 255), ThreatModel("l2", 1.0)])
+def test_multitargeted_fools_an_undefended_model(data, convnet, threat):
+    x, y = data[2], data[3]
+    with torch.no_grad():
+        correct = convnet(x).argmax(1) == y
+    x, y = x[correct], y[correct]
+    x_adv = MultiTargeted(convnet, threat.norm, threat.eps, steps=20, restarts=3).perturb(x, y)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if threat.norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= threat.eps * (1 + 1e-5)
+    assert 0 <= x_adv.min() and x_adv.max() <= 1
+    with torch.no_grad():
+        fooled = convnet(x_adv).argmax(1) != y
+    assert fooled.float().mean() >= 0.9
+
+
+def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
+    """One restart attacks only the best-ranked wrong class; three cover all of them and reach
+    the exact worst case (at this eps one point falls only to its second or third class)."""
+    model, x, y = synthetic_linear()
+    eps = 0.03
+    w, b, flat = model[1].weight.detach(), model[1].bias.detach(), x.flatten(1)
+    with torch.no_grad():
+        logits = model(x)
+    correct = logits.argmax(1) == y
+    top_wrong = logits.scatter(1, y[:, None], -float("inf")).argmax(1)
+    c = w[top_wrong] - w[y]  # exact best move toward that class, clipped to [0, 1]
+    gain = ((flat + eps * c.sign()).clamp(0, 1) * c).sum(1) + b[top_wrong] - b[y]
+    exact = exact_linf_robust(model, x, y, eps)
+    assert exact.sum() < (correct & (gain <= 0)).sum()
+    for restarts, robust in ((1, correct & (gain <= 0)), (3, exact)):
+        x_adv = MultiTargeted(model, "linf", eps, steps=10, restarts=restarts).perturb(x, y)
+        with torch.no_grad():
+            assert torch.equal(model(x_adv).argmax(1) == y, robust)
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+    # a budget that fools everything, the whole batch or a single point: stops once all are
+    mt = MultiTargeted(model, "linf", 0.5, steps=5, restarts=3)
+    for xs, ys in ((x, y), (x[6:7], y[6:7])):
+        with torch.no_grad():
+            assert (model(mt.perturb(xs, ys)).argmax(1) != ys).all()

@@ -3,6 +3,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from byorl.training import augment as A
+from byorl.training.config import AugmentConfig
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_full_crop_is_identity_and_flip_mirrors(images):
 
 def test_views_are_valid_and_differ_per_image(images):
     torch.manual_seed(1)
-    v1, v2 = A.augment(images, A.AugmentConfig()), A.augment(images, A.AugmentConfig())
+    v1, v2 = A.augment(images, AugmentConfig()), A.augment(images, AugmentConfig())
     assert v1.shape == images.shape and torch.isfinite(v1).all()
     assert v1.min() >= 0 and v1.max() <= 1
     assert (v1 - v2).flatten(1).abs().amax(1).min() > 1e-3  # every image got its own draw

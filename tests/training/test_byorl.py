@@ -11,7 +11,6 @@ from byorl.training.byorl import (
     OnlineNetwork,
     byol_loss,
     ema_update,
-    frozen_bn_stats,
     make_attack,
     make_target,
     symmetric_loss,
@@ -193,14 +192,6 @@ def test_per_view_loss_is_each_view_through_the_networks_alone():
     concat = symmetric_loss(copy.deepcopy(ref_online), copy.deepcopy(ref_target), v1, v2,
                             separate=False)
     assert abs(concat.loss.item() - by_hand.item()) > 1e-3
-
-
-def test_frozen_bn_stats_restores_momentum_when_the_attack_fails():
-    net = nn.Sequential(nn.BatchNorm1d(3, momentum=0.3), nn.BatchNorm1d(3, momentum=None))
-    with pytest.raises(RuntimeError), frozen_bn_stats(net):
-        assert [m.momentum for m in net] == [0.0, 0.0]
-        raise RuntimeError("attack failed")
-    assert [m.momentum for m in net] == [0.3, None]
 
 
 def test_make_attack_builds_the_configured_attack():

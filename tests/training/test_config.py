@@ -1,10 +1,14 @@
 """Saved configs load as what they were trained with; today's defaults are the paper's."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from byorl.training.cli import app
 from byorl.training.config import LEGACY, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,3 +39,40 @@ def test_a_fresh_config_is_the_papers_and_survives_a_round_trip():
 def test_unknown_choices_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_a_saved_config_with_an_unknown_field_or_a_wrong_type_is_refused():
+    with pytest.raises(ValidationError, match="attack.stpes"):  # a typo never trains a default
+        TrainConfig.from_dict({"attack": {"stpes": 3}})
+    with pytest.raises(ValidationError, match="optim.batch_size"):
+        TrainConfig.from_dict({"optim": {"batch_size": "big"}})
+    cfg = TrainConfig.from_dict({"augment": {"crop_scale": [0.2, 1.0]}})
+    assert cfg.augment.crop_scale == (0.2, 1.0)  # JSON lists are the tuples they were
+
+
+def test_assignments_are_validated_too():
+    cfg = TrainConfig()
+    with pytest.raises(ValidationError, match="eps"):
+        cfg.attack.eps = -1.0
+
+
+def plain(text: str) -> str:
+    """CLI output without rich's box drawing and line wrapping."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
+
+
+def test_a_bad_flag_fails_at_once_naming_the_field(tmp_path):
+    run = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--epochs", "-1"])
+    assert run.exit_code == 2
+    assert "optim.epochs: Input should be greater than 0" in plain(run.output)
+    assert not (tmp_path / "r").exists()  # nothing started
+    run = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--attack", "fgsm"])
+    assert run.exit_code == 2
+    assert "'fgsm' is not one of 'apgd', 'pgd', 'none'" in plain(run.output)
+
+
+def test_help_lists_the_fixed_choices():
+    text = plain(CliRunner().invoke(app, ["train", "--help"]).output)
+    for choices in ("<apgd|pgd|none>", "<linf|l2>", "<separate|concat>", "<auto|on|off>",
+                    "<auto|fp32|bf16>", "<auto|cpu|cuda>"):
+        assert choices in text

@@ -11,85 +11,19 @@ import torchattacks
 from torch import nn
 from torch.nn import functional as F
 
-from byorl.training.attacks import APGD, ThreatModel
-from byorl.training.data import load_images
+from byorl.training.attacks import APGD, MultiTargeted, ThreatModel
 from byorl.training.evaluate import (
     SUITES,
-    MultiTargeted,
     SuiteSettings,
     _break,
     _zero_gradient_fraction,
     evaluate_robustness,
     large_eps,
-    margin_loss,
     suite,
 )
-from byorl.training.heads import to_float
+from tests.training.conftest import exact_linf_robust, synthetic_linear
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data(cifar_sample):
-    """(train x, train y, test x, test y): the shipped CIFAR-10 test images, 2000 to train on,
-    100 to attack."""
-    torch.set_num_threads(1)
-    images = load_images(str(cifar_sample), "test", cache_dir=ROOT / ".cache" / "tests")
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    n_test = 100
-    train, test = perm[n_test : n_test + 2000], perm[:n_test]
-    x = to_float(images.images)
-    return x[train], images.labels[train], x[test], images.labels[test]
-
-
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(len(y), (128,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def linear(data):
-    torch.manual_seed(0)
-    return fit(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), data[0], data[1])
-
-
-@pytest.fixture(scope="module")
-def convnet(data):
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )
-    return fit(net, data[0], data[1], steps=300)
-
-
-def exact_linf_robust(linear: nn.Sequential, x, y, eps) -> torch.Tensor:
-    """Per example: robust to every x' in the linf ball and [0, 1]? For logits Wx + b the best
-    move toward class t is coordinate-wise: each pixel goes eps toward sign(w_t - w_y), clipped
-    to [0, 1]; the point is robust iff no target t then overtakes y."""
-    w, b = linear[1].weight.detach(), linear[1].bias.detach()
-    flat = x.flatten(1)
-    robust = (flat @ w.T + b).argmax(1) == y
-    for t in range(w.shape[0]):
-        c = w[t] - w[y]  # (N, D)
-        delta = (flat + eps * c.sign()).clamp(0, 1) - flat
-        gain = ((flat + delta) * c).sum(1) + b[t] - b[y]
-        robust &= (gain <= 0) | (t == y)
-    return robust
-
-
-def test_margin_loss_is_best_other_logit_minus_true_logit():
-    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
-    assert margin_loss(logits, torch.tensor([0, 1])).tolist() == [2.0, -1.0]
 
 
 def test_full_mode_is_the_papers_suite():
@@ -114,22 +48,6 @@ def test_suite_reaches_the_exact_worst_case_of_a_linear_model(data, linear):
     mt = MultiTargeted(linear, "linf", eps, steps=10, restarts=9).perturb(x, y)
     assert (linear(mt).argmax(1) == y).float().mean().item() == pytest.approx(exact)
     assert (mt - x).abs().max() <= eps + 1e-6
-
-
-@pytest.mark.parametrize("threat", [ThreatModel("linf", 8 / 255), ThreatModel("l2", 1.0)])
-def test_multitargeted_fools_an_undefended_model(data, convnet, threat):
-    x, y = data[2], data[3]
-    with torch.no_grad():
-        correct = convnet(x).argmax(1) == y
-    x, y = x[correct], y[correct]
-    x_adv = MultiTargeted(convnet, threat.norm, threat.eps, steps=20, restarts=3).perturb(x, y)
-    delta = (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if threat.norm == "linf" else delta.norm(dim=1)
-    assert size.max() <= threat.eps * (1 + 1e-5)
-    assert 0 <= x_adv.min() and x_adv.max() <= 1
-    with torch.no_grad():
-        fooled = convnet(x_adv).argmax(1) != y
-    assert fooled.float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 1 / 255), ("l2", 0.1)])
@@ -247,22 +165,6 @@ def test_the_full_suite_is_the_default():
     assert SUITES["full"] == SuiteSettings(5, 100, 20, 200, 5000, 20)
 
 
-def synthetic_linear(n: int = 48, seed: int = 0, size: int = 4):
-    """A random linear classifier on 3 x size x size images (4 classes) and images labelled by
-    it, a few relabelled wrongly: the suite's bookkeeping in seconds, with an exact worst case."""
-    gen = torch.Generator().manual_seed(seed)
-    d = 3 * size * size
-    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 4))
-    with torch.no_grad():
-        model[1].weight.copy_(torch.randn(4, d, generator=gen))
-        model[1].bias.zero_()
-    x = torch.rand(n, 3, size, size, generator=gen)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[:6] = (y[:6] + 1) % 4
-    return model.eval(), x, y
-
-
 def test_suite_records_the_per_example_worst_case_of_a_linear_model():
     """Small batches (several per attack), each attack only on the points still robust: the
     per-attack records add up to the exact worst case, and the sanity checks see a sound
@@ -329,33 +231,6 @@ def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
         with pytest.raises(RuntimeError, match="left"):
             _break(model, outside(0.0, shift), x.clamp(0.02, 0.98), y,
                    torch.ones(len(y), dtype=torch.bool), "linf", 0.1, 8)
-
-
-def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
-    """One restart attacks only the best-ranked wrong class; three cover all of them and reach
-    the exact worst case (at this eps one point falls only to its second or third class)."""
-    model, x, y = synthetic_linear()
-    eps = 0.03
-    w, b, flat = model[1].weight.detach(), model[1].bias.detach(), x.flatten(1)
-    with torch.no_grad():
-        logits = model(x)
-    correct = logits.argmax(1) == y
-    top_wrong = logits.scatter(1, y[:, None], -float("inf")).argmax(1)
-    c = w[top_wrong] - w[y]  # exact best move toward that class, clipped to [0, 1]
-    gain = ((flat + eps * c.sign()).clamp(0, 1) * c).sum(1) + b[top_wrong] - b[y]
-    exact = exact_linf_robust(model, x, y, eps)
-    assert exact.sum() < (correct & (gain <= 0)).sum()
-    for restarts, robust in ((1, correct & (gain <= 0)), (3, exact)):
-        x_adv = MultiTargeted(model, "linf", eps, steps=10, restarts=restarts).perturb(x, y)
-        with torch.no_grad():
-            assert torch.equal(model(x_adv).argmax(1) == y, robust)
-        assert (x_adv - x).abs().max() <= eps + 1e-6
-    # a budget that fools everything, the whole batch or a single point: stops once all are
-    mt = MultiTargeted(model, "linf", 0.5, steps=5, restarts=3)
-    for xs, ys in ((x, y), (x[6:7], y[6:7])):
-        with torch.no_grad():
-            assert (model(mt.perturb(xs, ys)).argmax(1) != ys).all()
-
 
 
 def test_evaluation_reports_progress_and_refuses_bad_inputs():

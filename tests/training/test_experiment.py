@@ -18,7 +18,7 @@ from byorl.training.data import load_images
 from byorl.training.evaluate import evaluate_robustness
 from byorl.training.experiment import ExperimentConfig, cell_key, run_experiment
 from byorl.training.export import export_encoder
-from byorl.training.heads import Classifier, HeadConfig, linear_from
+from byorl.training.linear_classifier import Classifier, HeadConfig, linear_from
 
 METHODS = ["byorl", "byol", "at", "uat_ft"]
 AMOUNTS = [0.25, 1.0]

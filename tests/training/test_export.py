@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from byorl.index.files import sha256_file
-from byorl.index.model_card import load_onnx_session, read_card
+from byorl.files import sha256_file
+from byorl.model_dir import load_onnx_session, load_torch_encoder, read_card
 from byorl.training.checkpoint import load_encoder
 from byorl.training.cli import app
 from byorl.training.config import TrainConfig
@@ -15,7 +15,6 @@ from byorl.training.data import load_images
 from byorl.training.export import (
     PARITY_TOLERANCE,
     export_encoder,
-    load_torch_encoder,
     parity_error,
 )
 from byorl.training.models import create_model

@@ -6,11 +6,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from byorl.training.attacks import ThreatModel
+from byorl.training.attacks import ThreatModel, margin_loss
 from byorl.training.data import load_images
-from byorl.training.evaluate import margin_loss
 from byorl.training.figures import loss_landscape, plot_accuracy, plot_landscapes, plot_neighbours
-from byorl.training.heads import Classifier, to_float
+from byorl.training.linear_classifier import Classifier, to_float
 from byorl.training.models import create_model
 
 

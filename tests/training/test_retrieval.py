@@ -9,7 +9,7 @@ import torch
 from byorl.training.attacks import ThreatModel
 from byorl.training.config import TrainConfig
 from byorl.training.data import load_images
-from byorl.training.heads import to_float
+from byorl.training.linear_classifier import to_float
 from byorl.training.models import create_model
 from byorl.training.retrieval import attack_retrieval, embed, retrieval_audit, retrieval_demo
 from tests.conftest import forward_only

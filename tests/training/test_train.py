@@ -21,7 +21,6 @@ from byorl.training.config import TrainConfig
 from byorl.training.train import (
     batch_indices,
     build_networks,
-    pick_device,
     train,
     uses_bf16,
     uses_compile,
@@ -97,14 +96,6 @@ def test_batches_are_seeded_disjoint_slices_of_one_permutation_per_epoch():
     assert torch.equal(batch_indices(1, 3, 10, 3, seed=7), epoch0[1])
     assert not torch.equal(batch_indices(3, 3, 10, 3, seed=7), epoch0[0])
     assert not torch.equal(batch_indices(0, 3, 10, 3, seed=8), epoch0[0])
-
-
-def test_pick_device():
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert pick_device().type == pick_device("auto").type == expected
-    assert pick_device("cpu") == torch.device("cpu")
-    if torch.cuda.is_available():
-        assert pick_device("auto", local_rank=1) == torch.device("cuda:1")
 
 
 def test_killed_run_resumes_to_the_same_state(image_folder, tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from fastapi.testclient import TestClient
 
+from byorl.model_dir import load_torch_encoder
 from byorl.service.main import create_app
 from byorl.training.data import decode_image
-from byorl.training.export import load_torch_encoder
 
 
 def metric(client, name: str) -> float:

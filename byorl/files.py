@@ -1,19 +1,25 @@
-"""Crash-safe file writes and file hashes, shared by the index, the exporter and the service."""
+"""Crash-safe file writes and file hashes: the one implementation that training (checkpoints,
+data caches, reports), the index and the service all write with."""
 
+import contextlib
 import hashlib
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write `chunks` to `path` so that a crash at any moment leaves the old file or the new one.
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """`with atomic_file(path) as f:` a file opened for writing that replaces `path` only when
+    the block ends without error, so that a crash at any moment leaves the old file or the new.
 
     The bytes go to a temporary file in the same directory, are flushed and fsynced, then
     renamed over `path` (atomic on POSIX), and the directory is fsynced so the rename itself is
     durable. A killed writer may leave a `.NAME.tmp-*` file behind, never a torn `path`; the
-    next write of `path` removes such leftovers of writers that no longer run.
+    next write of `path` removes such leftovers of writers that no longer run. Any writer works
+    (`torch.save(obj, f)`, `np.save(f, a)`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,8 +27,7 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,6 +35,13 @@ def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write `chunks` to `path` through `atomic_file`: the old file or the new, never a torn one."""
+    with atomic_file(path) as f:
+        for chunk in chunks:
+            f.write(chunk)
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -3,9 +3,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from byorl.index.files import atomic_write, sha256_file
+from byorl.files import atomic_file, atomic_write, sha256_file
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -28,6 +29,18 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, chunks())
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_atomic_file_takes_any_writer_and_keeps_the_old_file_when_it_fails(tmp_path):
+    path = tmp_path / "a.npy"
+    with atomic_file(path) as f:
+        np.save(f, np.arange(3))
+    assert np.load(path).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad array"), atomic_file(path) as f:
+        np.save(f, np.arange(5))
+        raise ValueError("bad array")
+    assert np.load(path).tolist() == [0, 1, 2]  # the half-written replacement never landed
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
 
 
 def test_sha256_file_reads_in_chunks(tmp_path):

@@ -1,7 +1,11 @@
-"""Cross-replica BatchNorm under DDP: the statistics of the global batch, not of one process's
+"""BatchNorm helpers. `frozen_bn_stats`: forward passes that leave running statistics alone.
+
+Cross-replica BatchNorm under DDP: the statistics of the global batch, not of one process's
 share. On CUDA that is torch's SyncBatchNorm. Its kernels are CUDA-only and DDP refuses it on
 CPU modules, so on the CPU (gloo) the same statistics come from two autograd-aware all-reduces
 in `CpuSyncBatchNorm`: DDP on CPUs trains the same model, and CI can test it."""
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -51,3 +55,15 @@ def convert_sync_bn(module: nn.Module, device_type: str) -> nn.Module:
             if type(m) is nn.SyncBatchNorm:
                 m.__class__ = CpuSyncBatchNorm
     return module
+
+
+def frozen_bn_stats(module: nn.Module) -> contextlib.ExitStack:
+    """`with frozen_bn_stats(net):` batch statistics still normalise, but running averages are
+    left alone (momentum 0): the attack's extra forward passes must not pollute the statistics
+    used at inference. Leaving the block restores each momentum."""
+    restore = contextlib.ExitStack()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            restore.callback(setattr, m, "momentum", m.momentum)
+            m.momentum = 0.0
+    return restore

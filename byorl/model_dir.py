@@ -1,7 +1,9 @@
-"""A model directory without PyTorch: its validated card and an ONNX Runtime session.
+"""An exported model directory: its validated card, an ONNX Runtime session, the torch weights.
 
-A model directory holds `encoder.onnx` (input `images`, float32 NCHW pixels in [0, 1], dynamic
-batch; output `embeddings` (N, D)), `card.json` and `encoder.pt` (weights for torch workers).
+A model directory (`byorl export`) holds `encoder.onnx` (input `images`, float32 NCHW pixels in
+[0, 1], dynamic batch; output `embeddings` (N, D)), `card.json` and `encoder.pt` (weights for
+workers that need gradients). Everything but `load_torch_encoder` works without PyTorch: the API
+process never imports it.
 """
 
 import json
@@ -13,10 +15,11 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from byorl.index.files import sha256_file
+from byorl.files import sha256_file
 
 CARD = "card.json"
 ONNX = "encoder.onnx"
+WEIGHTS = "encoder.pt"
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 CARD_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -125,3 +128,19 @@ def embed(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 2
             out.append(session.run([output.name], {source.name: x.astype(np.float32)})[0])
             bar.update(len(batch))
     return np.concatenate(out[1:]) if len(out) > 1 else out[0]
+
+
+def load_torch_encoder(model_dir: str | Path, map_location="cpu"):
+    """The exported encoder as a PyTorch module in eval mode (for workers that need gradients).
+
+    Imports PyTorch on first use, so that the card and ONNX functions above stay torch-free.
+    """
+    import torch
+
+    from byorl.training.models import create_model
+
+    read_card(model_dir)  # a directory without a valid card is not a finished export
+    state = torch.load(Path(model_dir) / WEIGHTS, map_location=map_location, weights_only=True)
+    encoder = create_model(state["arch"], width=state["width"])
+    encoder.load_state_dict(state["state_dict"])
+    return encoder.eval()

@@ -13,7 +13,7 @@ from torch import nn
 from byorl.training.attacks import ThreatModel
 from byorl.training.data import ImageSet, load_images
 from byorl.training.evaluate import evaluate_robustness
-from byorl.training.heads import (
+from byorl.training.linear_classifier import (
     Classifier,
     HeadConfig,
     StandardizedLinear,

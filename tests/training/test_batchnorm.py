@@ -1,5 +1,5 @@
-"""Cross-replica BatchNorm on the CPU: two gloo processes, each with half of a batch, get the
-statistics, outputs and gradients of one process holding the whole batch."""
+"""frozen_bn_stats, and cross-replica BatchNorm on the CPU: two gloo processes, each with half
+of a batch, get the statistics, outputs and gradients of one process holding the whole batch."""
 
 import socket
 
@@ -9,8 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from byorl.training.byorl import frozen_bn_stats
-from byorl.training.sync_bn import CpuSyncBatchNorm, convert_sync_bn
+from byorl.training.batchnorm import CpuSyncBatchNorm, convert_sync_bn, frozen_bn_stats
 
 WORLD = 2
 
@@ -116,3 +115,11 @@ def test_alone_it_is_plain_batch_norm():
     torch.testing.assert_close(net[0].running_var, plain.running_var)
     with pytest.raises(ValueError, match="2D"):
         net(torch.ones(3))
+
+
+def test_frozen_bn_stats_restores_momentum_when_the_attack_fails():
+    net = nn.Sequential(nn.BatchNorm1d(3, momentum=0.3), nn.BatchNorm1d(3, momentum=None))
+    with pytest.raises(RuntimeError), frozen_bn_stats(net):
+        assert [m.momentum for m in net] == [0.0, 0.0]
+        raise RuntimeError("attack failed")
+    assert [m.momentum for m in net] == [0.3, None]
