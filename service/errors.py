@@ -52,6 +52,14 @@ def error_responses(*statuses: int | str) -> dict[int | str, dict]:
     return {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
 
 
+# How /docs shows the 429 of the routes that embed images (`Encoder.embed`).
+QUEUE_FULL = {429: {"model": ErrorBody,
+                    "description": "The embedding queue is full (MAX_QUEUED_IMAGES): retry "
+                    "after Retry-After seconds",
+                    "headers": {"Retry-After": {"description": "Seconds to wait",
+                                                "schema": {"type": "integer"}}}}}
+
+
 def error_response(status: int, code: str, message: str, headers=None) -> JSONResponse:
     body = {"error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)

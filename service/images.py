@@ -65,15 +65,18 @@ def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.n
     return np.asarray(im).transpose(2, 0, 1).copy()
 
 
-def decode_images(blobs: list[bytes], size: int, settings: Settings, limit: int) -> np.ndarray:
-    """A request's images -> (N, 3, size, size) uint8, at most `limit` of them."""
+def decode_images(blobs: list[bytes] | list[str], size: int, settings: Settings,
+                  limit: int) -> np.ndarray:
+    """A request's images (bytes, or base64 text) -> (N, 3, size, size) uint8, at most `limit`
+    of them (counted before any is decoded)."""
     if not blobs:
         raise APIError(422, "no_images", "the request holds no images")
     if len(blobs) > limit:
         raise APIError(
             413, "too_many_images", f"{len(blobs)} images in one request; the limit is {limit}"
         )
-    return np.stack([decode_image(b, size, settings, i) for i, b in enumerate(blobs)])
+    return np.stack([decode_image(decode_base64(b, i) if isinstance(b, str) else b, size,
+                                  settings, i) for i, b in enumerate(blobs)])
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

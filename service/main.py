@@ -10,23 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from byorl.service.auth import ApiKeyMiddleware, declare_api_key, open_paths
-from byorl.service.deps import AppState
 from byorl.service.errors import error_responses, install_error_handlers
-from byorl.service.gallery import Gallery
-from byorl.service.jobs import make_queue, sweep_forever
+from byorl.service.jobs import sweep_forever
 from byorl.service.metrics import JOB_QUEUE, MetricsMiddleware
 from byorl.service.middleware import BodyLimitMiddleware
 from byorl.service.routes import audits, demo, embed, gallery, heads, health, jobs, models, search
-from byorl.service.served_models import ModelRegistry
 from byorl.service.settings import Settings
-from byorl.service.store import HeadStore, JobStore, ReportStore
-
-
-def load_state(settings: Settings) -> AppState:
-    data = settings.data_dir
-    jobs = JobStore.from_settings(settings)
-    return AppState(settings, ModelRegistry(settings), Gallery(data), jobs, HeadStore(data),
-                    ReportStore(data), make_queue(settings))
+from byorl.service.state import load_state
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -18,9 +18,10 @@ import onnxruntime as ort
 
 from byorl import model_dir
 from byorl.files import atomic_write, fsync_dir, sha256_file
+from byorl.service.encoder import Encoder, load_encoder
 from byorl.service.errors import APIError
 from byorl.service.schemas import UploadedModelCard
-from byorl.service.served_models import ModelRegistry, ServedModel, load_model, user_models_root
+from byorl.service.served_models import ModelRegistry, user_models_root
 from byorl.service.settings import Settings
 from byorl.service.store import write_json
 
@@ -116,7 +117,7 @@ def user_card(upload: UploadedModelCard, sha256: str, dim: int) -> dict:
 
 
 def register_model(data: bytes, upload: UploadedModelCard, settings: Settings,
-                   registry: ModelRegistry) -> ServedModel:
+                   registry: ModelRegistry) -> Encoder:
     """Validate an uploaded encoder, store it under the data directory and load it (not yet
     serving: `ModelRegistry.add` does that on the event loop)."""
     size = upload.input_size
@@ -140,4 +141,4 @@ def register_model(data: bytes, upload: UploadedModelCard, settings: Settings,
     write_json(tmp / model_dir.CARD, card)
     os.rename(tmp, final)
     fsync_dir(root)
-    return load_model(Path(final), settings, bundled=False)
+    return load_encoder(Path(final), settings, bundled=False)

@@ -1,9 +1,10 @@
-"""Answers that grow with what clients stored and asked for (search hits, pages of items).
+"""Answers built by hand: those that grow with what clients stored and asked for (search hits,
+pages of items), and the 202 of a submitted job.
 
-They are written as JSON text around each item's metadata as the index stores it (JSON text,
-never decoded into Python objects) and refused with a 413 the moment they would pass the
-response limit, so memory stays within that limit whatever a gallery holds: one item with
-30 MiB of metadata found by 256 queries x k=1000 once took the api to 23 GB.
+The growing ones are written as JSON text around each item's metadata as the index stores
+it (JSON text, never decoded into Python objects) and refused with a 413 the moment they would
+pass the response limit, so memory stays within that limit whatever a gallery holds: one item
+with 30 MiB of metadata found by 256 queries x k=1000 once took the api to 23 GB.
 """
 
 import json
@@ -12,6 +13,22 @@ from collections.abc import Iterable
 from fastapi import Response
 
 from byorl.service.errors import APIError
+from byorl.service.schemas import JobAccepted
+
+# How /docs shows the 202 of the routes that submit jobs.
+ACCEPTED = {202: {"description": "Queued: poll the job at Location; its product will be at "
+                  "result_url once the job succeeded",
+                  "headers": {"Location": {"description": "The job: /jobs/{id}",
+                                           "schema": {"type": "string"}}}}}
+
+
+def job_accepted(response: Response, job: dict, result_collection: str) -> JobAccepted:
+    """The 202 answer of a submitted job: it points at the job (Location) and at where its
+    product will be (in `result_collection`)."""
+    response.headers["Location"] = f"/jobs/{job['id']}"
+    return JobAccepted(job_id=job["id"], kind=job["kind"], state=job["state"],
+                       status_url=response.headers["Location"],
+                       result_url=f"{result_collection}/{job['id']}")
 
 
 class BoundedJSON:

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     max_user_models: int = Field(8, ge=0)
 
     # Dynamic batching of /embed-like requests into one ONNX Runtime call.
-    batch_wait_ms: float = Field(4.0, ge=0)
+    batch_wait_ms: float = Field(0.0, ge=0)  # 0: the images that come while the model runs batch
     max_batch: int = Field(64, ge=1)
     max_queued_images: int = Field(1024, ge=1)  # waiting for the batcher; past it: 429
     threads: int = Field(0, ge=0)  # ONNX Runtime and torch threads; 0 = all cores

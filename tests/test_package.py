@@ -83,3 +83,19 @@ def test_no_file_imports_the_folders_by_their_bare_names():
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
                           if n and n.split(".")[0] in FOLDERS]
     assert offenders == []
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_route_modules_import_no_other_route_module_and_deps_only_provides():
+    """The request path goes one way: handlers import deps, schemas and the service's objects,
+    never each other; deps.py holds dependencies (functions and their Annotated aliases)."""
+    for path in (ROOT / "service" / "routes").glob("*.py"):
+        assert not {m for m in imported_modules(path) if m.startswith("byorl.service.routes")}
+    deps = ast.parse((ROOT / "service" / "deps.py").read_text())
+    kinds = {type(node).__name__ for node in deps.body
+             if not isinstance(node, ast.Import | ast.ImportFrom | ast.Expr)}
+    assert kinds <= {"AsyncFunctionDef", "FunctionDef", "Assign"}  # no class, no domain object

@@ -345,8 +345,14 @@ def run_experiment(
         rows.append(cell["row"])
         if progress is not None:
             progress(i + 1, len(grid), key)
-    write_results(rows, out)
+    write_results(finished_rows(cells_dir), out)
     return {"rows": rows, "ran": ran, "skipped": skipped}
+
+
+def finished_rows(cells_dir: Path) -> list[dict]:
+    """The rows of every finished cell of an output directory, this run's grid or an earlier
+    one's: a study run a few methods at a time still gets one table of all of them."""
+    return [json.loads(path.read_text())["row"] for path in sorted(cells_dir.glob("*.json"))]
 
 
 def _check_partial(partial: Path, settings: dict) -> None:

@@ -7,10 +7,9 @@ from fastapi import APIRouter, Body, Response
 
 from byorl.service.deps import Service
 from byorl.service.errors import APIError, error_responses
+from byorl.service.labels import check_labels
 from byorl.service.pagination import Page, Paging, page
-from byorl.service.routes.gallery import check_model
-from byorl.service.routes.heads import check_labels, head_of_served_model
-from byorl.service.routes.jobs import ACCEPTED, submit_job
+from byorl.service.responses import ACCEPTED, job_accepted
 from byorl.service.schemas import AuditRequest, Job, JobAccepted, RobustnessAudit
 from byorl.service.store import NotFound
 
@@ -24,17 +23,17 @@ async def create_audit(body: Annotated[AuditRequest, Body()], svc: Service,
     """Start an audit; its report is at GET /audits/{id} once the job succeeded."""
     arrays = {}
     if isinstance(body, RobustnessAudit):
-        card, model = head_of_served_model(svc, body.head_id, body.model)
+        card, model = svc.head_model(body.head_id, body.model)
         check_labels(body.labels, len(card["classes"]), at_least_two=False)
         arrays["labels"] = np.asarray(body.labels, np.int64)
     else:
-        model = check_model(svc, body.index, body.model)
+        model = svc.index_model(body.index, body.model)
         if not len(svc.gallery.get(body.index)):
             raise APIError(422, "empty_index", f"index {body.index!r} holds no items to retrieve")
-    arrays["images"] = await model.decode_base64(body.images, svc.settings.max_bulk_images)
+    arrays["images"] = await model.pixels(body.images, svc.settings.max_bulk_images)
     params = {**body.model_dump(exclude={"images", "labels", "kind", "model"}),
               "audit": body.kind}
-    return await submit_job(svc, response, "audit", "/audits", model, params, **arrays)
+    return job_accepted(response, await svc.submit_job("audit", model, params, **arrays), "/audits")
 
 
 @router.get("", responses=error_responses(422))

@@ -6,9 +6,8 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from byorl.service.deps import QUEUE_FULL, Service
-from byorl.service.errors import APIError, error_responses
-from byorl.service.images import decode_base64
+from byorl.service.deps import Service
+from byorl.service.errors import QUEUE_FULL, APIError, error_responses
 from byorl.service.schemas import Embeddings, EmbedRequest
 
 router = APIRouter(tags=["embeddings"])
@@ -43,8 +42,8 @@ def form_flag(value: object, name: str, default: bool) -> bool:
 
 
 async def read_embed_request(request: Request, limit: int
-                             ) -> tuple[list[bytes], bool, str | None]:
-    """(image bytes, normalize, model) of a JSON body ({"images": [base64, ...], "normalize":
+                             ) -> tuple[list[bytes] | list[str], bool, str | None]:
+    """(images, normalize, model) of a JSON body ({"images": [base64, ...], "normalize":
     bool, "model": id}) or of a multipart form (`files`, optional fields `normalize`, `model`)."""
     content_type = request.headers.get("content-type", "application/json")
     if content_type.startswith("multipart/form-data"):
@@ -63,8 +62,7 @@ async def read_embed_request(request: Request, limit: int
         return [await f.read() for f in files], normalize, None if model is None else str(model)
     if content_type.startswith("application/json"):
         body = EmbedRequest.model_validate_json(await request.body())
-        return ([decode_base64(s, i) for i, s in enumerate(body.images)], body.normalize,
-                body.model)
+        return body.images, body.normalize, body.model
     raise APIError(415, "unsupported_media_type",
                    f"send application/json or multipart/form-data, not {content_type}")
 
@@ -74,9 +72,9 @@ async def read_embed_request(request: Request, limit: int
 async def embed_images(request: Request, svc: Service) -> Embeddings:
     """Embed a batch of images; concurrent requests share one ONNX Runtime call."""
     limit = svc.settings.max_images
-    blobs, normalize, name = await read_embed_request(request, limit)
+    images, normalize, name = await read_embed_request(request, limit)
     model = svc.model(name)
-    vectors = await model.embed(await model.decode(blobs, limit))
+    vectors = await model.embed_images(images, limit)
     if normalize:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return Embeddings(model_id=model.model_id, dim=vectors.shape[1], normalized=normalize,

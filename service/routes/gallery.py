@@ -9,26 +9,19 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.service.deps import QUEUE_FULL, AppState, Service
-from byorl.service.errors import APIError, error_responses
+from byorl.service.deps import Service
+from byorl.service.errors import QUEUE_FULL, APIError, error_responses
 from byorl.service.pagination import Page, Paging, page, page_of
 from byorl.service.responses import items_response
 from byorl.service.schemas import IndexCreate, IndexInfo, ItemsAdd, ItemsAdded, ItemsPage, Removed
-from byorl.service.served_models import ServedModel
 
 router = APIRouter(prefix="/indexes", tags=["gallery"])
 
 
-def index_info(svc: AppState, name: str, index: EmbeddingIndex | None = None) -> IndexInfo:
+def index_info(svc: Service, name: str, index: EmbeddingIndex | None = None) -> IndexInfo:
     index = svc.gallery.get(name) if index is None else index
     return IndexInfo(name=name, model_id=index.model_id, dim=index.dim, factory=index.factory,
                      count=len(index))
-
-
-def check_model(svc: AppState, name: str, asked: str | None = None) -> ServedModel:
-    """An index holds vectors of one model: images added to it or searched in it are embedded
-    by that model (409 when the request names another, or it is no longer served)."""
-    return svc.model_of(svc.gallery.get(name).model_id, asked, f"index {name!r}")
 
 
 def check_metadata(metadata: list[Any] | None, limit: int) -> None:
@@ -80,9 +73,9 @@ def delete_index(name: str, svc: Service) -> Response:
              responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
     """Embed images and store them under new keys (an existing key is a 409)."""
-    model = check_model(svc, name, body.model)
+    model = svc.index_model(name, body.model)
     check_metadata(body.metadata, svc.settings.max_metadata_bytes)
-    pixels = await model.decode_base64(body.images, svc.settings.max_bulk_images)
+    pixels = await model.pixels(body.images, svc.settings.max_bulk_images)
     vectors = await model.embed(pixels)
     await run_in_threadpool(svc.gallery.add, name, body.keys, vectors, pixels, body.metadata,
                             model.model_id)

@@ -4,11 +4,12 @@ import numpy as np
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from byorl.service.deps import QUEUE_FULL, AppState, Service
-from byorl.service.errors import APIError, error_responses
+from byorl.service.deps import Service
+from byorl.service.encoder import Encoder
+from byorl.service.errors import QUEUE_FULL, APIError, error_responses
+from byorl.service.labels import check_labels
 from byorl.service.pagination import Page, Paging, page
-from byorl.service.routes.gallery import check_model
-from byorl.service.routes.jobs import ACCEPTED, submit_job
+from byorl.service.responses import ACCEPTED, job_accepted
 from byorl.service.schemas import (
     Head,
     Images,
@@ -17,39 +18,21 @@ from byorl.service.schemas import (
     LinearHeadRequest,
     Predictions,
 )
-from byorl.service.served_models import ServedModel
 
 router = APIRouter(tags=["heads"])
 
 
-def check_labels(labels: list[int], num_classes: int, at_least_two: bool) -> None:
-    bad = sorted({y for y in labels if not 0 <= y < num_classes})
-    if bad:
-        raise APIError(422, "label_out_of_range",
-                       f"labels {bad[:5]} are outside [0, {num_classes}) for {num_classes} classes")
-    if at_least_two and len(set(labels)) < 2:
-        raise APIError(422, "single_class", "the labeled set holds a single class; a classifier "
-                       "needs examples of at least two")
-
-
-async def labeled_pixels(svc: AppState, body: LabeledSet) -> tuple[ServedModel, np.ndarray]:
+async def labeled_pixels(svc: Service, body: LabeledSet) -> tuple[Encoder, np.ndarray]:
     """The model to fit on (the index's, or the named one) and the uint8 pixels of the
     submitted images, or of the given keys of an index."""
     limit = svc.settings.max_bulk_images
     if body.images is not None:
         model = svc.model(body.model)
-        return model, await model.decode_base64(body.images, limit)
-    model = check_model(svc, body.index, body.model)
+        return model, await model.pixels(body.images, limit)
+    model = svc.index_model(body.index, body.model)
     if len(body.keys) > limit:
         raise APIError(413, "too_many_images", f"{len(body.keys)} keys; the limit is {limit}")
     return model, await run_in_threadpool(svc.gallery.pixels, body.index, body.keys)
-
-
-def head_of_served_model(svc: AppState, head_id: str, asked: str | None = None
-                         ) -> tuple[dict, ServedModel]:
-    """A head's card and the model it was fitted on (409 when not served, or not `asked`)."""
-    card = svc.heads.card(head_id)
-    return card, svc.model_of(card["model_id"], asked, f"head {head_id!r}")
 
 
 @router.post("/linear-head", status_code=202,
@@ -64,8 +47,9 @@ async def create_linear_head(body: LinearHeadRequest, svc: Service,
     check_labels(body.labels, len(body.classes), at_least_two=True)
     model, pixels = await labeled_pixels(svc, body)
     params = body.model_dump(exclude={"images", "labels", "keys", "model"})
-    return await submit_job(svc, response, "linear_head", "/heads", model, params, images=pixels,
-                            labels=np.asarray(body.labels, np.int64))
+    job = await svc.submit_job("linear_head", model, params, images=pixels,
+                               labels=np.asarray(body.labels, np.int64))
+    return job_accepted(response, job, "/heads")
 
 
 @router.get("/heads", responses=error_responses(422))
@@ -89,9 +73,9 @@ def delete_head(head_id: str, svc: Service) -> Response:
              responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
 async def predict_with_head(head_id: str, body: Images, svc: Service) -> Predictions:
     """Class probabilities of images: softmax(W e(x) + b) on the head's encoder."""
-    card, model = head_of_served_model(svc, head_id, body.model)
+    card, model = svc.head_model(head_id, body.model)
     weight, bias = svc.heads.weights(head_id)
-    features = await model.embed(await model.decode_base64(body.images, svc.settings.max_images))
+    features = await model.embed_images(body.images, svc.settings.max_images)
     logits = features @ weight.T + bias
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

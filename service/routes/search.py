@@ -3,10 +3,9 @@
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from byorl.service.deps import QUEUE_FULL, Service
-from byorl.service.errors import APIError, error_responses
+from byorl.service.deps import Service
+from byorl.service.errors import QUEUE_FULL, APIError, error_responses
 from byorl.service.responses import search_response
-from byorl.service.routes.gallery import check_model
 from byorl.service.schemas import SearchRequest, SearchResults
 
 router = APIRouter(tags=["gallery"])
@@ -21,12 +20,11 @@ async def search_index(body: SearchRequest, svc: Service) -> Response:
     if asked > limit:
         raise APIError(413, "too_many_results", f"queries x k = {asked}; the limit is {limit}")
     if body.images is not None:
-        model = check_model(svc, body.index, body.model)
-        queries = await model.embed(await model.decode_base64(body.images,
-                                                              svc.settings.max_images))
+        model = svc.index_model(body.index, body.model)
+        queries = await model.embed_images(body.images, svc.settings.max_images)
     else:
         if body.model is not None:
-            check_model(svc, body.index, body.model)
+            svc.index_model(body.index, body.model)
         queries = body.embeddings
         if len(queries) > svc.settings.max_images:
             raise APIError(413, "too_many_queries", f"{len(queries)} embeddings in one request; "
