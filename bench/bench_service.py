@@ -3,9 +3,12 @@ throughput of the same model, measured in the same run (ratio = served / offline
 The offline throughput is measured again right before each level (the server idle), so a
 drifting background load hits both sides of each ratio alike.
 
-The service runs as it is deployed (uvicorn in its own process, dynamic batching on); the clients
-are asyncio tasks in this process, each sending one request after another on its own keep-alive
-connection. On a small machine the clients share the cores with the server: the ratio is a floor.
+The service runs as it is deployed (uvicorn in its own process, dynamic batching on). The load
+comes from `wrk` (a C load generator, one thread: it takes little of the CPU the server needs;
+Debian/Ubuntu: `apt-get install wrk`), or, with `--client asyncio` or without wrk, from asyncio
+tasks in this process. Either way each client sends one request after another on its own
+keep-alive connection, cycling through 256 CIFAR-10 JPEGs. On a small machine the clients share
+the cores with the server: the ratio is a floor.
 
     python bench/bench_service.py --model-dir models/default
     python bench/bench_service.py --model-dir models/default --images-per-request 4 --seconds 20
@@ -17,6 +20,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,6 +106,34 @@ async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> 
     return latencies
 
 
+WRK_SCRIPT = """
+local bodies, i = {%s}, 0
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format("POST", "/embed", {["Content-Type"] = "application/json"}, bodies[i])
+end
+"""
+
+
+def wrk_load(port: int, bodies: list[bytes], clients: int, seconds: float,
+             workdir: str) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, non-2xx answers) of `clients` wrk connections."""
+    script = Path(workdir) / "embed.lua"
+    script.write_text(WRK_SCRIPT % ",".join(f"[==[{b.decode()}]==]" for b in bodies))
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency",
+                          "-s", str(script), f"http://127.0.0.1:{port}/embed"],
+                         capture_output=True, text=True, check=True).stdout
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def percentile(p: str) -> float:
+        value, suffix = re.search(rf"\n\s+{p}%\s+([\d.]+)(us|ms|s)", out).groups()
+        return float(value) * unit[suffix]
+
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return rate, percentile("50"), percentile("99"), int(bad.group(1)) if bad else 0
+
+
 def batch_stats(url: str) -> tuple[float, float]:
     """(images, ONNX Runtime calls) of the batcher so far, from /metrics."""
     values = {}
@@ -119,6 +151,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=10, help="per concurrency level")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--client", choices=["wrk", "asyncio"],
+                   default="wrk" if shutil.which("wrk") else "asyncio")
     args = p.parse_args()
 
     card = read_card(args.model_dir)
@@ -151,20 +185,25 @@ def main() -> None:
             asyncio.run(load(port, bodies, 4, 1.0))  # warm-up
             print(f"model {card['model_id']}  threads {args.threads}  offline batch and max batch "
                   f"{settings.max_batch}  wait {settings.batch_wait_ms} ms  "
-                  f"{k} image(s) per request")
+                  f"{k} image(s) per request  client {args.client}")
             print(f"{'clients':>7} {'requests/s':>10} {'images/s':>9} {'p50 ms':>8} "
                   f"{'p99 ms':>8} {'mean batch':>10} {'offline img/s':>13} {'served/offline':>14}")
             for clients in args.clients:
                 offline = offline_throughput(session, pixels, settings.max_batch, args.seconds)
                 images0, calls0 = batch_stats(url)
-                start = time.perf_counter()
-                lat = asyncio.run(load(port, bodies, clients, args.seconds))
-                elapsed, n = time.perf_counter() - start, len(lat)
+                if args.client == "wrk":
+                    requests, p50, p99, bad = wrk_load(port, bodies, clients, args.seconds, data)
+                    if bad:
+                        raise RuntimeError(f"{bad} answers were not 200")
+                else:
+                    start = time.perf_counter()
+                    lat = asyncio.run(load(port, bodies, clients, args.seconds))
+                    requests = len(lat) / (time.perf_counter() - start)
+                    p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99])
                 images1, calls1 = batch_stats(url)
-                rate = n * k / elapsed
-                p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99])
+                rate = requests * k
                 mean_batch = (images1 - images0) / max(calls1 - calls0, 1)
-                print(f"{clients:>7} {n / elapsed:>10.1f} {rate:>9.1f} {p50:>8.1f} {p99:>8.1f} "
+                print(f"{clients:>7} {requests:>10.1f} {rate:>9.1f} {p50:>8.1f} {p99:>8.1f} "
                       f"{mean_batch:>10.1f} {offline:>13.1f} {rate / offline:>14.2f}")
         finally:
             server.terminate()
