@@ -8,9 +8,12 @@ comes from `wrk` (a C load generator, one thread: it takes little of the CPU the
 Debian/Ubuntu: `apt-get install wrk`), or, with `--client asyncio` or without wrk, from asyncio
 tasks in this process. Either way each client sends one request after another on its own
 keep-alive connection, cycling through 256 CIFAR-10 JPEGs. On a small machine the clients share
-the cores with the server: the ratio is a floor.
+the cores with the server: the ratio is a floor. With `--peer` (wrk, one image per request), the
+same load also goes to LitServe serving the same model the same way (`litserve_peer.py`), right
+after each level's run of the service, while the service sits idle.
 
     python bench/bench_service.py --model-dir models/default
+    python bench/bench_service.py --model-dir models/default --peer  # + LitServe, same run
     python bench/bench_service.py --model-dir models/default --images-per-request 4 --seconds 20
 """
 
@@ -115,6 +118,23 @@ end
 """
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str) -> None:
+    for _ in range(3000):
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within 5 minutes")
+
+
 def wrk_load(port: int, bodies: list[bytes], clients: int, seconds: float,
              workdir: str) -> tuple[float, float, float, int]:
     """(requests/s, p50 ms, p99 ms, non-2xx answers) of `clients` wrk connections."""
@@ -153,7 +173,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--client", choices=["wrk", "asyncio"],
                    default="wrk" if shutil.which("wrk") else "asyncio")
+    p.add_argument("--peer", action="store_true",
+                   help="also load LitServe serving the same model (litserve_peer.py; needs "
+                   "litserve and wrk, one image per request)")
     args = p.parse_args()
+    if args.peer and (args.client != "wrk" or args.images_per_request != 1):
+        p.error("--peer needs --client wrk and --images-per-request 1")
 
     card = read_card(args.model_dir)
     settings = Settings(model_dir=args.model_dir, data_dir="unused", threads=args.threads)
@@ -164,9 +189,7 @@ def main() -> None:
               .encode() for i in range(0, len(blobs) - k + 1, k)]
 
     session = load_onnx_session(args.model_dir, args.threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
         env = {**os.environ, "BYORL_MODEL_DIR": str(args.model_dir), "BYORL_DATA_DIR": data,
@@ -174,20 +197,25 @@ def main() -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "byorl.service.main:app", "--port", str(port),
              "--log-level", "warning"], env=env)
+        servers = [server]
         try:
-            for _ in range(3000):
-                try:
-                    if httpx.get(url + "/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+            wait_ready(url + "/readyz")
+            if args.peer:
+                peer_port = free_port()
+                servers.append(subprocess.Popen(
+                    [sys.executable, str(Path(__file__).with_name("litserve_peer.py")),
+                     "--model-dir", str(args.model_dir), "--port", str(peer_port),
+                     "--threads", str(args.threads)]))
+                wait_ready(f"http://127.0.0.1:{peer_port}/health")
+                wrk_load(peer_port, bodies, 4, 1.0, data)  # warm-up
             asyncio.run(load(port, bodies, 4, 1.0))  # warm-up
             print(f"model {card['model_id']}  threads {args.threads}  offline batch and max batch "
                   f"{settings.max_batch}  wait {settings.batch_wait_ms} ms  "
                   f"{k} image(s) per request  client {args.client}")
             print(f"{'clients':>7} {'requests/s':>10} {'images/s':>9} {'p50 ms':>8} "
-                  f"{'p99 ms':>8} {'mean batch':>10} {'offline img/s':>13} {'served/offline':>14}")
+                  f"{'p99 ms':>8} {'mean batch':>10} {'offline img/s':>13} {'served/offline':>14}"
+                  + (f" {'peer img/s':>10} {'peer p50':>8} {'served/peer':>11}" if args.peer
+                     else ""))
             for clients in args.clients:
                 offline = offline_throughput(session, pixels, settings.max_batch, args.seconds)
                 images0, calls0 = batch_stats(url)
@@ -203,11 +231,19 @@ def main() -> None:
                 images1, calls1 = batch_stats(url)
                 rate = requests * k
                 mean_batch = (images1 - images0) / max(calls1 - calls0, 1)
-                print(f"{clients:>7} {requests:>10.1f} {rate:>9.1f} {p50:>8.1f} {p99:>8.1f} "
-                      f"{mean_batch:>10.1f} {offline:>13.1f} {rate / offline:>14.2f}")
+                row = (f"{clients:>7} {requests:>10.1f} {rate:>9.1f} {p50:>8.1f} {p99:>8.1f} "
+                       f"{mean_batch:>10.1f} {offline:>13.1f} {rate / offline:>14.2f}")
+                if args.peer:
+                    peer, peer_p50, _, bad = wrk_load(peer_port, bodies, clients, args.seconds,
+                                                      data)
+                    if bad:
+                        raise RuntimeError(f"{bad} answers of the peer were not 200")
+                    row += f" {peer:>10.1f} {peer_p50:>8.1f} {rate / peer:>11.2f}"
+                print(row)
         finally:
-            server.terminate()
-            server.wait(30)
+            for proc in servers:
+                proc.terminate()
+                proc.wait(30)
 
 
 if __name__ == "__main__":

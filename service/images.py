@@ -56,13 +56,14 @@ def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.n
                 422, "image_too_small",
                 f"images[{i}] is {w}x{h}; each side must be >= {settings.min_image_side}",
             )
-        try:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+        try:  # in place and no RGB -> RGB copy: a tenth of a small image's decoding time
+            ImageOps.exif_transpose(im, in_place=True)
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
         except Exception:
             raise APIError(422, "invalid_image", f"images[{i}] has corrupt image data") from None
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-    return np.asarray(im).transpose(2, 0, 1).copy()
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.BICUBIC)
+        return np.asarray(rgb).transpose(2, 0, 1).copy()
 
 
 def decode_images(blobs: list[bytes] | list[str], size: int, settings: Settings,

@@ -11,6 +11,7 @@ from byorl.training.config import (
     AttackMethod,
     BnViews,
     Device,
+    EvalMode,
     Norm,
     Precision,
     Switch,
@@ -198,10 +199,10 @@ def experiment(
     width: int | None = typer.Option(None),
     baseline_steps: int | None = typer.Option(None, help="Optimiser steps of AT / UAT-FT."),
     teacher_steps: int | None = typer.Option(None, help="Steps of UAT-FT's pseudo-labeler."),
-    eval_mode: str | None = typer.Option(
+    eval_mode: EvalMode | None = typer.Option(
         None, help="full (the paper's suite, the default) or quick (smoke runs only)."),
     eval_size: int | None = typer.Option(None, help="Test images attacked (0: all)."),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda"),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
     seed: int | None = typer.Option(None),
 ):
     """The grid of methods x label amounts x threat models (Fig. 3/4, 7/8): resumable, writes
@@ -210,32 +211,23 @@ def experiment(
     from byorl.training.progress import Bars
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
-    cfg = ExperimentConfig.from_dict(json.loads(base.read_text())) if base else ExperimentConfig()
-    cfg.out = str(out)
-    sets = [
-        (cfg, "data", data), (cfg, "data_root", data_root),
-        (cfg, "methods", methods.split(",") if methods else None),
-        (cfg, "label_amounts", [float(a) for a in labels.split(",")] if labels else None),
-        (cfg, "threats", [parse_threat(t) for t in threat] or None),
-        (cfg, "byol_checkpoint", byol),
-        (cfg, "pretrain", json.loads(pretrain.read_text()) if pretrain else None),
-        (cfg, "heads", heads.split(",") if heads else None),
-        (cfg.head, "min_steps", head_min_steps),
-        (cfg.baseline, "arch", arch), (cfg.baseline, "width", width),
-        (cfg.baseline, "steps", baseline_steps), (cfg.baseline, "teacher_steps", teacher_steps),
-        (cfg, "eval_mode", eval_mode), (cfg, "eval_size", eval_size),
-        (cfg, "device", device), (cfg, "seed", seed),
-    ]
-    for obj, name, value in sets:
-        if value is not None:
-            setattr(obj, name, value)
-    for item in byorl:
-        norm, _, run = item.partition("=")
-        cfg.byorl_checkpoints[norm] = run
-    for item in encoder:
-        name, _, run = item.partition("=")
-        cfg.encoders[name] = run
-    cfg.__post_init__()
+    flags = {
+        "out": str(out), "data": data, "data_root": data_root,
+        "methods": methods.split(",") if methods else None,
+        "label_amounts": labels.split(",") if labels else None,
+        "threats": [vars(parse_threat(t)) for t in threat] or None,
+        "byorl_checkpoints": dict(item.partition("=")[::2] for item in byorl),
+        "byol_checkpoint": byol,
+        "encoders": dict(item.partition("=")[::2] for item in encoder),
+        "pretrain": json.loads(pretrain.read_text()) if pretrain else None,
+        "heads": heads.split(",") if heads else None,
+        "head": {"min_steps": head_min_steps},
+        "baseline": {"arch": arch, "width": width, "steps": baseline_steps,
+                     "teacher_steps": teacher_steps},
+        "eval_mode": eval_mode, "eval_size": eval_size, "device": device, "seed": seed,
+    }
+    saved = json.loads(base.read_text()) if base else ExperimentConfig().to_dict()
+    cfg = validated(ExperimentConfig, merged(saved, flags))
 
     with Bars("cells") as cells, Bars(position=1, leave=False) as steps:
         result = run_experiment(cfg, progress=cells, cell_progress=steps)
@@ -333,7 +325,7 @@ def evaluate(
     norm: str | None = typer.Option(None, help="linf or l2 (default: the run's)."),
     eps: str | None = typer.Option(None, help="e.g. 8/255 (default: the run's, or the paper's "
                                    "for another norm)."),
-    mode: str = typer.Option(
+    mode: EvalMode = typer.Option(
         "full", help="full (the paper's attack suite) or quick (smoke runs only, labelled so)."),
     n_test: int = typer.Option(1000, help="Random test images attacked (0: all)."),
     out: Path = typer.Option(Path("runs/evaluation"), help="Directory for evaluation.{json,md}."),

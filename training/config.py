@@ -20,6 +20,7 @@ BnViews = Literal["separate", "concat"]
 Switch = Literal["auto", "on", "off"]
 Precision = Literal["auto", "fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]  # what the CLI offers; configs take any torch device
+EvalMode = Literal["full", "quick"]  # the attack suite: the paper's, or smoke runs only
 NORMS = get_args(Norm)
 # What a saved config without these fields was trained with: one batch of both views, and
 # (under torchrun) each GPU's own BatchNorm statistics.

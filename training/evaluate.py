@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from byorl.files import atomic_write
 from byorl.training.attacks import MultiTargeted, ThreatModel
 from byorl.training.checkpoint import load_encoder
+from byorl.training.config import EvalMode
 from byorl.training.data import VAL_SIZE, label_subset, load_images
 from byorl.training.device import pick_device
 from byorl.training.linear_classifier import (
@@ -50,7 +51,7 @@ class SuiteSettings:
     sanity_steps: int  # APGD-CE steps of the eps-ladder sanity checks
 
 
-SUITES = {
+SUITES: dict[EvalMode, SuiteSettings] = {
     "full": SuiteSettings(5, 100, 20, 200, 5000, 20),  # the paper's
     "quick": SuiteSettings(1, 20, 3, 20, 300, 10),  # CPU and tests; never the paper's numbers
 }

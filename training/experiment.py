@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ConfigDict, TypeAdapter
 
 from byorl.files import atomic_write
 from byorl.model_dir import CARD, read_card
 from byorl.training.attacks import ThreatModel
 from byorl.training.baselines import BaselineConfig, new_classifier, train_classifier, uat_ft
 from byorl.training.checkpoint import checkpoint_path, load_checkpoint, load_encoder, save_atomic
+from byorl.training.config import EvalMode
 from byorl.training.data import ImageSet, label_subset, load_images
 from byorl.training.device import pick_device
 from byorl.training.evaluate import evaluate_robustness
@@ -54,6 +56,8 @@ METHODS = ("byorl", "byol", "at", "uat_ft")
 
 @dataclass
 class ExperimentConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")  # a typo must not silently run the default
+
     out: str = "runs/experiment"
     data: str = "cifar10"  # a load_images source
     data_root: str = "data"
@@ -71,7 +75,7 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)  # nonrobust, l2 heads; norm/eps: cell's
     robust_head: HeadConfig = field(default_factory=lambda: HeadConfig(robust=True))
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    eval_mode: str = "full"
+    eval_mode: EvalMode = "full"
     eval_size: int = 1000  # random test images the suite attacks; 0 = the whole test set
     eval_batch_size: int = 64  # points per attacked batch; a cell's progress is saved after each
     val_size: int = 1024
@@ -92,12 +96,11 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExperimentConfig":
-        d = dict(d)
-        d["threats"] = [ThreatModel(**t) for t in d.get("threats", [])] or cls().threats
-        d["head"] = HeadConfig(**d.get("head", {}))
-        d["robust_head"] = HeadConfig(**d.get("robust_head", {"robust": True}))
-        d["baseline"] = BaselineConfig(**d.get("baseline", {}))
-        return cls(**d)
+        """Validated once, nested configs included (pydantic): a wrong type, an unknown field
+        or a refused value raises `ValidationError` naming the field."""
+        if not d.get("threats", True):  # an empty list: the default threat models
+            d = {k: v for k, v in d.items() if k != "threats"}
+        return TypeAdapter(cls).validate_python(d)
 
 
 def threat_slug(norm: str, eps: float) -> str:

@@ -177,6 +177,51 @@ def test_unknown_head_kind_is_refused(config):
         ExperimentConfig.from_dict({**config.to_dict(), "heads": ["fancy"]})
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-mode", "fast"], "'fast' is not one of 'full', 'quick'"),
+    (["--labels", "0.01,lots"], "label_amounts.1: Input should be a valid number"),
+    (["--threat", "linf:8/255", "--heads", "fancy"], "unknown head kinds ['fancy']"),
+    (["--baseline-steps", "0"], "steps, teacher_steps, batch_size and eval_every must be >= 1"),
+    (["--methods", "byorl,simclr"], "unknown methods ['simclr']"),
+])
+def test_a_bad_flag_fails_at_once_naming_the_problem(tmp_path, flags, message):
+    """Flags are merged over the saved config and validated once (pydantic): a usage error
+    before anything runs or is written."""
+    from typer.testing import CliRunner
+
+    from byorl.training.cli import app
+
+    out = tmp_path / "experiment"
+    result = CliRunner().invoke(app, ["experiment", "--out", str(out), *flags])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    assert not out.exists()
+
+
+def test_help_lists_the_evaluation_modes():
+    from typer.testing import CliRunner
+
+    from byorl.training.cli import app
+
+    for command in ("experiment", "evaluate"):
+        text = " ".join(re.sub("[│╭╮╰╯─]", " ",
+                               CliRunner().invoke(app, [command, "--help"]).output).split())
+        assert "<full|quick>" in text, command
+
+
+def test_flags_override_the_saved_config_key_by_key(config, tmp_path):
+    """--head-min-steps changes one field of the saved head protocol, --encoder adds to the
+    saved encoders: the CLI builds one dict of its flags and validates it with the config."""
+    from byorl.training.cli import merged, validated
+
+    saved = {**config.to_dict(), "encoders": {"mine": "runs/mine"}}
+    flags = {"head": {"min_steps": 7}, "encoders": {"other": "runs/other"}, "seed": None}
+    cfg = validated(ExperimentConfig, merged(saved, flags))
+    assert cfg.head.min_steps == 7 and cfg.head.lr == config.head.lr
+    assert cfg.encoders == {"mine": "runs/mine", "other": "runs/other"}
+    assert cfg.seed == config.seed and isinstance(cfg.head, HeadConfig)
+
+
 def test_command_shows_a_bar_of_cells_with_time_left(config, first_run, tmp_path):
     """`byorl experiment` on a finished output directory: every cell is skipped, and progress
     is one tqdm bar of the cells (not printed lines), with the time left."""
