@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -205,7 +206,7 @@ def main() -> None:
                 servers.append(subprocess.Popen(
                     [sys.executable, str(Path(__file__).with_name("litserve_peer.py")),
                      "--model-dir", str(args.model_dir), "--port", str(peer_port),
-                     "--threads", str(args.threads)]))
+                     "--threads", str(args.threads)], start_new_session=True))
                 wait_ready(f"http://127.0.0.1:{peer_port}/health")
                 wrk_load(peer_port, bodies, 4, 1.0, data)  # warm-up
             asyncio.run(load(port, bodies, 4, 1.0))  # warm-up
@@ -241,9 +242,11 @@ def main() -> None:
                     row += f" {peer:>10.1f} {peer_p50:>8.1f} {rate / peer:>11.2f}"
                 print(row)
         finally:
-            for proc in servers:
-                proc.terminate()
-                proc.wait(30)
+            server.terminate()
+            server.wait(30)
+            for peer in servers[1:]:  # LitServe's own processes too (its worker ignores TERM)
+                os.killpg(peer.pid, signal.SIGKILL)
+                peer.wait(30)
 
 
 if __name__ == "__main__":
