@@ -276,6 +276,11 @@ def test_an_interrupted_cell_resumes_without_refitting_or_reattacking(config, fi
         ours = [a for a in seen if a[2] in SUITE_STEPS]
         assert ours[:8] == [(i + 1, 10, s) for i, s in enumerate(SUITE_STEPS)][2:]  # resumed
         assert cell["evaluation"]["attacks"][:2] == saved["attacks"]
+        # the cell's time covers both runs: the first run's fitting and the whole suite
+        assert fitted["history"]["fit_seconds"] > 0
+        assert cell["row"]["seconds"] >= round(
+            fitted["history"]["fit_seconds"] + cell["evaluation"]["seconds"], 1) - 0.1
+        assert cell["evaluation"]["seconds"] > saved["seconds"]
         if method == "byorl":
             assert cell["linear"] == fitted["linear"]  # the head was not fitted again
             assert not any(a[2] not in SUITE_STEPS for a in seen[:8])
