@@ -1,7 +1,12 @@
-"""Collect `byorl evaluate` reports and training logs of the CPU reference runs into one
-metrics.json (the model cards' `metrics`, the README table's source).
+"""Collect the evaluations and training logs of the CPU reference runs into one metrics.json
+(the model cards' `metrics`, the README table's source).
 
     python results/collect_metrics.py runs/final results/cpu-default/metrics.json
+    python results/collect_metrics.py results/cpu-default-v2 results/cpu-default-v2/metrics.json
+
+The source is either a folder of `byorl evaluate` reports (runs/final/NAME-LABELS-HEAD/) or the
+output of a `byorl experiment` over the methods `byorl` and `byol` (its `cells/`, whose files
+hold each cell's fitted head).
 """
 
 import json
@@ -23,9 +28,9 @@ def evaluate_command(report: dict, kind: str, out: Path) -> str:
     return cmd + f" --out {out}"
 
 
-def training_summary(run: Path, name: str) -> dict:
+def training_summary(run: Path, name: str, results: str = "results/cpu-default") -> dict:
     """Steps, epochs and wall clock (summed from the logged throughput) of a run, and the train
-    command from its config as kept in results/cpu-default/train-NAME/."""
+    command from its config as kept in RESULTS/train-NAME/."""
     config = json.loads((run / "config.json").read_text())
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     batch, every = config["optim"]["batch_size"], config["log_every"]
@@ -37,13 +42,48 @@ def training_summary(run: Path, name: str) -> dict:
         "final_loss": round(last["loss"], 4), "final_cos_clean": round(last["cos_clean"], 4),
         "final_cos_adv": round(last["cos_adv"], 4), "final_pred_std": round(last["pred_std"], 4),
         "config": config,
-        "command": f"byorl train --config results/cpu-default/train-{name}/config.json"
+        "command": f"byorl train --config {results}/train-{name}/config.json"
                    f" --out {config['out']}",
-        "reproduce_all": "bash results/cpu-default/reproduce.sh",
+        "reproduce_all": f"bash {results}/reproduce.sh",
     }
 
 
-def main(final: Path, out: Path) -> None:
+def collect_cells(study: Path) -> dict:
+    """metrics.json from a `byorl experiment` of the methods byorl and byol: every head kind
+    at every label amount, each with its cell file (fitted W and b, the full record)."""
+    config = json.loads((study / "config.json").read_text())
+    command = f"byorl experiment --config {study}/experiment.json --out {study}"
+    runs = {"byorl": Path(config["byorl_checkpoints"]["linf"]),
+            "byol": Path(config["byol_checkpoint"])}
+    metrics = {}
+    for model, name in MODELS.items():
+        evaluations = {}
+        for path in sorted((study / "cells").glob(f"{model}_*.json")):
+            cell = json.loads(path.read_text())
+            row, ev = cell["row"], cell["evaluation"]
+            key = "all_labels" if row["label_amount"] == 1 else f"{row['num_labels']}_labels"
+            evaluation = evaluations.setdefault(key, {
+                "threat_model": ev["threat_model"], "mode": ev["mode"], "data": config["data"],
+                "labels": row["num_labels"], "n_test": ev["n"], "heads": {}})
+            evaluation["heads"][row["head"]] = {
+                "clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"],
+                "checks_passed": row["checks_passed"], "l2": row["head_l2"],
+                "minutes": round(row["seconds"] / 60, 1), "cell": str(path), "command": command}
+        metrics[model] = {"evaluations": evaluations,
+                          "training": training_summary(runs[model], name, str(study))}
+    return metrics
+
+
+def main(source: Path, out: Path) -> None:
+    metrics = collect_cells(source) if (source / "cells").is_dir() else collect_reports(source)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(results_table(metrics))
+    print(f"-> {out}")
+
+
+def collect_reports(final: Path) -> dict:
+    """metrics.json from `byorl evaluate` reports: nonrobust and robust heads, 500 and all
+    labels, as runs/final/NAME-LABELS-HEAD/evaluation.json."""
     metrics = {}
     for model, name in MODELS.items():
         evaluations = {}
@@ -62,9 +102,7 @@ def main(final: Path, out: Path) -> None:
                                 "n_test": report["n_test"], "heads": heads}
         run = Path(report["checkpoint"])
         metrics[model] = {"evaluations": evaluations, "training": training_summary(run, name)}
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(results_table(metrics))
-    print(f"-> {out}")
+    return metrics
 
 
 def results_table(metrics: dict) -> str:

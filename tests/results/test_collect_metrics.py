@@ -1,0 +1,64 @@
+"""results/collect_metrics.py on the output of a `byorl experiment`: the model cards' metrics."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = ROOT / "results" / "reproduction"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("collect_metrics",
+                                                  ROOT / "results" / "collect_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(path: Path, out: str) -> None:
+    """A training run's config.json and metrics.jsonl (two logged steps)."""
+    path.mkdir(parents=True)
+    config = json.loads((ROOT / "results/cpu-default-v2/train-byorl-linf/config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "out": out}))
+    log = [{"step": s, "epoch": s / 390, "loss": 1.0, "cos_clean": 0.8, "cos_adv": 0.7,
+            "pred_std": 0.06, "images_per_s": 128.0} for s in (10, 20)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+
+def test_cells_become_card_metrics_with_every_head_and_its_cell(tmp_path, monkeypatch):
+    """The study's byorl-pgd3 and byol cells, renamed as an experiment of the methods byorl and
+    byol would write them: each head at each label amount, its accuracies as the cell has them,
+    the cell file (the fitted head) and the command; the training summary from the run's log."""
+    monkeypatch.chdir(tmp_path)
+    study = Path("study")
+    (study / "cells").mkdir(parents=True)
+    for source, method in (("byorl-pgd3", "byorl"), ("byol", "byol")):
+        for path in (STUDY / "cells").glob(f"{source}_*.json"):
+            shutil.copy(path, study / "cells" / path.name.replace(source, method, 1))
+    config = {"data": "cifar.tar.gz", "byorl_checkpoints": {"linf": "runs/b"},
+              "byol_checkpoint": "runs/y"}
+    (study / "config.json").write_text(json.dumps(config))
+    fake_run(Path("runs/b"), "runs/b")
+    fake_run(Path("runs/y"), "runs/y")
+
+    metrics = load_script().collect_cells(study)
+    cell = json.loads((STUDY / "cells/byorl-pgd3_linf_8of255_labels500_l2.json").read_text())
+    head = metrics["byorl"]["evaluations"]["500_labels"]["heads"]["l2"]
+    assert head["robust_accuracy"] == cell["row"]["robust_accuracy"]
+    assert head["clean_accuracy"] == cell["row"]["clean_accuracy"]
+    assert head["l2"] == cell["training"]["l2"] and head["checks_passed"]
+    assert json.loads(Path(head["cell"]).read_text())["linear"] == cell["linear"]
+    assert head["command"] == "byorl experiment --config study/experiment.json --out study"
+    for model in ("byorl", "byol"):
+        evaluations = metrics[model]["evaluations"]
+        assert set(evaluations) == {"500_labels", "all_labels"}
+        assert evaluations["all_labels"]["labels"] == 48976
+        for evaluation in evaluations.values():
+            assert evaluation["mode"] == "full" and evaluation["n_test"] == 500
+            assert {"nonrobust", "l2"} <= set(evaluation["heads"])
+    training = metrics["byol"]["training"]
+    assert training["steps"] == 20 and training["images_seen"] == 20 * 128
+    assert training["wall_clock_min"] == round(2 * 10 * 128 / 128 / 60, 1)
+    assert training["command"] == "byorl train --config study/train-byol/config.json --out runs/y"
