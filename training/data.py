@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from byorl.files import atomic_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
+DECODING = "upright-rgb"  # in the cache key: caches of an older decode_image are not reused
 DEFAULT_CACHE = Path(os.environ.get("BYORL_CACHE") or Path.home() / ".cache" / "byorl")
 VAL_SIZE = 1024
 
@@ -49,8 +50,11 @@ class ImageSet:
 
 
 def decode_image(data: bytes, size: int | None) -> np.ndarray:
-    """Bytes of any Pillow format -> (3, H, W) uint8, resized to size x size when size is set."""
+    """Bytes of any Pillow format -> (3, H, W) uint8, resized to size x size when size is set:
+    upright (EXIF orientation) and RGB, as the service decodes a request's images, so that an
+    index built here and a query embedded there see the same pixels."""
     with Image.open(io.BytesIO(data)) as im:
+        ImageOps.exif_transpose(im, in_place=True)
         im = im.convert("RGB")
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
@@ -117,7 +121,8 @@ def _cache_key(source: str, split: str, size: int | None) -> str:
     if path.exists():
         st = path.stat()
         stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return hashlib.sha256(f"{source}|{stamp}|{split}|{size}".encode()).hexdigest()[:16]
+    key = f"{source}|{stamp}|{split}|{size}|{DECODING}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load_images(

@@ -1,9 +1,14 @@
+import io
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from byorl.service.images import decode_image as service_decode
+from byorl.service.settings import Settings
 from byorl.training import data
 from byorl.training.data import label_subset, load_images, load_unlabeled
 
@@ -59,3 +64,20 @@ def test_label_subsets_are_seeded_disjoint_and_sized():
         label_subset(2000, 5000)
     with pytest.raises(FileNotFoundError):
         load_images("/no/such/images", cache_dir=None)
+
+
+def test_decode_image_shows_photos_upright_as_the_service_does():
+    """A phone photo stored sideways (EXIF orientation 6) and an RGBA PNG decode to the pixels
+    the service's decoder gives: galleries built offline match queries sent to the service."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 40, 3), np.uint8)).save(sideways, "JPEG", exif=exif)
+    rgba = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (24, 24, 4), np.uint8)).save(rgba, "PNG")
+    settings = Settings(data_dir="unused")
+    for blob in (sideways.getvalue(), rgba.getvalue()):
+        np.testing.assert_array_equal(data.decode_image(blob, 32),
+                                      service_decode(blob, 32, settings))
+    assert data.decode_image(sideways.getvalue(), None).shape == (3, 40, 20)  # upright
