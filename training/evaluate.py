@@ -171,8 +171,11 @@ def evaluate_robustness(
 ) -> dict:
     """Clean and robust accuracy of a classifier (pixels in [0, 1] -> logits) under the suite.
 
-    `images` are uint8 or floats in [0, 1]. The model is evaluated in eval mode (its mode is
-    restored afterwards). The sanity checks always run and are reported under "checks".
+    `images` are uint8 or floats in [0, 1]. The model is evaluated in eval mode, its weights in
+    the channels-last memory format (the same values; on this project's CPU the attacks'
+    forward + backward passes run 1.17x faster, forwards 1.09x: bench/bench_memory_format.py);
+    mode and format are restored afterwards. The sanity checks always run and are reported
+    under "checks".
 
     Args:
         batch_size: points per attacked batch; with `state`, also how often progress is saved.
@@ -184,12 +187,12 @@ def evaluate_robustness(
     if len(labels) == 0 or len(images) != len(labels):
         raise ValueError(f"need one label per image, at least one: {len(images)}, {len(labels)}")
     was_training = model.training
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)
     try:
         return _evaluate(model, to_float(images), labels.long().cpu(), threat, mode, batch_size,
                          progress, Path(state) if state is not None else None)
     finally:
-        model.train(was_training)
+        model.train(was_training).to(memory_format=torch.contiguous_format)
 
 
 def _bits(mask: torch.Tensor) -> str:

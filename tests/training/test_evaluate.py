@@ -89,6 +89,8 @@ def test_evaluation_of_a_trained_model_passes_its_sanity_checks(data, convnet):
     result = evaluate_robustness(convnet, x, y, ThreatModel("linf", 8 / 255), "quick",
                                  batch_size=32)
     assert convnet.training
+    # attacked in channels-last format (faster on CPU), handed back in the format it came in
+    assert all(p.is_contiguous() for p in convnet.parameters())
     convnet.eval()
     assert result["mode"] == "quick" and result["n"] == len(y)
     assert result["clean_accuracy"] == pytest.approx(clean)
