@@ -103,7 +103,8 @@ def train_classifier(
     steps = steps or config.steps
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    model = new_classifier(config.arch, config.width, num_classes).to(device)
+    model = new_classifier(config.arch, config.width, num_classes).to(
+        device, memory_format=torch.channels_last)  # as train.py: faster passes on CPU and GPU
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=True)
     gen = torch.Generator().manual_seed(config.seed)
