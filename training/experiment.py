@@ -197,7 +197,7 @@ def _resumed(partial: Path | None, fit, save, load):
         return load(json.loads(done.read_text()))
     start = time.perf_counter()
     fitted = fit()
-    fitted[1]["fit_seconds"] = round(time.perf_counter() - start, 1)  # kept when resumed
+    fitted[1]["fit_seconds"] = round(time.perf_counter() - start, 3)  # kept when resumed
     if done is not None:
         partial.mkdir(parents=True, exist_ok=True)
         _write_json(done, save(*fitted))
