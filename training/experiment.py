@@ -32,7 +32,7 @@ import torch
 from pydantic import ConfigDict, TypeAdapter
 
 from byorl.files import atomic_write
-from byorl.model_dir import CARD, read_card
+from byorl.model_dir import CARD, ONNX, read_card
 from byorl.training.attacks import ThreatModel
 from byorl.training.baselines import BaselineConfig, new_classifier, train_classifier, uat_ft
 from byorl.training.checkpoint import checkpoint_path, load_checkpoint, load_encoder, save_atomic
@@ -50,6 +50,7 @@ from byorl.training.linear_classifier import (
     linear_from,
     linear_to_lists,
 )
+from byorl.training.onnx_encoder import OnnxRuntimeEncoder
 
 METHODS = ("byorl", "byol", "at", "uat_ft")
 
@@ -204,6 +205,16 @@ def _resumed(partial: Path | None, fit, save, load):
     return fitted
 
 
+def _onnx_classifier(path: str, head: torch.nn.Linear, device: torch.device) -> Classifier | None:
+    """An exported encoder's ONNX Runtime session + the head, for the suite's black-box Square
+    (its forward passes are 1.3x faster on this CPU than PyTorch's); None for a checkpoint or
+    on a GPU."""
+    if device.type != "cpu" or not (Path(path) / ONNX).is_file():
+        return None
+    encoder = OnnxRuntimeEncoder(str(Path(path) / ONNX), torch.get_num_threads())
+    return Classifier(encoder, head).eval()
+
+
 def run_cell(
     config: ExperimentConfig,
     method: str,
@@ -239,11 +250,13 @@ def run_cell(
             lambda head, history: {"linear": linear_to_lists(head), "history": history},
             lambda d: (linear_from(**d["linear"]).to(device), d["history"]))
         model = Classifier(encoder, head)
+        black_box = _onnx_classifier(path, head, device)
         step = load_checkpoint(path)["step"] if checkpoint_path(path).is_file() else None
         extra = {"encoder": path, "encoder_step": step,  # None: an exported model directory
                  "encoder_epochs": train_config["optim"]["epochs"],
                  "encoder_attack": train_config["attack"], "head_l2": history.get("l2")}
     else:
+        black_box = None
         model, history = _resumed(
             partial, lambda: _baseline(method, train, labeled, val, labeled_idx, val_idx,
                                        threat, baseline, progress),
@@ -254,7 +267,7 @@ def run_cell(
     evaluation = evaluate_robustness(
         model, test.images, test.labels, threat, config.eval_mode,
         batch_size=config.eval_batch_size, progress=progress,
-        state=partial / "suite.json" if partial is not None else None)
+        state=partial / "suite.json" if partial is not None else None, black_box=black_box)
     row = {
         "method": method,
         "head": head_kind or "",

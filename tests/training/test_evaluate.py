@@ -380,3 +380,37 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
     other, _, _ = synthetic_linear(n=48, seed=1)
     with pytest.raises(ValueError, match="progress of another model"):
         evaluate_robustness(other, x, y, threat, "quick", state=path)
+
+
+class Counting(nn.Module):
+    """The same classifier as a forward-only module that counts the images it was asked about."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    def forward(self, x):
+        self.images += len(x)
+        with torch.no_grad():
+            return self.model(x)
+
+
+def test_square_queries_the_black_box_and_the_model_decides(data, linear):
+    """A black_box that computes what the model computes: Square's many queries go to it (the
+    white-box attacks and the checks never do), and the result is the model's own."""
+    x, y, threat = data[2][:40], data[3][:40], ThreatModel("linf", 2 / 255)
+    alone = evaluate_robustness(linear, x, y, threat, "quick")
+    box = Counting(linear)
+    helped = evaluate_robustness(linear, x, y, threat, "quick", black_box=box)
+    robust_before_square = round(helped["attacks"][-2]["robust_accuracy"] * len(y))
+    assert box.images >= robust_before_square * SUITES["quick"].square_queries // 2
+    assert helped["robust_accuracy"] == alone["robust_accuracy"]
+    assert [a["fooled"] for a in helped["attacks"]] == [a["fooled"] for a in alone["attacks"]]
+    assert helped["attacks"][-1]["settings"]["queried"] == "Counting"
+    assert "queried" not in alone["attacks"][-1]["settings"]
+
+
+def test_a_black_box_that_is_another_classifier_is_refused(data, linear, convnet):
+    with pytest.raises(ValueError, match="not the same classifier"):
+        evaluate_robustness(linear, data[2][:40], data[3][:40], ThreatModel("linf", 2 / 255),
+                            "quick", black_box=Counting(convnet))

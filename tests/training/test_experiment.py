@@ -168,6 +168,10 @@ def test_an_exported_model_is_an_encoder_with_every_head_kind(config, first_run,
         images = load_images(cfg.data, "test", size=8, root=cfg.data_root).random_subset(8, 0)
         again = evaluate_robustness(model, images.images, images.labels, THREAT, "quick")
         assert again["clean_accuracy"] == test["clean_accuracy"]
+        # Square queried the directory's ONNX Runtime session; the white-box attacks PyTorch
+        square = next(a for a in test["attacks"] if a["name"] == "square")
+        assert square["settings"]["queried"] == "OnnxRuntimeEncoder"
+        assert all("queried" not in a["settings"] for a in test["attacks"] if a is not square)
     l2 = next(r for r in result["rows"] if r["head"] == "l2")
     assert l2["head_l2"] is not None
 

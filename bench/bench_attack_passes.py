@@ -1,9 +1,11 @@
-"""The attack suite's passes with the classifier's weights in NCHW vs channels-last memory format
-(what `evaluate_robustness` uses), side by side in alternating rounds: a forward pass (Square's
-queries, the sanity checks' predictions) and a forward + input-gradient pass (APGD,
-MultiTargeted), with the largest output and gradient difference between the two formats.
+"""The attack suite's passes through an exported encoder + linear head, side by side in
+alternating rounds: the weights in NCHW vs channels-last memory format (what
+`evaluate_robustness` uses) for a forward pass (the checks' predictions) and a forward +
+input-gradient pass (APGD, MultiTargeted), with the largest output and gradient difference
+between the two; and the forward pass in ONNX Runtime (what Square queries in an experiment
+cell on a model directory) against the faster PyTorch format.
 
-    python bench/bench_memory_format.py --model-dir results/reproduction/encoders/byorl-pgd3
+    python bench/bench_attack_passes.py --model-dir results/reproduction/encoders/byorl-pgd3
 """
 
 import argparse
@@ -13,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from byorl.model_dir import load_torch_encoder, read_card
+from byorl.model_dir import ONNX, load_torch_encoder, read_card
+from byorl.training.linear_classifier import Classifier
+from byorl.training.onnx_encoder import OnnxRuntimeEncoder
 
 
 def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -45,13 +49,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    encoder = load_torch_encoder(args.model_dir)
-    model = nn.Sequential(encoder, nn.Linear(read_card(args.model_dir)["embedding_dim"], 10))
-    model.eval()
+    head = nn.Linear(read_card(args.model_dir)["embedding_dim"], 10)
+    model = Classifier(load_torch_encoder(args.model_dir), head).eval()
+    onnx = Classifier(OnnxRuntimeEncoder(f"{args.model_dir}/{ONNX}", args.threads), head).eval()
     x = torch.rand(args.batch, *read_card(args.model_dir)["input_size"])
     ref_y, ref_g = forward(model, x), input_gradient(model, x)
     times = {fmt: {"forward": [], "gradient": []} for fmt in ("nchw", "channels_last")}
+    onnx_times = []
     for _ in range(args.rounds):
+        forward(onnx, x)
+        onnx_times.append(seconds(lambda: forward(onnx, x), args.reps))
         for fmt, memory_format in (("nchw", torch.contiguous_format),
                                    ("channels_last", torch.channels_last)):
             model.to(memory_format=memory_format)
@@ -59,6 +66,7 @@ def main() -> None:
             times[fmt]["forward"].append(seconds(lambda: forward(model, x), args.reps))
             times[fmt]["gradient"].append(seconds(lambda: input_gradient(model, x), args.reps))
     dy = (forward(model, x) - ref_y).abs().max().item()
+    dy_onnx = (forward(onnx, x) - ref_y).abs().max().item()
     dg = ((input_gradient(model, x) - ref_g).abs().max() / ref_g.abs().max()).item()
     print(f"{args.model_dir}: batch {args.batch}, {args.threads} thread(s), best of {args.rounds} "
           f"rounds of {args.reps}")
@@ -66,8 +74,11 @@ def main() -> None:
         a, b = min(times["nchw"][kind]), min(times["channels_last"][kind])
         print(f"{kind:>9}: NCHW {a * 1000:7.1f} ms  channels-last {b * 1000:7.1f} ms  "
               f"speed-up {a / b:.2f}x")
-    print(f"max |logits difference| {dy:.1e}; max input-gradient difference {dg:.1e} of the "
-          "largest")
+    best = min(min(times["nchw"]["forward"]), min(times["channels_last"]["forward"]))
+    print(f"  forward: ONNX Runtime {min(onnx_times) * 1000:.1f} ms, {best / min(onnx_times):.2f}x "
+          "the faster PyTorch format")
+    print(f"max |logits difference| channels-last {dy:.1e}, ONNX Runtime {dy_onnx:.1e}; max "
+          f"input-gradient difference {dg:.1e} of the largest")
 
 
 if __name__ == "__main__":
