@@ -48,13 +48,22 @@ def training_summary(run: Path, name: str, results: str = "results/cpu-default")
     }
 
 
+def training_run(encoder: str) -> Path:
+    """An experiment's encoder as its training run: a run directory is one, an exported model
+    directory names its run in its card."""
+    card = Path(encoder) / "card.json"
+    if card.is_file():
+        return Path(json.loads(card.read_text())["training"]["config"]["out"])
+    return Path(encoder)
+
+
 def collect_cells(study: Path) -> dict:
     """metrics.json from a `byorl experiment` of the methods byorl and byol: every head kind
     at every label amount, each with its cell file (fitted W and b, the full record)."""
     config = json.loads((study / "config.json").read_text())
     command = f"byorl experiment --config {study}/experiment.json --out {study}"
-    runs = {"byorl": Path(config["byorl_checkpoints"]["linf"]),
-            "byol": Path(config["byol_checkpoint"])}
+    runs = {"byorl": training_run(config["byorl_checkpoints"]["linf"]),
+            "byol": training_run(config["byol_checkpoint"])}
     metrics = {}
     for model, name in MODELS.items():
         evaluations = {}

@@ -11,6 +11,12 @@ cd "$(dirname "$0")/../.."
 V2=results/cpu-default-v2
 byorl train --config $V2/train-byorl-linf/config.json --out runs/default-e17
 byorl train --config $V2/train-byol/config.json --out runs/default-e17-byol
+# Cells attack exported encoders: Square then queries ONNX Runtime (faster), and the study's
+# encoders stay here whatever models/ later holds.
+for name in byorl byol; do
+  run=runs/default-e17$([ $name = byol ] && echo -byol || true)
+  [ -f $V2/encoders/$name/card.json ] || byorl export $run --out $V2/encoders/$name
+done
 byorl experiment --config $V2/experiment.json --out $V2
 python results/collect_metrics.py $V2 $V2/metrics.json
 byorl export runs/default-e17 --out models/default --metrics $V2/metrics.json

@@ -37,8 +37,11 @@ def test_cells_become_card_metrics_with_every_head_and_its_cell(tmp_path, monkey
     for source, method in (("byorl-pgd3", "byorl"), ("byol", "byol")):
         for path in (STUDY / "cells").glob(f"{source}_*.json"):
             shutil.copy(path, study / "cells" / path.name.replace(source, method, 1))
+    exported = Path("exported-byol")  # a model directory: its card names the run
+    exported.mkdir()
+    (exported / "card.json").write_text(json.dumps({"training": {"config": {"out": "runs/y"}}}))
     config = {"data": "cifar.tar.gz", "byorl_checkpoints": {"linf": "runs/b"},
-              "byol_checkpoint": "runs/y"}
+              "byol_checkpoint": str(exported)}
     (study / "config.json").write_text(json.dumps(config))
     fake_run(Path("runs/b"), "runs/b")
     fake_run(Path("runs/y"), "runs/y")
