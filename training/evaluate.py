@@ -133,7 +133,7 @@ def _break(model, attack: AttackFn, x, y, robust, norm, eps, batch_size, todo=No
     fooled = 0
     for b in idx.split(batch_size) if len(idx) else ():  # split() of nothing gives one empty part
         xb, yb = x[b].to(dev), y[b].to(dev)
-        x_adv = attack(queried or model, xb, yb, norm, eps).detach()
+        x_adv = attack(model if queried is None else queried, xb, yb, norm, eps).detach()
         _check_budget(x_adv, xb, norm, eps)
         with torch.no_grad():
             hit = (model(x_adv).argmax(1) != yb).cpu()
