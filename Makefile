@@ -10,7 +10,9 @@ PORT ?= 8000
 # that validates docker-compose.yml; Chromium for the demo page's browser test (Playwright
 # drives it). Debian's package names are the same.
 TEST_TOOLS := redis-server docker-compose chromium
-missing_test_tools = $(strip $(foreach t,$(TEST_TOOLS),$(if $(shell command -v $(t)),,$(t))))
+# And one library: jemalloc, which the `byorl` command preloads for training (allocator.py).
+missing_test_tools = $(strip $(foreach t,$(TEST_TOOLS),$(if $(shell command -v $(t)),,$(t))) \
+	$(if $(shell ldconfig -p | grep libjemalloc.so.2),,libjemalloc2))
 
 .PHONY: setup run test test-tools missing-test-tools mutate
 
@@ -36,7 +38,7 @@ test: test-tools setup
 # Fails naming the TEST_TOOLS not on PATH.
 test-tools:
 	@test -z "$(missing_test_tools)" || { \
-		echo "make test: missing system tool(s) on PATH: $(missing_test_tools) (Debian/Ubuntu:" \
+		echo "make test: missing system package(s): $(missing_test_tools) (Debian/Ubuntu:" \
 			"apt-get install --no-install-recommends $(missing_test_tools); .ci/run installs" \
 			"them as root)" >&2; exit 1; }
 

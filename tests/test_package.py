@@ -33,7 +33,7 @@ def test_the_wheel_holds_only_the_byorl_package(tmp_path):
             assert f"byorl/{path.relative_to(ROOT).as_posix()}" in names
     assert "byorl/service/static/demo.html" in names
     scripts = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "byorl = byorl.training.cli:app" in zipfile.ZipFile(wheel).read(scripts).decode()
+    assert "byorl = byorl.training.cli:run" in zipfile.ZipFile(wheel).read(scripts).decode()
 
 
 def test_import_byorl_exposes_the_entry_points_without_loading_torch():
