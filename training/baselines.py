@@ -15,6 +15,7 @@ Budgets are counted in optimiser steps, as with few labels an epoch is only a fe
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 from byorl.training.attacks import PGD, ThreatModel
 from byorl.training.augment import random_resized_crop_flip
 from byorl.training.batchnorm import frozen_bn_stats
+from byorl.training.checkpoint import save_atomic
 from byorl.training.data import ImageSet
 from byorl.training.device import pick_device
 from byorl.training.linear_classifier import Classifier, Progress, to_float
@@ -96,10 +98,18 @@ def train_classifier(
     threat: ThreatModel | None = None,
     steps: int | None = None,
     progress: Progress | None = None,
+    state: Path | None = None,
+    checkpoint_every: int = 100,
 ) -> tuple[Classifier, dict]:
     """Train encoder + linear layer end to end, adversarially within `threat` (Madry) or, with
     no threat model, on clean images; keep the weights of the best validation check (the last
-    ones when there is no validation set)."""
+    ones when there is no validation set).
+
+    Args:
+        state: a checkpoint file, written every `checkpoint_every` steps and at the end: a run
+            given the file of an interrupted one goes on from it to the same weights (an
+            adversarial training takes up to an hour on a CPU; a finished file is just loaded).
+    """
     steps = steps or config.steps
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -109,11 +119,15 @@ def train_classifier(
                           weight_decay=config.weight_decay, nesterov=True)
     gen = torch.Generator().manual_seed(config.seed)
     images, labels = train.images.to(device), train.labels.to(device)
-    order = torch.empty(0, dtype=torch.long)
-    history = {"step": [], "train_loss": [], "train_acc": [], "val_acc": []}
-    best_acc, best_state, best_step = -1.0, None, None
-    loss_sum = correct = seen = 0.0
-    for step in range(steps):
+    run = {"step": 0, "order": torch.empty(0, dtype=torch.long), "loss_sum": 0.0,
+           "correct": 0.0, "seen": 0.0, "best_acc": -1.0, "best_step": None, "best_state": None,
+           "history": {"step": [], "train_loss": [], "train_acc": [], "val_acc": []}}
+    if state is not None and state.is_file():
+        run = _load_run(state, model, opt, gen, device)
+    history, order = run["history"], run["order"]
+    best_acc, best_state, best_step = run["best_acc"], run["best_state"], run["best_step"]
+    loss_sum, correct, seen = run["loss_sum"], run["correct"], run["seen"]
+    for step in range(run["step"], steps):
         if len(order) < config.batch_size:  # a fresh permutation per pass over the set
             order = torch.cat([order, torch.randperm(len(train), generator=gen)])
         idx, order = order[: config.batch_size].to(device), order[config.batch_size :]
@@ -146,6 +160,12 @@ def train_classifier(
                     best_state = copy.deepcopy(model.state_dict())
             if progress is not None:
                 progress(step + 1, steps, "training" if threat is None else "adversarial training")
+        if state is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            _save_run(state, model, opt, gen, device, {
+                "step": step + 1, "order": order, "loss_sum": loss_sum, "correct": correct,
+                "seen": seen, "best_acc": best_acc, "best_step": best_step, "history": history,
+                # the best weights, unless they are the current ones (half the file's size)
+                "best_state": best_state if best_step != step + 1 else None})
     if best_state is not None:
         model.load_state_dict(best_state)
     history.update(
@@ -154,6 +174,30 @@ def train_classifier(
         val_metric="clean accuracy" if threat is None else "robust accuracy (PGD)",
     )
     return model.eval(), history
+
+
+def _save_run(path: Path, model, opt, gen, device, run: dict) -> None:
+    rng = {"cpu": torch.get_rng_state(), "generator": gen.get_state(),
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    save_atomic({**run, "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng},
+                path)
+
+
+def _load_run(path: Path, model, opt, gen, device) -> dict:
+    """Restore model, optimiser and random states from `_save_run`'s file; returns the loop's
+    variables (the best weights filled in when they were the saved step's own)."""
+    run = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(run.pop("model"))
+    opt.load_state_dict(run.pop("optimizer"))
+    rng = run.pop("rng")
+    torch.set_rng_state(rng["cpu"].cpu())
+    gen.set_state(rng["generator"].cpu())
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    run["order"] = run["order"].cpu()
+    if run["best_step"] == run["step"]:
+        run["best_state"] = copy.deepcopy(model.state_dict())
+    return run
 
 
 @torch.no_grad()
@@ -173,22 +217,30 @@ def uat_ft(
     threat: ThreatModel,
     config: BaselineConfig,
     progress: Progress | None = None,
+    checkpoints: Path | None = None,
 ) -> tuple[Classifier, dict]:
     """UAT-FT: pseudo-label the unlabeled images (uint8) with a non-robust classifier trained on
     the labeled set, then adversarially train on labeled + pseudo-labeled images.
 
     The history holds the teacher's and the student's runs and the pseudo-labels themselves.
+
+    Args:
+        checkpoints: a folder for the two trainings' checkpoints (`train_classifier`'s state):
+            `teacher.pt`, `student.pt`; an interrupted run given it goes on from them.
     """
+    def state(name: str) -> Path | None:
+        return checkpoints / f"{name}.pt" if checkpoints is not None else None
+
     history: dict = {"teacher": None, "pseudo_labels": torch.empty(0, dtype=torch.long)}
     data = labeled
     if len(unlabeled):
         teacher, history["teacher"] = train_classifier(
-            labeled, val, num_classes, config, steps=config.teacher_steps, progress=progress
-        )
+            labeled, val, num_classes, config, steps=config.teacher_steps, progress=progress,
+            state=state("teacher"))
         history["pseudo_labels"] = pseudo_label(teacher, unlabeled)
         data = ImageSet(torch.cat([labeled.images, unlabeled]),
                         torch.cat([labeled.labels, history["pseudo_labels"]]), labeled.classes)
     model, history["student"] = train_classifier(data, val, num_classes, config, threat,
-                                                 progress=progress)
+                                                 progress=progress, state=state("student"))
     return model, history
 

@@ -12,8 +12,9 @@ paper's full suite by default) on a seeded random subset of the test set:
 
 A cell's result is written (atomically) as soon as it finishes, with the settings it depends
 on; a rerun skips finished cells and refuses to mix in cells computed with other settings. A
-cell in progress keeps its fitted classifier and the attack suite's progress (saved after
-every attacked batch) in `partial/<key>/`, so an interrupted cell goes on where it
+cell in progress keeps a baseline's training checkpoints (every 100 steps), its fitted
+classifier and the attack suite's progress (saved after every attacked batch) in
+`partial/<key>/`, so an interrupted cell goes on where it
 stopped, on this machine or, once that folder is copied, on another.
 Encoders come from `byorl train` runs, or are trained here from `pretrain` (a TrainConfig dict)
 when a cell needs one that was not given.
@@ -259,7 +260,7 @@ def run_cell(
         black_box = None
         model, history = _resumed(
             partial, lambda: _baseline(method, train, labeled, val, labeled_idx, val_idx,
-                                       threat, baseline, progress),
+                                       threat, baseline, progress, partial),
             lambda model, history: _save_baseline(model, history, partial),
             lambda d: _load_baseline(d, config, num_classes, partial, device))
         if "pseudo_label_accuracy" in history:
@@ -294,15 +295,18 @@ def run_cell(
     return cell
 
 
-def _baseline(method, train, labeled, val, labeled_idx, val_idx, threat, baseline, progress):
-    """AT on the labeled images, or UAT-FT on all of them (its pseudo-labels scored here)."""
+def _baseline(method, train, labeled, val, labeled_idx, val_idx, threat, baseline, progress,
+              partial: Path | None):
+    """AT on the labeled images, or UAT-FT on all of them (its pseudo-labels scored here); the
+    trainings checkpoint into `partial` (an hour of CPU each: a new machine goes on from there)."""
     num_classes = len(train.classes)
     if method == "at":
-        return train_classifier(labeled, val, num_classes, baseline, threat, progress=progress)
+        return train_classifier(labeled, val, num_classes, baseline, threat, progress=progress,
+                                state=partial / "at.pt" if partial is not None else None)
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[labeled_idx], rest[val_idx] = False, False
     model, history = uat_ft(labeled, train.images[rest], val, num_classes, threat, baseline,
-                            progress)
+                            progress, checkpoints=partial)
     pseudo = history.pop("pseudo_labels")
     if len(pseudo):
         history["pseudo_label_accuracy"] = (pseudo == train.labels[rest]).float().mean().item()

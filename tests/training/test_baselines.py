@@ -101,3 +101,45 @@ def test_uat_ft_with_every_label_is_adversarial_training(data):
     _, history = uat_ft(data["val"], data["val"].images[:0], None, 2, THREAT, config)
     assert history["teacher"] is None and len(history["pseudo_labels"]) == 0
     assert history["student"]["step"] == [2] and history["student"]["best_val_acc"] is None
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights(
+        data, adversarial, tmp_path):
+    state = tmp_path / "at.pt"
+
+    def stop_at_30(step, total, what):
+        if step == 30:
+            raise Interrupt  # before step 30's checkpoint: the file holds step 20
+
+    with pytest.raises(Interrupt):
+        train_classifier(data["train"], data["val"], 2, CONFIG, THREAT, progress=stop_at_30,
+                         state=state, checkpoint_every=10)
+    assert torch.load(state, weights_only=True)["step"] == 20
+    seen = []
+    model, history = train_classifier(data["train"], data["val"], 2, CONFIG, THREAT,
+                                      progress=lambda step, *_: seen.append(step), state=state,
+                                      checkpoint_every=10)
+    assert seen == [30, 40]  # went on from step 20
+    assert history == adversarial[1]  # the uninterrupted run's checks, best step included
+    for k, v in adversarial[0].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    again, _ = train_classifier(data["train"], data["val"], 2, CONFIG, THREAT,
+                                progress=lambda *_: pytest.fail("a finished run trained"),
+                                state=state)
+    assert torch.equal(again.head.weight, model.head.weight)
+
+
+def test_uat_ft_checkpoints_the_teacher_and_the_student(data, tmp_path):
+    config = BaselineConfig(arch="preact_resnet_small", width=1, steps=4, teacher_steps=4,
+                            batch_size=16, attack_steps=1, eval_every=2)
+    labeled, unlabeled = data["val"].subset(torch.arange(32)), data["val"].images[32:]
+    first, history = uat_ft(labeled, unlabeled, None, 2, THREAT, config, checkpoints=tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"teacher.pt", "student.pt"}
+    again, resumed = uat_ft(labeled, unlabeled, None, 2, THREAT, config, checkpoints=tmp_path,
+                            progress=lambda *_: pytest.fail("a finished run trained"))
+    assert torch.equal(resumed["pseudo_labels"], history["pseudo_labels"])
+    assert torch.equal(again.head.weight, first.head.weight)
