@@ -232,7 +232,8 @@ def experiment(
 
     with Bars("cells") as cells, Bars(position=1, leave=False) as steps:
         result = run_experiment(cfg, progress=cells, cell_progress=steps)
-    typer.echo(f"{len(result['ran'])} cells run, {len(result['skipped'])} already done -> {out}")
+    typer.echo(f"{len(result['ran'])} cells run, {len(result['skipped'])} already done, "
+               f"{len(result['busy'])} run by another process -> {out}")
 
 
 @app.command()

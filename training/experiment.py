@@ -20,12 +20,15 @@ Encoders come from `byorl train` runs, or are trained here from `pretrain` (a Tr
 when a cell needs one that was not given.
 """
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,7 +334,8 @@ def run_experiment(
 ) -> dict:
     """Run every unfinished cell, then write the tables and figures of all finished ones.
 
-    Returns {"rows": [...], "ran": [keys computed now], "skipped": [keys already done]}.
+    Returns {"rows": [...], "ran": [keys computed now], "skipped": [keys already done],
+    "busy": [keys another process on `config.out` is computing: run several to share a grid]}.
     `progress(done, total, key)` follows the cells; `cell_progress` is handed to the trainers.
     """
     out = Path(config.out)
@@ -342,36 +346,65 @@ def run_experiment(
             for a in config.label_amounts
             for h in (config.heads if uses_encoder(config, m) else [None])
             if not (m == "uat_ft" and a == 1.0 and "at" in config.methods)]  # = AT (section 4.1)
-    ran, skipped, rows = [], [], []
+    ran, skipped, busy, rows = [], [], [], []
     data = None
     for i, (method, amount, threat, head) in enumerate(grid):
         key = cell_key(method, threat, amount, head)
         path = cells_dir / f"{key}.json"
         settings = json.loads(json.dumps(_cell_settings(config, method, threat, head)))
-        if path.exists():
-            cell = json.loads(path.read_text())
-            if cell["settings"] != settings:
-                raise ValueError(f"{path} was computed with other settings; delete it or use "
-                                 "another output directory")
-            skipped.append(key)
-        else:
-            if data is None:
-                load = dict(size=config.image_size, root=config.data_root)
-                data = (load_images(config.data, "train", **load),
-                        load_images(config.data, "test", **load).random_subset(
-                            config.eval_size, config.seed))
-            partial = out / "partial" / key
-            _check_partial(partial, settings)
-            cell = run_cell(config, method, amount, threat, *data, progress=cell_progress,
-                            head_kind=head, partial=partial)
-            _write_json(path, cell)
-            shutil.rmtree(partial)
-            ran.append(key)
+        with _cell_lock(out / "partial" / f"{key}.lock", path) as mine:
+            if not mine:  # another `byorl experiment` on this directory is computing it
+                busy.append(key)
+                continue
+            if path.exists():
+                cell = json.loads(path.read_text())
+                if cell["settings"] != settings:
+                    raise ValueError(f"{path} was computed with other settings; delete it or "
+                                     "use another output directory")
+                skipped.append(key)
+            else:
+                if data is None:
+                    load = dict(size=config.image_size, root=config.data_root)
+                    data = (load_images(config.data, "train", **load),
+                            load_images(config.data, "test", **load).random_subset(
+                                config.eval_size, config.seed))
+                partial = out / "partial" / key
+                _check_partial(partial, settings)
+                cell = run_cell(config, method, amount, threat, *data, progress=cell_progress,
+                                head_kind=head, partial=partial)
+                _write_json(path, cell)
+                shutil.rmtree(partial)
+                ran.append(key)
         rows.append(cell["row"])
         if progress is not None:
             progress(i + 1, len(grid), key)
     write_results(finished_rows(cells_dir), out)
-    return {"rows": rows, "ran": ran, "skipped": skipped}
+    return {"rows": rows, "ran": ran, "skipped": skipped, "busy": busy}
+
+
+@contextlib.contextmanager
+def _cell_lock(lock: Path, cell: Path) -> Iterator[bool]:
+    """Whether this process may work on the cell written to `cell`: true when it is finished or
+    when this process holds the exclusive `flock` on `lock` (released when the block ends or the
+    process dies), so that several `byorl experiment` processes on one output directory share
+    out its cells, one each (one thread per process is faster on a CPU than one process with
+    several threads). The lock file goes once the cell is written (anyone who locked it since
+    sees the cell file)."""
+    if cell.exists():
+        yield True
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            if cell.exists():
+                lock.unlink(missing_ok=True)
 
 
 def finished_rows(cells_dir: Path) -> list[dict]:

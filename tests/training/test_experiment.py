@@ -4,6 +4,8 @@ exported model directories and every head kind work as cells."""
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,28 @@ def test_rerun_skips_finished_cells_and_redoes_missing_ones(config, first_run):
     key = cell_key("at", THREAT, 0.25)
     (cells / f"{key}.json").unlink()
     assert run_experiment(config)["ran"] == [key]
+
+
+def test_a_cell_another_process_is_computing_is_left_to_it(config, first_run):
+    """Two `byorl experiment` processes on one directory share its cells out (cell locks)."""
+    key = cell_key("at", THREAT, 0.25)
+    Path(config.out, "cells", f"{key}.json").unlink()
+    lock = Path(config.out, "partial", f"{key}.lock")
+    holder = subprocess.Popen(  # another process, working on that cell
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        result = run_experiment(config)
+        assert result["busy"] == [key] and result["ran"] == []
+        assert key not in {cell_key(r["method"], THREAT, r["label_amount"]) for r in
+                           result["rows"] if not r["head"]}
+    finally:
+        holder.communicate("")
+    result = run_experiment(config)
+    assert result["ran"] == [key] and result["busy"] == []
+    assert not lock.exists() and not list(Path(config.out, "partial").glob("*.lock"))
 
 
 def test_a_run_of_some_methods_keeps_every_finished_cell_in_the_tables(config, first_run):
