@@ -387,8 +387,8 @@ def _cell_lock(lock: Path, cell: Path) -> Iterator[bool]:
     """Whether this process may work on the cell written to `cell`: true when it is finished or
     when this process holds the exclusive `flock` on `lock` (released when the block ends or the
     process dies), so that several `byorl experiment` processes on one output directory share
-    out its cells, one each (one thread per process is faster on a CPU than one process with
-    several threads). The lock file goes once the cell is written (anyone who locked it since
+    out its cells, one each (a grid can keep one single-threaded process per core busy). The
+    lock file goes once the cell is written (anyone who locked it since
     sees the cell file)."""
     if cell.exists():
         yield True
