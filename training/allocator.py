@@ -48,4 +48,5 @@ def reexec_with_jemalloc() -> None:
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        # the interpreter's own command line: `python -m byorl.training.cli` stays a module run
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
