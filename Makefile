@@ -12,7 +12,7 @@ PORT ?= 8000
 TEST_TOOLS := redis-server docker-compose chromium
 # And one library: jemalloc, which the `byorl` command preloads for training (allocator.py).
 missing_test_tools = $(strip $(foreach t,$(TEST_TOOLS),$(if $(shell command -v $(t)),,$(t))) \
-	$(if $(shell ldconfig -p | grep libjemalloc.so.2),,libjemalloc2))
+	$(if $(shell $(PYTHON) -c 'import ctypes.util; print(ctypes.util.find_library("jemalloc") or "")'),,libjemalloc2))
 
 .PHONY: setup run test test-tools missing-test-tools mutate
 
