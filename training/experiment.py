@@ -388,8 +388,7 @@ def _cell_lock(lock: Path, cell: Path) -> Iterator[bool]:
     when this process holds the exclusive `flock` on `lock` (released when the block ends or the
     process dies), so that several `byorl experiment` processes on one output directory share
     out its cells, one each (a grid can keep one single-threaded process per core busy). The
-    lock file goes once the cell is written (anyone who locked it since
-    sees the cell file)."""
+    lock file goes once the cell is written (anyone who locked it since sees the cell file)."""
     if cell.exists():
         yield True
         return
