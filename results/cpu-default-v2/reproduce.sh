@@ -9,14 +9,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 V2=results/cpu-default-v2
-byorl train --config $V2/train-byorl-linf/config.json --out runs/default-e17
-byorl train --config $V2/train-byol/config.json --out runs/default-e17-byol
 # Cells attack exported encoders: Square then queries ONNX Runtime (faster), and the study's
 # encoders stay here whatever models/ later holds.
-for name in byorl byol; do
-  run=runs/default-e17$([ $name = byol ] && echo -byol || true)
-  [ -f $V2/encoders/$name/card.json ] || byorl export $run --out $V2/encoders/$name
-done
+encoder() {  # encoder NAME RUN: export the run once
+  [ -f $V2/encoders/$1/card.json ] || byorl export $2 --out $V2/encoders/$1
+}
+byorl train --config $V2/train-byorl-linf/config.json --out runs/default-e17
+encoder byorl runs/default-e17
+# BYORL's cells first: they decide issue 10's targets and hold most of the suite's time.
+byorl experiment --config $V2/experiment.json --out $V2 --methods byorl
+byorl train --config $V2/train-byol/config.json --out runs/default-e17-byol
+encoder byol runs/default-e17-byol
 byorl experiment --config $V2/experiment.json --out $V2
 python results/collect_metrics.py $V2 $V2/metrics.json
 byorl export runs/default-e17 --out models/default --metrics $V2/metrics.json
