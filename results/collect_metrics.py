@@ -30,9 +30,11 @@ def evaluate_command(report: dict, kind: str, out: Path) -> str:
 
 def training_summary(run: Path, name: str, results: str = "results/cpu-default") -> dict:
     """Steps, epochs and wall clock (summed from the logged throughput) of a run, and the train
-    command from its config as kept in RESULTS/train-NAME/."""
+    command from its config as kept in RESULTS/train-NAME/. A step logged twice (re-done after a
+    resume from an earlier checkpoint) counts once: its last record."""
     config = json.loads((run / "config.json").read_text())
-    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    log = list({r["step"]: r for r in records}.values())
     batch, every = config["optim"]["batch_size"], config["log_every"]
     last = log[-1]
     return {

@@ -17,13 +17,13 @@ def load_script():
     return module
 
 
-def fake_run(path: Path, out: str) -> None:
-    """A training run's config.json and metrics.jsonl (two logged steps)."""
+def fake_run(path: Path, out: str, steps: tuple = (10, 20)) -> None:
+    """A training run's config.json and metrics.jsonl (one record per logged step)."""
     path.mkdir(parents=True)
     config = json.loads((ROOT / "results/cpu-default-v2/train-byorl-linf/config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "out": out}))
     log = [{"step": s, "epoch": s / 390, "loss": 1.0, "cos_clean": 0.8, "cos_adv": 0.7,
-            "pred_std": 0.06, "images_per_s": 128.0} for s in (10, 20)]
+            "pred_std": 0.06, "images_per_s": 128.0} for s in steps]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
 
@@ -65,3 +65,12 @@ def test_cells_become_card_metrics_with_every_head_and_its_cell(tmp_path, monkey
     assert training["steps"] == 20 and training["images_seen"] == 20 * 128
     assert training["wall_clock_min"] == round(2 * 10 * 128 / 128 / 60, 1)
     assert training["command"] == "byorl train --config study/train-byol/config.json --out runs/y"
+
+
+def test_a_step_logged_twice_after_a_resume_counts_once(tmp_path):
+    """A resume from the checkpoint at step 10 re-does step 20: the wall clock sums two logged
+    stretches of 10 steps of 128 images at 128 images/s, not three."""
+    fake_run(tmp_path / "run", "runs/x", steps=(10, 20, 20))
+    training = load_script().training_summary(tmp_path / "run", "byorl-linf")
+    assert training["steps"] == 20
+    assert training["wall_clock_min"] == round(2 * 10 * 128 / 128 / 60, 1)
