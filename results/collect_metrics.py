@@ -61,7 +61,8 @@ def training_run(encoder: str) -> Path:
 
 def collect_cells(study: Path) -> dict:
     """metrics.json from a `byorl experiment` of the methods byorl and byol: every head kind
-    at every label amount, each with its cell file (fitted W and b, the full record)."""
+    at every label amount, each with its cell file (fitted W and b, the full record). A method
+    with no finished cell yet is left out (BYORL's card can ship before BYOL's cells exist)."""
     config = json.loads((study / "config.json").read_text())
     command = f"byorl experiment --config {study}/experiment.json --out {study}"
     runs = {"byorl": training_run(config["byorl_checkpoints"]["linf"]),
@@ -80,6 +81,8 @@ def collect_cells(study: Path) -> dict:
                 "clean_accuracy": row["clean_accuracy"], "robust_accuracy": row["robust_accuracy"],
                 "checks_passed": row["checks_passed"], "l2": row["head_l2"],
                 "minutes": round(row["seconds"] / 60, 1), "cell": str(path), "command": command}
+        if not evaluations:
+            continue
         metrics[model] = {"evaluations": evaluations,
                           "training": training_summary(runs[model], name, str(study))}
     return metrics
@@ -112,6 +115,8 @@ def collect_reports(final: Path) -> dict:
                                 "data": report["data"], "labels": report["labels"]["count"],
                                 "n_test": report["n_test"], "heads": heads}
         run = Path(report["checkpoint"])
+        if not evaluations:
+            continue
         metrics[model] = {"evaluations": evaluations, "training": training_summary(run, name)}
     return metrics
 

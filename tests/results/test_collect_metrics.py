@@ -27,14 +27,12 @@ def fake_run(path: Path, out: str, steps: tuple = (10, 20)) -> None:
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
 
-def test_cells_become_card_metrics_with_every_head_and_its_cell(tmp_path, monkeypatch):
-    """The study's byorl-pgd3 and byol cells, renamed as an experiment of the methods byorl and
-    byol would write them: each head at each label amount, its accuracies as the cell has them,
-    the cell file (the fitted head) and the command; the training summary from the run's log."""
-    monkeypatch.chdir(tmp_path)
+def make_study(methods: dict) -> Path:
+    """study/ as `byorl experiment` of the methods byorl and byol writes it, with the study's
+    cells of each source encoder renamed to its method (methods: source -> method)."""
     study = Path("study")
     (study / "cells").mkdir(parents=True)
-    for source, method in (("byorl-pgd3", "byorl"), ("byol", "byol")):
+    for source, method in methods.items():
         for path in (STUDY / "cells").glob(f"{source}_*.json"):
             shutil.copy(path, study / "cells" / path.name.replace(source, method, 1))
     exported = Path("exported-byol")  # a model directory: its card names the run
@@ -43,6 +41,15 @@ def test_cells_become_card_metrics_with_every_head_and_its_cell(tmp_path, monkey
     config = {"data": "cifar.tar.gz", "byorl_checkpoints": {"linf": "runs/b"},
               "byol_checkpoint": str(exported)}
     (study / "config.json").write_text(json.dumps(config))
+    return study
+
+
+def test_cells_become_card_metrics_with_every_head_and_its_cell(tmp_path, monkeypatch):
+    """The study's byorl-pgd3 and byol cells, renamed as an experiment of the methods byorl and
+    byol would write them: each head at each label amount, its accuracies as the cell has them,
+    the cell file (the fitted head) and the command; the training summary from the run's log."""
+    monkeypatch.chdir(tmp_path)
+    study = make_study({"byorl-pgd3": "byorl", "byol": "byol"})
     fake_run(Path("runs/b"), "runs/b")
     fake_run(Path("runs/y"), "runs/y")
 
@@ -74,3 +81,14 @@ def test_a_step_logged_twice_after_a_resume_counts_once(tmp_path):
     training = load_script().training_summary(tmp_path / "run", "byorl-linf")
     assert training["steps"] == 20
     assert training["wall_clock_min"] == round(2 * 10 * 128 / 128 / 60, 1)
+
+
+def test_a_method_without_finished_cells_is_left_out(tmp_path, monkeypatch):
+    """BYORL's cells finished while BYOL's encoder is still training (no run log yet): the
+    metrics hold BYORL alone, and BYOL's missing run is not read."""
+    monkeypatch.chdir(tmp_path)
+    study = make_study({"byorl-pgd3": "byorl"})
+    fake_run(Path("runs/b"), "runs/b")
+    metrics = load_script().collect_cells(study)
+    assert set(metrics) == {"byorl"}
+    assert set(metrics["byorl"]["evaluations"]) == {"500_labels", "all_labels"}
