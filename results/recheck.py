@@ -1,0 +1,96 @@
+"""Re-attack finished cells with attacks the project's suite does not run: the two of
+AutoAttack's standard version it lacks, APGD-T (targeted DLR, 9 target classes x 100 steps) and
+FAB-T (minimum-norm, 9 target classes x 100 steps), both from torchattacks, on the cell's own
+test images, encoder and fitted head (W and b, stored in the cell).
+
+    python results/recheck.py results/cpu-default-v2/cells/*.json
+
+Each cell gets CELLS/../recheck/NAME.json: clean accuracy (which must equal the cell's: the same
+images and head), robust accuracy after APGD-T and after FAB-T on what APGD-T left, and the
+cell's own number beside them. A re-check below the cell's number means the suite missed points
+(each attack here starts from the clean images, not from the suite's survivors).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchattacks
+
+from byorl.training.checkpoint import load_encoder
+from byorl.training.data import load_images
+from byorl.training.linear_classifier import Classifier, linear_from
+
+BATCH = 250
+
+
+def attacks(model: torch.nn.Module, eps: float, num_classes: int) -> dict:
+    """AutoAttack's targeted pair at its standard settings (1 restart, 100 steps each)."""
+    return {
+        "apgd-t": torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1,
+                                     n_classes=num_classes),
+        "fab-t": torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1,
+                                  multi_targeted=True, n_classes=num_classes),
+    }
+
+
+def recheck(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
+            num_classes: int) -> dict:
+    """Robust accuracy of `model` on images in [0, 1] after each attack in turn, each attacking
+    only the points every earlier one left correct (AutoAttack's cascade: the last number is the
+    per-example worst case). Every adversarial example is checked: within eps in linf, pixels
+    in [0, 1]."""
+    with torch.no_grad():
+        robust = torch.cat([model(x).argmax(1) == y
+                            for x, y in zip(images.split(BATCH), labels.split(BATCH), strict=True)])
+    out = {"n": len(labels), "clean_accuracy": robust.float().mean().item(), "attacks": {}}
+    for name, attack in attacks(model, eps, num_classes).items():
+        start = time.perf_counter()
+        for batch in robust.nonzero().flatten().split(BATCH):
+            x, y = images[batch], labels[batch]
+            x_adv = attack(x, y)
+            assert (x_adv - x).abs().max() <= eps + 1e-5, f"{name} left the budget"
+            assert x_adv.min() >= 0 and x_adv.max() <= 1, f"{name} left [0, 1]"
+            with torch.no_grad():
+                robust[batch] = model(x_adv).argmax(1) == y
+        out["attacks"][name] = {"robust_accuracy": robust.float().mean().item(),
+                                "seconds": round(time.perf_counter() - start, 1)}
+    out["robust_accuracy"] = robust.float().mean().item()
+    return out
+
+
+def recheck_cell(path: Path) -> dict:
+    """The cell's classifier on the cell's test images (the experiment's seeded subset)."""
+    cell = json.loads(path.read_text())
+    settings, row = cell["settings"], cell["row"]
+    encoder, _ = load_encoder(settings["encoder"]["path"])
+    model = Classifier(encoder, linear_from(**cell["linear"])).eval()
+    test = load_images(settings["data"], "test", settings["image_size"]).random_subset(
+        settings["eval_size"], settings["seed"])
+    result = recheck(model, test.images.float() / 255, test.labels, row["eps"],
+                     len(test.classes))
+    if abs(result["clean_accuracy"] - row["clean_accuracy"]) > 1e-6:
+        raise ValueError(f"{path}: clean accuracy {result['clean_accuracy']} is not the cell's "
+                         f"{row['clean_accuracy']}: other images or another head")
+    return {"cell": str(path), "suite_robust_accuracy": row["robust_accuracy"], **result}
+
+
+def main(paths: list[str]) -> None:
+    torch.set_num_threads(1)
+    for path in map(Path, paths):
+        out = path.parent.parent / "recheck" / path.name
+        if out.exists():
+            continue
+        result = recheck_cell(path)
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{path.stem}: clean {result['clean_accuracy']:.1%}, suite "
+              f"{result['suite_robust_accuracy']:.1%}, " + ", ".join(
+                  f"{k} {v['robust_accuracy']:.1%}" for k, v in result["attacks"].items())
+              + " (cascade)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
