@@ -115,8 +115,6 @@ def collect_reports(final: Path) -> dict:
                                 "data": report["data"], "labels": report["labels"]["count"],
                                 "n_test": report["n_test"], "heads": heads}
         run = Path(report["checkpoint"])
-        if not evaluations:
-            continue
         metrics[model] = {"evaluations": evaluations, "training": training_summary(run, name)}
     return metrics
 
