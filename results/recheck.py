@@ -8,7 +8,9 @@ test images, encoder and fitted head (W and b, stored in the cell).
 Each cell gets CELLS/../recheck/NAME.json: clean accuracy (which must equal the cell's: the same
 images and head), robust accuracy after APGD-T and after FAB-T on what APGD-T left, and the
 cell's own number beside them. A re-check below the cell's number means the suite missed points
-(each attack here starts from the clean images, not from the suite's survivors).
+(each attack here starts from the clean images, not from the suite's survivors); where the cell
+lists the test images that survived its suite (`robust_indices`, cells evaluated since session
+14), the per-example worst case of both is reported too.
 """
 
 import json
@@ -58,6 +60,7 @@ def recheck(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         out["attacks"][name] = {"robust_accuracy": robust.float().mean().item(),
                                 "seconds": round(time.perf_counter() - start, 1)}
     out["robust_accuracy"] = robust.float().mean().item()
+    out["robust_indices"] = robust.nonzero().flatten().tolist()
     return out
 
 
@@ -74,7 +77,11 @@ def recheck_cell(path: Path) -> dict:
     if abs(result["clean_accuracy"] - row["clean_accuracy"]) > 1e-6:
         raise ValueError(f"{path}: clean accuracy {result['clean_accuracy']} is not the cell's "
                          f"{row['clean_accuracy']}: other images or another head")
-    return {"cell": str(path), "suite_robust_accuracy": row["robust_accuracy"], **result}
+    out = {"cell": str(path), "suite_robust_accuracy": row["robust_accuracy"], **result}
+    if "robust_indices" in cell["evaluation"]:  # cells evaluated since session 14
+        both = set(result["robust_indices"]) & set(cell["evaluation"]["robust_indices"])
+        out["robust_accuracy_with_suite"] = len(both) / result["n"]
+    return out
 
 
 def main(paths: list[str]) -> None:

@@ -317,6 +317,9 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
         "n": n,
         "clean_accuracy": clean_acc,
         "robust_accuracy": robust_acc,
+        # which test images (positions in the order given) survived every attack: another
+        # tool's re-check of the same images combines with it per example
+        "robust_indices": robust.nonzero().flatten().tolist(),
         "attacks": records,
         "checks": checks,
         "checks_passed": all(c["passed"] for c in checks.values()),

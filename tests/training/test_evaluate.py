@@ -173,12 +173,14 @@ def test_suite_records_the_per_example_worst_case_of_a_linear_model():
     evaluation."""
     model, x, y = synthetic_linear()
     eps = 0.02
-    exact = exact_linf_robust(model, x, y, eps).float().mean().item()
+    exact_mask = exact_linf_robust(model, x, y, eps)
+    exact = exact_mask.float().mean().item()
     clean = (model(x).argmax(1) == y).float().mean().item()
     assert 0 < exact < clean < 1
     result = evaluate_robustness(model, x, y, ThreatModel("linf", eps), "quick", batch_size=8)
     assert result["clean_accuracy"] == pytest.approx(clean)
     assert result["robust_accuracy"] == pytest.approx(exact)
+    assert result["robust_indices"] == exact_mask.nonzero().flatten().tolist()
     records = result["attacks"]
     assert [r["name"] for r in records] == ["apgd-ce", "apgd-dlr", "multitargeted", "square"]
     assert sum(r["fooled"] for r in records) == round((clean - exact) * len(y))
