@@ -1,20 +1,12 @@
 """results/collect_metrics.py on the output of a `byorl experiment`: the model cards' metrics."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.results.conftest import ROOT, load_script
+
 STUDY = ROOT / "results" / "reproduction"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("collect_metrics",
-                                                  ROOT / "results" / "collect_metrics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_run(path: Path, out: str, steps: tuple = (10, 20)) -> None:
@@ -53,7 +45,7 @@ def test_cells_become_card_metrics_with_every_head_and_its_cell(tmp_path, monkey
     fake_run(Path("runs/b"), "runs/b")
     fake_run(Path("runs/y"), "runs/y")
 
-    metrics = load_script().collect_cells(study)
+    metrics = load_script("collect_metrics").collect_cells(study)
     cell = json.loads((STUDY / "cells/byorl-pgd3_linf_8of255_labels500_l2.json").read_text())
     head = metrics["byorl"]["evaluations"]["500_labels"]["heads"]["l2"]
     assert head["robust_accuracy"] == cell["row"]["robust_accuracy"]
@@ -78,7 +70,7 @@ def test_a_step_logged_twice_after_a_resume_counts_once(tmp_path):
     """A resume from the checkpoint at step 10 re-does step 20: the wall clock sums two logged
     stretches of 10 steps of 128 images at 128 images/s, not three."""
     fake_run(tmp_path / "run", "runs/x", steps=(10, 20, 20))
-    training = load_script().training_summary(tmp_path / "run", "byorl-linf")
+    training = load_script("collect_metrics").training_summary(tmp_path / "run", "byorl-linf")
     assert training["steps"] == 20
     assert training["wall_clock_min"] == round(2 * 10 * 128 / 128 / 60, 1)
 
@@ -89,6 +81,6 @@ def test_a_method_without_finished_cells_is_left_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study = make_study({"byorl-pgd3": "byorl"})
     fake_run(Path("runs/b"), "runs/b")
-    metrics = load_script().collect_cells(study)
+    metrics = load_script("collect_metrics").collect_cells(study)
     assert set(metrics) == {"byorl"}
     assert set(metrics["byorl"]["evaluations"]) == {"500_labels", "all_labels"}

@@ -1,20 +1,9 @@
 """results/recheck.py: AutoAttack's targeted pair (torchattacks) as an independent re-check."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from tests.results.conftest import load_script
 from tests.training.conftest import exact_linf_robust, synthetic_linear
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("recheck", ROOT / "results" / "recheck.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.02, 0.04, 0.08])
@@ -23,7 +12,7 @@ def test_the_cascade_finds_the_exact_robust_points_of_a_linear_model(eps):
     re-check finds exactly the points it leaves robust, attack by attack never gaining any."""
     model, x, y = synthetic_linear(n=64)
     exact = exact_linf_robust(model, x, y, eps)
-    result = load_script().recheck(model, x, y, eps, 4)
+    result = load_script("recheck").recheck(model, x, y, eps, 4)
     clean = (model(x).argmax(1) == y).float().mean().item()
     assert result["n"] == 64 and result["clean_accuracy"] == pytest.approx(clean)
     assert result["robust_indices"] == exact.nonzero().flatten().tolist()
