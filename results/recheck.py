@@ -23,7 +23,7 @@ import torchattacks
 
 from byorl.training.checkpoint import load_encoder
 from byorl.training.data import load_images
-from byorl.training.evaluate import _break, _library, _predict
+from byorl.training.evaluate import attack_robust, library_attack, predict
 from byorl.training.linear_classifier import Classifier, linear_from
 
 BATCH = 250
@@ -32,9 +32,10 @@ BATCH = 250
 def attacks(num_classes: int) -> dict:
     """AutoAttack's targeted pair at its standard settings (1 restart, 100 steps each)."""
     return {
-        "apgd-t": _library(torchattacks.APGDT, steps=100, n_restarts=1, n_classes=num_classes),
-        "fab-t": _library(torchattacks.FAB, steps=100, n_restarts=1, multi_targeted=True,
-                          n_classes=num_classes),
+        "apgd-t": library_attack(torchattacks.APGDT, steps=100, n_restarts=1,
+                                 n_classes=num_classes),
+        "fab-t": library_attack(torchattacks.FAB, steps=100, n_restarts=1, multi_targeted=True,
+                                n_classes=num_classes),
     }
 
 
@@ -44,11 +45,11 @@ def recheck(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     only the points every earlier one left correct (AutoAttack's cascade: the last number is the
     per-example worst case). The suite's own batching and budget check (within eps in linf,
     pixels in [0, 1]) run each attack; only the attacks differ."""
-    robust = _predict(model, images, BATCH) == labels
+    robust = predict(model, images, BATCH) == labels
     out = {"n": len(labels), "clean_accuracy": robust.float().mean().item(), "attacks": {}}
     for name, attack in attacks(num_classes).items():
         start = time.perf_counter()
-        _break(model, attack, images, labels, robust, "linf", eps, BATCH)
+        attack_robust(model, attack, images, labels, robust, "linf", eps, BATCH)
         out["attacks"][name] = {"robust_accuracy": robust.float().mean().item(),
                                 "seconds": round(time.perf_counter() - start, 1)}
     out["robust_accuracy"] = robust.float().mean().item()

@@ -67,7 +67,7 @@ ZERO_GRAD_TOLERANCE = 0.05  # fraction of correct points allowed an exactly-zero
 _TA_NORM = {"linf": "Linf", "l2": "L2"}
 
 
-def _library(cls, **kw) -> AttackFn:
+def library_attack(cls, **kw) -> AttackFn:
     """A torchattacks attack; it reseeds the global RNG, so run it on a forked RNG state."""
 
     def run(model, x, y, norm, eps):
@@ -92,24 +92,27 @@ def suite(mode: str, num_classes: int) -> list[tuple[str, dict, AttackFn]]:
     apgd = {"restarts": s.apgd_restarts, "steps": s.apgd_steps, "library": "torchattacks"}
     attacks = [
         ("apgd-ce", {**apgd, "loss": "ce"},
-         _library(torchattacks.APGD, steps=s.apgd_steps, n_restarts=s.apgd_restarts, loss="ce")),
+         library_attack(torchattacks.APGD, steps=s.apgd_steps, n_restarts=s.apgd_restarts,
+                        loss="ce")),
     ]
     if num_classes >= 3:
         attacks.append((
             "apgd-dlr", {**apgd, "loss": "dlr"},
-            _library(torchattacks.APGD, steps=s.apgd_steps, n_restarts=s.apgd_restarts, loss="dlr"),
+            library_attack(torchattacks.APGD, steps=s.apgd_steps, n_restarts=s.apgd_restarts,
+                           loss="dlr"),
         ))
     attacks += [
         ("multitargeted",
          {"restarts": s.mt_restarts, "steps": s.mt_steps, "loss": "margin", "library": "byorl"},
          _multitargeted(s.mt_steps, s.mt_restarts)),
         ("square", {"queries": s.square_queries, "restarts": 1, "library": "torchattacks"},
-         _library(torchattacks.Square, n_queries=s.square_queries, n_restarts=1)),
+         library_attack(torchattacks.Square, n_queries=s.square_queries, n_restarts=1)),
     ]
     return attacks
 
 
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Predicted classes of `x` in batches (bounded memory), without gradients, on CPU."""
     dev = next(model.parameters()).device
     with torch.no_grad():
         return torch.cat([model(b.to(dev)).argmax(1).cpu() for b in x.split(batch_size)])
@@ -123,8 +126,8 @@ def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -
         raise RuntimeError(f"attack left the {norm} ball of radius {eps}: {size.max():.6f}")
 
 
-def _break(model, attack: AttackFn, x, y, robust, norm, eps, batch_size, todo=None,
-           after_batch=None, queried=None) -> int:
+def attack_robust(model, attack: AttackFn, x, y, robust, norm, eps, batch_size, todo=None,
+                  after_batch=None, queried=None) -> int:
     """Attack the points `todo` (default: the still-robust ones) in batches; mark those fooled
     (by `model`'s answer); return how many. The attack queries `queried` (default: `model`).
     `after_batch(batch, fooled)` follows each batch, e.g. to save progress."""
@@ -232,10 +235,10 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
     attacks = suite(mode, num_classes)
     ladder = [(f"{m:g} eps", m * threat.eps) for m in LADDER]
     ladder.append(("large eps", large_eps(threat.norm, x.shape[1:])))
-    predicted = _predict(model, x, batch_size)
+    predicted = predict(model, x, batch_size)
     correct = predicted == y
     if black_box is not None:
-        differ = (_predict(black_box, x, batch_size) != predicted).float().mean().item()
+        differ = (predict(black_box, x, batch_size) != predicted).float().mean().item()
         if differ > BLACK_BOX_TOLERANCE:
             raise ValueError(f"black_box disagrees with the model on {differ:.1%} of the images: "
                              "it is not the same classifier")
@@ -265,8 +268,8 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
             save()
 
         queried = black_box if name in BLACK_BOX_ATTACKS else None
-        _break(model, attack, x, y, robust, threat.norm, threat.eps, batch_size,
-               torch.tensor(cur["todo"], dtype=torch.long), after_batch, queried)
+        attack_robust(model, attack, x, y, robust, threat.norm, threat.eps, batch_size,
+                      torch.tensor(cur["todo"], dtype=torch.long), after_batch, queried)
         if queried is not None:
             settings = {**settings, "queried": type(getattr(queried, "encoder", queried)).__name__}
         records.append({
@@ -280,10 +283,10 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
     clean_acc, robust_acc = correct.float().mean().item(), robust.float().mean().item()
 
     s = SUITES[mode]
-    probe = _library(torchattacks.APGD, steps=s.sanity_steps, n_restarts=1, loss="ce")
+    probe = library_attack(torchattacks.APGD, steps=s.sanity_steps, n_restarts=1, loss="ce")
     for label, eps in ladder[len(rungs):]:
         still = correct.clone()
-        _break(model, probe, x, y, still, threat.norm, eps, batch_size)
+        attack_robust(model, probe, x, y, still, threat.norm, eps, batch_size)
         rungs.append({"eps": eps, "label": label, "robust_accuracy": still.float().mean().item()})
         save()
         step(f"sanity {label}")
@@ -344,9 +347,9 @@ def evaluate_black_box(
     start, x, y = time.perf_counter(), to_float(images), labels.long().cpu()
     model.eval()
     name, settings, attack = suite(mode, 2)[-1]
-    correct = _predict(model, x, batch_size) == y
+    correct = predict(model, x, batch_size) == y
     robust = correct.clone()
-    fooled = _break(model, attack, x, y, robust, threat.norm, threat.eps, batch_size)
+    fooled = attack_robust(model, attack, x, y, robust, threat.norm, threat.eps, batch_size)
     if progress is not None:
         progress(1, 1, name)
     return {

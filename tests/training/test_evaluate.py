@@ -15,8 +15,8 @@ from byorl.training.attacks import APGD, MultiTargeted, ThreatModel
 from byorl.training.evaluate import (
     SUITES,
     SuiteSettings,
-    _break,
     _zero_gradient_fraction,
+    attack_robust,
     evaluate_robustness,
     large_eps,
     suite,
@@ -207,7 +207,7 @@ def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
         seen.append(len(xb))
         return xb
 
-    assert _break(model, no_op, x, y, robust, "linf", 0.1, batch_size=4) == 0
+    assert attack_robust(model, no_op, x, y, robust, "linf", 0.1, batch_size=4) == 0
     assert seen == [4] * (int(todo.sum()) // 4) + ([int(todo.sum()) % 4] if todo.sum() % 4 else [])
     assert torch.equal(robust, todo)
 
@@ -216,7 +216,7 @@ def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
         always_1[1].weight.zero_()
         always_1[1].bias.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
     still = torch.ones(len(y), dtype=torch.bool)
-    assert _break(always_1, no_op, x, y, still, "linf", 0.1, 5) == int((y != 1).sum())
+    assert attack_robust(always_1, no_op, x, y, still, "linf", 0.1, 5) == int((y != 1).sum())
     assert torch.equal(still, y == 1)  # fooled: exactly the points whose label is not 1
 
     def outside(scale, shift=0.0):
@@ -226,15 +226,15 @@ def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
             return xb + scale * eps * delta + shift
         return attack
 
+    every = torch.ones(len(y), dtype=torch.bool)
     for norm in ("linf", "l2"):
         with pytest.raises(RuntimeError, match=f"left the {norm} ball"):
-            _break(model, outside(1.01), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm,
-                   0.1, 8)
-        _break(model, outside(0.99), x * 0.5, y, torch.ones(len(y), dtype=torch.bool), norm, 0.1, 8)
+            attack_robust(model, outside(1.01), x * 0.5, y, every.clone(), norm, 0.1, 8)
+        attack_robust(model, outside(0.99), x * 0.5, y, every.clone(), norm, 0.1, 8)
     for shift in (-0.05, 0.05):  # in the ball, out of [0, 1]
         with pytest.raises(RuntimeError, match="left"):
-            _break(model, outside(0.0, shift), x.clamp(0.02, 0.98), y,
-                   torch.ones(len(y), dtype=torch.bool), "linf", 0.1, 8)
+            attack_robust(model, outside(0.0, shift), x.clamp(0.02, 0.98), y, every.clone(),
+                          "linf", 0.1, 8)
 
 
 def test_evaluation_reports_progress_and_refuses_bad_inputs():
