@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Reproduces the bundled encoder (models/default), its BYOL reference (models/byol-reference)
-# and results/cpu-default/metrics.json on a 2-core CPU: ~65 + ~25 min of training, ~1 h of
-# evaluation. Every `byorl train` resumes from its checkpoint when rerun.
+# Reproduces the 3.5-epoch encoders bundled until session 15 (superseded by the 17-epoch ones of
+# results/cpu-default-v2/, which models/ now holds) and results/cpu-default/metrics.json (quick
+# suite) on a 2-core CPU: ~65 + ~25 min of training, ~1 h of evaluation. Their train configs are
+# the reproduction study's base (results/reproduction/). Exports go to runs/, not models/.
+# Every `byorl train` resumes from its checkpoint when rerun.
 set -euo pipefail
 COMMON="--data ../shared/data/cifar10-jpeg.tar.gz --arch preact_resnet_small --width 1
   --proj-hidden 1024 --proj-dim 128 --batch-size 128 --lr 0.5 --tau-base 0.99 --min-crop 0.2
@@ -22,5 +24,6 @@ for run in byorl-linf byol; do
   done
 done
 python results/collect_metrics.py runs/final results/cpu-default/metrics.json
-byorl export runs/cpu-byorl-linf --out models/default --metrics results/cpu-default/metrics.json
-byorl export runs/cpu-byol --out models/byol-reference --metrics results/cpu-default/metrics.json
+M=results/cpu-default/metrics.json
+byorl export runs/cpu-byorl-linf --out runs/cpu-default-models/default --metrics $M
+byorl export runs/cpu-byol --out runs/cpu-default-models/byol-reference --metrics $M
