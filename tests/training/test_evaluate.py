@@ -196,7 +196,7 @@ def test_suite_records_the_per_example_worst_case_of_a_linear_model():
     assert result["suite"]["apgd_steps"] == SUITES["quick"].apgd_steps
 
 
-def test_break_attacks_only_still_robust_points_and_enforces_the_budget():
+def test_attack_robust_attacks_only_still_robust_points_and_enforces_the_budget():
     model, x, y = synthetic_linear()
     robust = model(x).argmax(1) == y
     robust[::3] = False  # as if an earlier attack had fooled these
