@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from byorl.model_dir import ONNX, load_torch_encoder, read_card
+from byorl.model_dir import ONNX, read_card
+from byorl.training.checkpoint import load_torch_encoder
 from byorl.training.linear_classifier import Classifier
 from byorl.training.onnx_encoder import OnnxRuntimeEncoder
 

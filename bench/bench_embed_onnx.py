@@ -17,7 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from byorl.model_dir import INPUT_NAME, OUTPUT_NAME, load_onnx_session, load_torch_encoder
+from byorl.model_dir import INPUT_NAME, OUTPUT_NAME, load_onnx_session
+from byorl.training.checkpoint import load_torch_encoder
 from byorl.training.export import onnx_bytes
 from byorl.training.models import create_model
 

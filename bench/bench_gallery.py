@@ -29,7 +29,7 @@ import numpy as np
 
 from byorl.files import atomic_write
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.service.gallery import Gallery
+from byorl.service.storage.galleries import Galleries
 
 DIM, PIXELS, CHUNK = 256, (3, 32, 32), 10_000
 
@@ -128,7 +128,7 @@ def fsync_floor(path: Path, n: int) -> np.ndarray:
 
 
 def bench_new(root: Path, n: int, vectors: np.ndarray, rng, args) -> dict:
-    g = Gallery(root)
+    g = Galleries(root)
     g.create("bench", DIM, "bench")
     keys = [f"item-{i}" for i in range(n)]
     _, t_load = timed(lambda: [
@@ -136,7 +136,7 @@ def bench_new(root: Path, n: int, vectors: np.ndarray, rng, args) -> dict:
         for s, p in zip(range(0, n, CHUNK), pixel_chunks(n, rng), strict=True)])
     g.close()
     os.sync()  # the bulk load's gigabytes written back: later fsyncs do not wait for them
-    g, t_open = timed(lambda: Gallery(root))
+    g, t_open = timed(lambda: Galleries(root))
     fresh = rng.standard_normal((args.adds, DIM), dtype=np.float32)
     one_pixel = rng.integers(0, 256, (1, *PIXELS), dtype=np.uint8)
     floor = fsync_floor(root / "fsync-probe", args.adds)
@@ -149,7 +149,7 @@ def bench_new(root: Path, n: int, vectors: np.ndarray, rng, args) -> dict:
             "search_busy": busy, "gallery": g, "fsync": floor}
 
 
-def search_while_adding(g: Gallery, queries, fresh, one_pixel) -> np.ndarray:
+def search_while_adding(g: Galleries, queries, fresh, one_pixel) -> np.ndarray:
     stop, count = threading.Event(), [0]
 
     def adder():

@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 from byorl.model_dir import embed, load_onnx_session, read_card
-from byorl.service.images import decode_images
+from byorl.service.serving.images import decode_images
 from byorl.service.settings import Settings
 
 CIFAR = Path(__file__).resolve().parents[1] / "../shared/data/cifar10-jpeg.tar.gz"

@@ -2,9 +2,10 @@
 service's throughput can be compared with a well-known model server in the same run.
 
 Same ONNX file and session settings (`byorl.model_dir.load_onnx_session`), the same request body
-({"images": [base64, ...]}) decoded by the same function (`byorl.service.images.decode_images`),
-dynamic batching of up to 64 images waiting at most 4 ms (LitServe's), unit-length embeddings in
-the answer. LitServe runs its API server and its inference worker as processes of their own.
+({"images": [base64, ...]}) decoded by the same function
+(`byorl.service.serving.images.decode_images`), dynamic batching of up to 64 images waiting at
+most 4 ms (LitServe's), unit-length embeddings in the answer. LitServe runs its API server and
+its inference worker as processes of their own.
 
     python bench/litserve_peer.py --model-dir models/default --port 8100  # POST /embed
 
@@ -17,7 +18,7 @@ import litserve as ls
 import numpy as np
 
 from byorl.model_dir import embed, load_onnx_session, read_card
-from byorl.service.images import decode_images
+from byorl.service.serving.images import decode_images
 from byorl.service.settings import Settings
 
 

@@ -3,11 +3,15 @@ data caches, reports), the index and the service all write with."""
 
 import contextlib
 import hashlib
+import io
+import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -79,3 +83,24 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """A JSON document, replaced atomically (records, cards, reports)."""
+    atomic_write(path, [json.dumps(obj, indent=1).encode()])
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Arrays in one .npz file, replaced atomically (job inputs, heads' weights)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, [buf.getbuffer()])
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}

@@ -1,9 +1,9 @@
-"""An exported model directory: its validated card, an ONNX Runtime session, the torch weights.
+"""An exported model directory: its validated card and an ONNX Runtime session.
 
 A model directory (`byorl export`) holds `encoder.onnx` (input `images`, float32 NCHW pixels in
 [0, 1], dynamic batch; output `embeddings` (N, D)), `card.json` and `encoder.pt` (weights for
-workers that need gradients). Everything but `load_torch_encoder` works without PyTorch: the API
-process never imports it.
+workers that need gradients, loaded by `byorl.training.checkpoint.load_torch_encoder`). Nothing
+here imports PyTorch: the API process never does.
 """
 
 import json
@@ -132,19 +132,3 @@ def embed(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 2
             out.append(session.run([output.name], {source.name: x.astype(np.float32)})[0])
             bar.update(len(batch))
     return np.concatenate(out[1:]) if len(out) > 1 else out[0]
-
-
-def load_torch_encoder(model_dir: str | Path, map_location="cpu"):
-    """The exported encoder as a PyTorch module in eval mode (for workers that need gradients).
-
-    Imports PyTorch on first use, so that the card and ONNX functions above stay torch-free.
-    """
-    import torch
-
-    from byorl.training.models import create_model
-
-    read_card(model_dir)  # a directory without a valid card is not a finished export
-    state = torch.load(Path(model_dir) / WEIGHTS, map_location=map_location, weights_only=True)
-    encoder = create_model(state["arch"], width=state["width"])
-    encoder.load_state_dict(state["state_dict"])
-    return encoder.eval()

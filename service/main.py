@@ -1,62 +1,7 @@
-"""The FastAPI app: `uvicorn byorl.service.main:app` (settings from BYORL_* environment variables).
+"""The api process's entry point: `uvicorn byorl.service.main:app` (settings from BYORL_*
+environment variables). The app itself is built in `api/app.py`; the Celery worker's entry point
+is `worker.py`."""
 
-The lifespan handler loads the models and the indexes once, starts each model's dynamic batcher
-and the job queue; nothing heavy happens at import. The api process never imports PyTorch.
-"""
-
-import asyncio
-from contextlib import asynccontextmanager
-
-from fastapi import FastAPI
-
-from byorl.service.auth import ApiKeyMiddleware, declare_api_key, open_paths
-from byorl.service.errors import error_responses, install_error_handlers
-from byorl.service.jobs import sweep_forever
-from byorl.service.metrics import JOB_QUEUE, MetricsMiddleware
-from byorl.service.middleware import BodyLimitMiddleware
-from byorl.service.routes import audits, demo, embed, gallery, heads, health, jobs, models, search
-from byorl.service.settings import Settings
-from byorl.service.state import load_state
-
-
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state = load_state(settings)
-        state.models.start()
-        JOB_QUEUE.set_function(state.queue.depth)
-        app.state.byorl = state
-        sweeper = asyncio.create_task(sweep_forever(state.jobs, state.queue,
-                                                    settings.job_sweep_s))
-        yield
-        sweeper.cancel()
-        await state.models.stop()
-        state.queue.close()
-        state.gallery.close()
-
-    app = FastAPI(
-        title="BYORL embeddings",
-        description="Adversarially robust self-supervised image embeddings, served.",
-        version="0.1.0",
-        lifespan=lifespan,
-        responses=error_responses("default"),  # FastAPI would document its own 422 shape
-    )
-    install_error_handlers(app)
-    app.include_router(health.router)
-    for module in (embed, gallery, search, heads, audits, jobs, models, demo):
-        app.include_router(module.router)
-    upload = settings.max_model_bytes + 2**20  # the ONNX file, its card and multipart framing
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
-                       path_limits={"/models": max(upload, settings.max_body_bytes)})
-    if settings.api_key is not None:  # checked before the body limit and before any parsing
-        keyless = open_paths(app, [health.router, demo.router])
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(),
-                           open_paths=keyless)
-        declare_api_key(app, keyless)
-    app.add_middleware(MetricsMiddleware)  # outermost: refused requests are counted too
-    return app
-
+from byorl.service.api.app import create_app
 
 app = create_app()

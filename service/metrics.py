@@ -1,6 +1,5 @@
-"""Prometheus metrics of the api process, in a registry of their own (exposed at /metrics)."""
-
-import time
+"""Prometheus metrics of the api process, in a registry of their own (exposed at /metrics):
+requests (counted by the api's `MetricsMiddleware`), the dynamic batcher, the job queue."""
 
 from prometheus_client import (
     CollectorRegistry,
@@ -9,7 +8,6 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 disable_created_metrics()  # no *_created series: scrape output stays readable
 REGISTRY = CollectorRegistry()
@@ -31,29 +29,3 @@ BATCH_QUEUE = Gauge(
 JOB_QUEUE = Gauge(
     "byorl_job_queue_depth", "Jobs submitted and not yet started.", registry=REGISTRY
 )
-
-
-class MetricsMiddleware:
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        start = time.perf_counter()
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            # The matched route's path template keeps label values bounded.
-            route, method = getattr(scope.get("route"), "path", "unmatched"), scope["method"]
-            REQUESTS.labels(method, route, str(status)).inc()
-            LATENCY.labels(method, route).observe(time.perf_counter() - start)

@@ -1,7 +1,7 @@
 """The Celery worker: `celery -A byorl.service.worker worker --concurrency 1` (settings: BYORL_*).
 
-Each task is `byorl.service.tasks.run_job` on a job id; see `byorl.service.jobs.make_celery` for the
-delivery guarantees. PyTorch is imported in the pool's child processes only, after the fork
+Each task is `jobs/tasks.py`'s `run_job` on a job id; see `jobs/queue.py`'s `make_celery` for
+the delivery guarantees. PyTorch is imported in the pool's child processes only, after the fork
 (the device jobs will run on is asked of it in a subprocess at start, and logged).
 """
 
@@ -9,8 +9,8 @@ import logging
 
 from celery.signals import worker_process_init, worker_ready
 
-from byorl.service import tasks
-from byorl.service.jobs import TASK, make_celery
+from byorl.service.jobs import tasks
+from byorl.service.jobs.queue import TASK, make_celery
 from byorl.service.settings import Settings
 
 settings = Settings()

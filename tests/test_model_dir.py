@@ -5,13 +5,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from byorl.model_dir import (
     ModelCardError,
     embed,
     load_onnx_session,
-    load_torch_encoder,
     read_card,
     validate_card,
 )
@@ -91,18 +89,3 @@ def test_bundled_models_load_embed_and_carry_their_measured_metrics(name, image_
         for head in ("nonrobust", "l2", "robust"):
             h = evaluation["heads"][head]
             assert h["checks_passed"] and 0 <= h["robust_accuracy"] <= h["clean_accuracy"]
-
-
-def test_load_torch_encoder_gives_what_the_onnx_session_gives(model_dir, tmp_path):
-    """The directory's two forms of one encoder: workers attack the torch one, the API serves
-    the ONNX one."""
-    encoder = load_torch_encoder(model_dir)
-    assert not encoder.training
-    x = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
-    with torch.no_grad():
-        ref = encoder(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(embed(load_onnx_session(model_dir, threads=1), x), ref, atol=1e-4)
-    shutil.copytree(model_dir, tmp_path / "m")
-    (tmp_path / "m" / "card.json").unlink()  # an unfinished export
-    with pytest.raises(ModelCardError, match="has no card.json"):
-        load_torch_encoder(tmp_path / "m")

@@ -31,7 +31,7 @@ def test_the_wheel_holds_only_the_byorl_package(tmp_path):
     for folder in FOLDERS:  # every module of each folder, under byorl/
         for path in (ROOT / folder).rglob("*.py"):
             assert f"byorl/{path.relative_to(ROOT).as_posix()}" in names
-    assert "byorl/service/static/demo.html" in names
+    assert "byorl/service/api/static/demo.html" in names
     scripts = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "byorl = byorl.training.cli:run" in zipfile.ZipFile(wheel).read(scripts).decode()
 
@@ -93,9 +93,9 @@ def imported_modules(path: Path) -> set[str]:
 def test_route_modules_import_no_other_route_module_and_deps_only_provides():
     """The request path goes one way: handlers import deps, schemas and the service's objects,
     never each other; deps.py holds dependencies (functions and their Annotated aliases)."""
-    for path in (ROOT / "service" / "routes").glob("*.py"):
-        assert not {m for m in imported_modules(path) if m.startswith("byorl.service.routes")}
-    deps = ast.parse((ROOT / "service" / "deps.py").read_text())
+    for path in (ROOT / "service" / "api" / "routes").glob("*.py"):
+        assert not {m for m in imported_modules(path) if m.startswith("byorl.service.api.routes")}
+    deps = ast.parse((ROOT / "service" / "api" / "deps.py").read_text())
     kinds = {type(node).__name__ for node in deps.body
              if not isinstance(node, ast.Import | ast.ImportFrom | ast.Expr)}
     assert kinds <= {"AsyncFunctionDef", "FunctionDef", "Assign"}  # no class, no domain object

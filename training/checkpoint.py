@@ -1,11 +1,12 @@
-"""Atomic checkpoint files and loading a trained encoder back from a run or checkpoint."""
+"""Atomic checkpoint files and loading a trained encoder back from a run, a checkpoint or an
+exported model directory."""
 
 from pathlib import Path
 
 import torch
 
 from byorl.files import atomic_file
-from byorl.model_dir import CARD, load_torch_encoder, read_card
+from byorl.model_dir import CARD, WEIGHTS, read_card
 from byorl.training.models import create_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -27,6 +28,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}")
     return torch.load(p, map_location=map_location, weights_only=False)
+
+
+def load_torch_encoder(model_dir: str | Path, map_location="cpu") -> torch.nn.Module:
+    """An exported model directory's encoder as a PyTorch module in eval mode (for workers and
+    tools that need gradients; the API serves the ONNX file instead)."""
+    read_card(model_dir)  # a directory without a valid card is not a finished export
+    state = torch.load(Path(model_dir) / WEIGHTS, map_location=map_location, weights_only=True)
+    encoder = create_model(state["arch"], width=state["width"])
+    encoder.load_state_dict(state["state_dict"])
+    return encoder.eval()
 
 
 def load_encoder(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, dict]:

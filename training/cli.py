@@ -307,7 +307,7 @@ def demo_gallery(
     steps: int = typer.Option(20, help="AutoPGD steps of --audit."),
 ):
     """One gallery of CIFAR-10 test images per served model, for the demo page (GET /demo)."""
-    from byorl.service.demo_gallery import Api, audit_demo_galleries, build_demo_galleries
+    from byorl.demo_gallery import Api, audit_demo_galleries, build_demo_galleries
 
     client = Api(api, api_key)
     names = build_demo_galleries(client, data, per_class, group, replace, typer.echo)

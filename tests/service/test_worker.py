@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from byorl.service import tasks
+from byorl.service.jobs import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 

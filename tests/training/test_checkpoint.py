@@ -1,7 +1,16 @@
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
-from byorl.training.checkpoint import load_checkpoint, load_encoder, save_atomic
+from byorl.model_dir import ModelCardError, embed, load_onnx_session
+from byorl.training.checkpoint import (
+    load_checkpoint,
+    load_encoder,
+    load_torch_encoder,
+    save_atomic,
+)
 from byorl.training.config import TrainConfig
 from byorl.training.models import create_model
 
@@ -29,3 +38,18 @@ def test_load_encoder_takes_the_online_encoder_of_a_run(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), encoder.eval()(x))
+
+
+def test_load_torch_encoder_gives_what_the_onnx_session_gives(model_dir, tmp_path):
+    """The directory's two forms of one encoder: workers attack the torch one, the API serves
+    the ONNX one."""
+    encoder = load_torch_encoder(model_dir)
+    assert not encoder.training
+    x = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        ref = encoder(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(embed(load_onnx_session(model_dir, threads=1), x), ref, atol=1e-4)
+    shutil.copytree(model_dir, tmp_path / "m")
+    (tmp_path / "m" / "card.json").unlink()  # an unfinished export
+    with pytest.raises(ModelCardError, match="has no card.json"):
+        load_torch_encoder(tmp_path / "m")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from byorl.service.images import decode_image as service_decode
+from byorl.service.serving.images import decode_image as service_decode
 from byorl.service.settings import Settings
 from byorl.training import data
 from byorl.training.data import label_subset, load_images, load_unlabeled

@@ -1,0 +1,116 @@
+"""Galleries: named indexes of embedded images under user keys, with JSON metadata."""
+
+import io
+import json
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image
+
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.service.api.deps import Service
+from byorl.service.api.errors import QUEUE_FULL, APIError, error_responses
+from byorl.service.api.pagination import Page, Paging, page, page_of
+from byorl.service.api.responses import items_response
+from byorl.service.api.schemas import (
+    GalleryCreate,
+    GalleryInfo,
+    ItemsAdd,
+    ItemsAdded,
+    ItemsPage,
+    Removed,
+)
+
+router = APIRouter(prefix="/indexes", tags=["galleries"])
+
+
+def gallery_info(svc: Service, name: str, index: EmbeddingIndex | None = None) -> GalleryInfo:
+    index = svc.galleries.get(name) if index is None else index
+    return GalleryInfo(name=name, model_id=index.model_id, dim=index.dim, factory=index.factory,
+                     count=len(index))
+
+
+def check_metadata(metadata: list[Any] | None, limit: int) -> None:
+    """Each item's metadata within the limit, measured as the JSON text the index stores (and
+    every search that finds the item returns)."""
+    for i, value in enumerate(metadata or []):
+        try:
+            size = len(json.dumps(value, allow_nan=False))
+        except ValueError:
+            raise APIError(422, "invalid_metadata", f"metadata[{i}] holds NaN or infinity, "
+                           "which JSON cannot") from None
+        if size > limit:
+            raise APIError(413, "metadata_too_large", f"metadata[{i}] is {size} bytes as JSON; "
+                           f"the limit is {limit} bytes per item")
+
+
+@router.get("", responses=error_responses(422))
+def list_indexes(svc: Service, paging: Paging) -> Page[GalleryInfo]:
+    """The indexes by name, each read once (a concurrent delete never makes the listing 404)."""
+    return Page[GalleryInfo](**page(svc.galleries.indexes(), paging,
+                                  lambda pair: gallery_info(svc, *pair)))
+
+
+@router.post("", status_code=201, responses=error_responses(400, 409, 413, 422))
+def create_index(body: GalleryCreate, svc: Service) -> GalleryInfo:
+    """An empty index for embeddings of the named model (default: the first served)."""
+    model = svc.model(body.model)
+    try:
+        svc.galleries.create(body.name, model.dim, model.model_id, body.factory)
+    except ValueError as exc:
+        if "factory" not in str(exc):
+            raise
+        raise APIError(422, "invalid_factory", str(exc)) from None
+    return gallery_info(svc, body.name)
+
+
+@router.get("/{name}", responses=error_responses(404))
+def get_index(name: str, svc: Service) -> GalleryInfo:
+    return gallery_info(svc, name)
+
+
+@router.delete("/{name}", status_code=204, responses=error_responses(404))
+def delete_index(name: str, svc: Service) -> Response:
+    svc.galleries.delete(name)
+    return Response(status_code=204)
+
+
+@router.post("/{name}/items", status_code=201,
+             responses=error_responses(400, 404, 409, 413, 422) | QUEUE_FULL)
+async def add_items(name: str, body: ItemsAdd, svc: Service) -> ItemsAdded:
+    """Embed images and store them under new keys (an existing key is a 409)."""
+    model = svc.index_model(name, body.model)
+    check_metadata(body.metadata, svc.settings.max_metadata_bytes)
+    pixels = await model.pixels(body.images, svc.settings.max_bulk_images)
+    vectors = await model.embed(pixels)
+    await run_in_threadpool(svc.galleries.add, name, body.keys, vectors, pixels, body.metadata,
+                            model.model_id)
+    return ItemsAdded(index=name, added=len(body.keys), count=len(svc.galleries.get(name)))
+
+
+@router.get("/{name}/items", response_model=ItemsPage,
+            responses=error_responses(404, 413, 422))
+def list_items(name: str, svc: Service, paging: Paging) -> Response:
+    index = svc.galleries.get(name)
+    # one instant (removals race it); metadata as stored JSON text, never decoded
+    count, items = index.page(paging.offset, paging.limit, raw_metadata=True)
+    return items_response(name, page_of(items, count, paging), svc.settings.max_response_bytes)
+
+
+@router.get("/{name}/pixels/{key:path}", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The item's pixels"}}
+            | error_responses(404))
+def get_item_pixels(name: str, key: str, svc: Service) -> Response:
+    """The pixels an item was embedded from (the model's input size) as a PNG: thumbnails."""
+    pixels = svc.galleries.pixels(name, [key])[0]
+    buf = io.BytesIO()
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=60"})
+
+
+@router.delete("/{name}/items/{key:path}", responses=error_responses(404))
+def remove_item(name: str, key: str, svc: Service) -> Removed:
+    removed = svc.galleries.remove(name, [key])
+    return Removed(index=name, removed=removed, count=len(svc.galleries.get(name)))

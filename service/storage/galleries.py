@@ -1,0 +1,125 @@
+"""Named galleries: a GalleryStore each (service/gallery_store.py), under data/indexes/<name>/.
+
+Each item keeps the model-input pixels it was embedded from, so that a linear head or an audit
+can be run on items already in a gallery (robust heads and attacks need pixels, not
+embeddings). A background thread checkpoints every gallery (vector file, SQLite WAL) once per
+`checkpoint_s`. Creating and deleting go through dot-folders renamed atomically; start-up
+removes the dot-folders that a crash left behind, and migrates galleries of the previous
+format (service/gallery_migration.py).
+"""
+
+import logging
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from byorl.index.faiss_index import EmbeddingIndex
+from byorl.service.exceptions import Conflict, NotFound
+from byorl.service.names import NAME, check_name
+from byorl.service.storage.gallery_migration import is_old_format, migrate
+from byorl.service.storage.gallery_store import DB_FILE, GalleryStore, create_store
+
+log = logging.getLogger(__name__)
+CHECKPOINT_S = 1.0
+
+
+def load_index(data_dir: str | Path, name: str) -> EmbeddingIndex:
+    """One gallery's index, read from disk (what a worker sees of the api's galleries)."""
+    store = GalleryStore(Path(data_dir) / "indexes" / check_name(name, "index"), writable=False)
+    store.close()
+    return store.index
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete the dot-folders of creations and deletions that a crash interrupted (gallery
+    names never start with a dot)."""
+    for path in root.iterdir():
+        if path.name.startswith(".") and path.is_dir():
+            log.warning("removing %s, left by an interrupted create or delete", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class Galleries:
+    def __init__(self, data_dir: Path, checkpoint_s: float = CHECKPOINT_S):
+        self.root = Path(data_dir) / "indexes"
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.root)
+        self._stores: dict[str, GalleryStore] = {}
+        for path in sorted(self.root.iterdir()):
+            if not NAME.match(path.name):
+                continue
+            if is_old_format(path):
+                log.warning("migrating %s from the previous format", path)
+                migrate(path)
+            if (path / DB_FILE).exists():
+                self._stores[path.name] = GalleryStore(path)
+        self._lock = threading.Lock()  # guards the dict
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._checkpoints, args=(checkpoint_s,),
+                                        name="gallery-checkpoints", daemon=True)
+        self._thread.start()
+
+    def names(self) -> list[str]:
+        return sorted(self._stores)
+
+    def indexes(self) -> list[tuple[str, EmbeddingIndex]]:
+        """(name, index) of every gallery at one instant (a listing races deletes)."""
+        return sorted((name, store.index) for name, store in list(self._stores.items()))
+
+    def store(self, name: str) -> GalleryStore:
+        try:
+            return self._stores[name]
+        except KeyError:
+            raise NotFound("index", name) from None
+
+    def get(self, name: str) -> EmbeddingIndex:
+        return self.store(name).index
+
+    def create(self, name: str, dim: int, model_id: str, factory: str = "Flat") -> EmbeddingIndex:
+        check_name(name, "index")
+        with self._lock:
+            if name in self._stores or (self.root / name).exists():
+                raise Conflict(f"index {name!r} already exists")
+            self._stores[name] = create_store(self.root / name, dim, model_id, factory)
+            return self._stores[name].index
+
+    def delete(self, name: str) -> None:
+        """Waits for the write in flight; writes that come later answer NotFound."""
+        with self._lock:
+            store = self.store(name)
+            del self._stores[name]
+            store.close(checkpoint=False)
+            trash = self.root / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+            (self.root / name).rename(trash)  # atomic: a restart never sees half a gallery
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def add(self, name: str, keys: list[str], vectors: np.ndarray, pixels: np.ndarray,
+            metadata: list[Any] | None, model_id: str) -> None:
+        self.store(name).add(keys, vectors, pixels, metadata, model_id)
+
+    def remove(self, name: str, keys: list[str]) -> int:
+        return self.store(name).remove(keys)
+
+    def pixels(self, name: str, keys: list[str]) -> np.ndarray:
+        """uint8 (N, 3, H, W) pixels of keys in the index (UnknownKeyError for the others)."""
+        return self.store(name).pixels(keys)
+
+    def close(self) -> None:
+        """Stop checkpointing, checkpoint and close every gallery."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            for store in self._stores.values():
+                store.close()
+
+    def _checkpoints(self, every: float) -> None:
+        while not self._stop.wait(every):
+            for store in list(self._stores.values()):
+                try:
+                    store.checkpoint()
+                except Exception:  # logged; the next round tries again
+                    log.exception("checkpoint of gallery %s failed", store.name)

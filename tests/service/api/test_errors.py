@@ -1,0 +1,57 @@
+"""Errors as clients and operators see them: documented in OpenAPI in the one error shape, and
+a client that hangs up is no server error (real uvicorn, real sockets)."""
+
+import socket
+from urllib.parse import urlsplit
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.live import wait_for
+
+# (path, content type, the start of a body that never arrives whole)
+HANG_UPS = [
+    ("/embed", "application/json", b'{"images": ["'),
+    ("/embed", "multipart/form-data; boundary=zz",
+     b'--zz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'),
+    ("/search", "application/json", b'{"index": "'),
+]
+
+
+def request_counts(url: str) -> dict[tuple[str, str], float]:
+    """(route, status) -> requests, from the api's Prometheus metrics."""
+    families = text_string_to_metric_families(httpx.get(url + "/metrics").text)
+    return {(s.labels["route"], s.labels["status"]): s.value
+            for f in families if f.name == "byorl_requests" for s in f.samples
+            if s.name == "byorl_requests_total"}
+
+
+def test_a_client_hanging_up_mid_body_is_no_server_error(live_api):
+    host, port = urlsplit(live_api.url).hostname, urlsplit(live_api.url).port
+    for path, content_type, start in HANG_UPS:
+        with socket.create_connection((host, port)) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                      f"Content-Length: 100000\r\n\r\n".encode() + start + b"A" * 1000)
+    wait_for(lambda: request_counts(live_api.url).get(("/embed", "499")) == 2
+             and request_counts(live_api.url).get(("/search", "499")) == 1, 30,
+             "three requests counted as closed by the client (499)")
+    counts = request_counts(live_api.url)
+    assert not [k for k in counts if k[1] >= "500"], counts
+    log = live_api.log.read_text()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_every_error_status_is_documented_in_the_error_shape(client):
+    spec = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # FastAPI's own shape
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    expected = {("/search", "post"): {"400", "404", "409", "413", "422"},
+                ("/embed", "post"): {"400", "413", "415", "422"},
+                ("/linear-head", "post"): {"400", "404", "409", "413", "422", "503"},
+                ("/indexes/{name}/items", "get"): {"404", "413", "422"},
+                ("/jobs/{job_id}", "get"): {"404"}}
+    for (path, method), statuses in expected.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert statuses <= set(responses), (path, set(responses))
+        for status in statuses:
+            assert responses[status]["content"]["application/json"]["schema"] == error

@@ -1,0 +1,127 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from byorl.index.faiss_index import DuplicateKeyError, UnknownKeyError
+from byorl.service.exceptions import Conflict, NotFound
+from byorl.service.storage.galleries import Galleries, load_index
+
+
+def items(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keys = [f"s{seed}-{i}" for i in range(n)]
+    return keys, rng.normal(size=(n, 8)).astype(np.float32), \
+        rng.integers(0, 256, (n, 3, 4, 4), dtype=np.uint8)
+
+
+def test_pixels_and_vectors_persist_exactly(tmp_path):
+    g = Galleries(tmp_path)
+    g.create("g", 8, "m")
+    keys, vectors, pixels = items(10)
+    g.add("g", keys, vectors, pixels, [{"i": i} for i in range(10)], "m")
+    again = Galleries(tmp_path)  # what a restarted api sees
+    np.testing.assert_array_equal(again.pixels("g", keys[::-1]), pixels[::-1])
+    assert again.get("g").get(keys[3]).metadata == {"i": 3}
+    assert load_index(tmp_path, "g").keys() == keys  # and a worker
+    with pytest.raises(Conflict):
+        again.create("g", 8, "m")
+
+
+def test_a_refused_add_changes_nothing(tmp_path):
+    g = Galleries(tmp_path)
+    g.create("g", 8, "m")
+    keys, vectors, pixels = items(4)
+    g.add("g", keys, vectors, pixels, None, "m")
+    other_keys, other_vectors, other_pixels = items(2, seed=1)
+    with pytest.raises(DuplicateKeyError):  # one new key, one already present
+        g.add("g", [other_keys[0], keys[1]], other_vectors, other_pixels, None, "m")
+    with pytest.raises(UnknownKeyError):
+        g.pixels("g", [other_keys[0]])
+    np.testing.assert_array_equal(Galleries(tmp_path).pixels("g", keys), pixels)
+    assert len(Galleries(tmp_path).get("g")) == 4
+
+
+def test_removed_items_are_gone_after_a_restart(tmp_path):
+    g = Galleries(tmp_path)
+    g.create("g", 8, "m")
+    keys, vectors, pixels = items(200)
+    g.add("g", keys, vectors, pixels, None, "m")
+    assert g.remove("g", keys[:150]) == 150
+    g.close()
+    again = Galleries(tmp_path)
+    np.testing.assert_array_equal(again.pixels("g", keys[150:]), pixels[150:])
+    assert again.get("g").keys() == keys[150:]
+    with pytest.raises(UnknownKeyError):
+        again.pixels("g", keys[:1])
+
+
+def test_delete_index(tmp_path):
+    g = Galleries(tmp_path)
+    g.create("g", 8, "m")
+    g.delete("g")
+    assert g.names() == [] and Galleries(tmp_path).names() == []
+    with pytest.raises(NotFound):
+        g.get("g")
+
+
+def test_leftovers_of_interrupted_deletes_and_creates_are_removed_at_start_up(tmp_path):
+    """A crash between a delete's rename and its removal (or inside a create) leaves a
+    dot-folder: start-up ignores and removes it (issue 12, item 6)."""
+    g = Galleries(tmp_path)
+    g.create("g", 8, "m")
+    g.add("g", *items(3)[:1], *items(3)[1:], None, "m")
+    g.close()
+    root = tmp_path / "indexes"
+    (root / "g").rename(root / ".deleted-g-0123abcd")
+    (root / ".creating-h-89abcdef").mkdir()
+    (root / ".deleted-old-00000000").mkdir()
+    (root / ".deleted-old-00000000" / "index.bin").write_bytes(b"BYORLIDX")  # older format
+    again = Galleries(tmp_path)
+    assert again.names() == [] and sorted(p.name for p in root.iterdir()) == []
+    again.create("g", 8, "m")  # the name is free again
+
+
+def test_adds_racing_a_delete_and_recreate_fail_only_with_not_found(tmp_path):
+    """Clients add while another deletes and re-creates the gallery (issue 12, item 4): an
+    add either lands in one incarnation of the gallery or finds it gone (404), nothing else."""
+    g = Galleries(tmp_path, checkpoint_s=0.001)
+    g.create("g", 8, "m")
+    errors: list[Exception] = []
+    stop = threading.Event()
+    outcomes = {"added": 0, "gone": 0}
+
+    def adder(seed: int) -> None:
+        for i in range(10_000):
+            if stop.is_set():
+                return
+            keys, vectors, pixels = items(2, seed=seed * 100_000 + i)
+            try:
+                g.add("g", keys, vectors, pixels, None, "m")
+                g.pixels("g", keys)
+                outcomes["added"] += 1
+            except (NotFound, UnknownKeyError):  # deleted meanwhile (pixels: after the add)
+                outcomes["gone"] += 1
+            except Exception as e:  # noqa: BLE001 - reported to the main thread
+                errors.append(e)
+
+    threads = [threading.Thread(target=adder, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(30):
+        try:
+            g.delete("g")
+        except NotFound:
+            pass
+        time.sleep(0.005)
+        g.create("g", 8, "m")
+        time.sleep(0.005)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert outcomes["added"] and outcomes["gone"]
+    count = len(g.get("g"))
+    g.close()
+    assert len(Galleries(tmp_path).get("g")) == count
