@@ -38,10 +38,6 @@ class Conflict(ServiceError):
         super().__init__(code, message)
 
 
-class Forbidden(ServiceError):
-    """Never allowed, whatever the request holds (403)."""
-
-
 class Busy(ServiceError):
     """Refused for now: retry after `retry_after_s` seconds (429)."""
 

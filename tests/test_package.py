@@ -3,6 +3,7 @@
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,27 @@ def test_the_wheel_holds_only_the_byorl_package(tmp_path):
     assert "byorl/service/api/static/demo.html" in names
     scripts = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "byorl = byorl.training.cli:run" in zipfile.ZipFile(wheel).read(scripts).decode()
+    # Every module imports from the wheel alone: a subpackage missing from pyproject's list
+    # would fail here, whatever the editable install of the checkout holds.
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = """
+import importlib, pkgutil, sys
+import byorl
+site = sys.argv[1]
+loaded = []
+for m in pkgutil.walk_packages(byorl.__path__, "byorl."):
+    if m.name != "byorl.service.worker":  # the Celery app: needs a broker at import
+        loaded.append(importlib.import_module(m.name))
+outside = [m.__name__ for m in [byorl, *loaded] if not m.__file__.startswith(site)]
+print(len(loaded), outside)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    count, outside = out.stdout.split(" ", 1)
+    expected = sum(1 for n in names if n.endswith(".py")) - 1  # all but byorl/__init__.py
+    assert int(count) == expected - 1 and outside.strip() == "[]"  # (less the worker)
 
 
 def test_import_byorl_exposes_the_entry_points_without_loading_torch():

@@ -21,7 +21,6 @@ from byorl.service.api.schemas import ErrorBody
 from byorl.service.exceptions import (
     Busy,
     Conflict,
-    Forbidden,
     Invalid,
     NotFound,
     ServiceError,
@@ -108,8 +107,8 @@ def _validation_error(request: Request, exc: RequestValidationError | Validation
 # The status of each refusal below the API, by class (the first match in order wins): the
 # service's own exceptions carry their code, the index's are given one here.
 SERVICE_ERRORS: list[tuple[type[ServiceError], int]] = [
-    (Invalid, 422), (TooLarge, 413), (NotFound, 404), (Conflict, 409), (Forbidden, 403),
-    (Busy, 429), (Unavailable, 503),
+    (Invalid, 422), (TooLarge, 413), (NotFound, 404), (Conflict, 409), (Busy, 429),
+    (Unavailable, 503),
 ]
 INDEX_ERRORS: list[tuple[type[Exception], int, str]] = [
     (fi.UnknownKeyError, 404, "key_not_found"),

@@ -1,12 +1,23 @@
 """Errors as clients and operators see them: documented in OpenAPI in the one error shape, and
 a client that hangs up is no server error (real uvicorn, real sockets)."""
 
+import json
 import socket
 from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from byorl.service.api.errors import _service_error
+from byorl.service.exceptions import (
+    Busy,
+    Conflict,
+    Invalid,
+    NotFound,
+    ServiceError,
+    TooLarge,
+    Unavailable,
+)
 from tests.live import wait_for
 
 # (path, content type, the start of a body that never arrives whole)
@@ -55,3 +66,19 @@ def test_every_error_status_is_documented_in_the_error_shape(client):
         assert statuses <= set(responses), (path, set(responses))
         for status in statuses:
             assert responses[status]["content"]["application/json"]["schema"] == error
+
+
+def test_each_refusal_below_the_api_gets_its_status_and_code():
+    """The wings raise the service's exceptions; this module alone gives them HTTP statuses."""
+    refusals = [(Invalid("no_images", "m"), 422), (TooLarge("too_many_images", "m"), 413),
+                (NotFound("head", "h"), 404), (Conflict("m", "model_exists"), 409),
+                (Unavailable("broker_unavailable", "m"), 503),
+                (Busy("queue_full", "m", retry_after_s=7), 429)]
+    assert {type(e) for e, _ in refusals} == set(ServiceError.__subclasses__())
+    for exc, status in refusals:
+        response = _service_error(None, exc)
+        body = json.loads(response.body)
+        assert response.status_code == status and body["error"]["code"] == exc.code
+    assert _service_error(None, refusals[-1][0]).headers["Retry-After"] == "7"
+    assert json.loads(_service_error(None, NotFound("head", "h")).body)["error"] == {
+        "code": "head_not_found", "message": "unknown head 'h'"}
