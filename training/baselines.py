@@ -14,10 +14,10 @@ Budgets are counted in optimiser steps, as with few labels an epoch is only a fe
 """
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,34 +25,29 @@ from byorl.training.attacks import PGD, ThreatModel
 from byorl.training.augment import random_resized_crop_flip
 from byorl.training.batchnorm import frozen_bn_stats
 from byorl.training.checkpoint import save_atomic
+from byorl.training.config import Config
 from byorl.training.data import ImageSet
 from byorl.training.device import pick_device
 from byorl.training.linear_classifier import Classifier, Progress, to_float
 from byorl.training.models import create_model
 
 
-@dataclass
-class BaselineConfig:
+class BaselineConfig(Config):
     arch: str = "preact_resnet34"
     width: int = 2
-    steps: int = 20_000  # optimiser steps of the adversarially trained model
-    teacher_steps: int = 5_000  # optimiser steps of UAT-FT's non-robust pseudo-labeler
-    batch_size: int = 128
+    steps: int = Field(20_000, ge=1)  # optimiser steps of the adversarially trained model
+    teacher_steps: int = Field(5_000, ge=1)  # optimiser steps of UAT-FT's non-robust pseudo-labeler
+    batch_size: int = Field(128, ge=1)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    attack_steps: int = 10  # PGD steps of the training attack (step size 2.5 eps / steps)
-    eval_every: int = 500  # optimiser steps between early-stopping checks
-    eval_attack_steps: int = 20  # PGD steps of the validation attack
+    # PGD steps of the training attack (step size 2.5 eps / steps)
+    attack_steps: int = Field(10, ge=1)
+    eval_every: int = Field(500, ge=1)  # optimiser steps between early-stopping checks
+    eval_attack_steps: int = Field(20, ge=1)  # PGD steps of the validation attack
     min_crop: float = 0.64  # crop + flip augmentation: smallest area fraction kept
     device: str = "auto"
     seed: int = 0
-
-    def __post_init__(self):
-        if min(self.steps, self.teacher_steps, self.batch_size, self.eval_every) < 1:
-            raise ValueError("steps, teacher_steps, batch_size and eval_every must be >= 1")
-        if min(self.attack_steps, self.eval_attack_steps) < 1:
-            raise ValueError("attack_steps and eval_attack_steps must be >= 1")
 
 
 def new_classifier(arch: str, width: int, num_classes: int) -> Classifier:

@@ -346,9 +346,10 @@ def evaluate(
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from byorl.training.evaluate import evaluate_checkpoint, report_markdown, write_report
+    from byorl.training.evaluate import evaluate_checkpoint, write_report
     from byorl.training.linear_classifier import HeadConfig
     from byorl.training.progress import Bars
+    from byorl.training.reports import report_markdown
 
     heads = ("nonrobust", "robust") if head == "both" else tuple(head.split(","))
     overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps,

@@ -10,7 +10,7 @@ are `Literal` types, which the CLI lists in its --help.
 
 import json
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,21 +27,27 @@ NORMS = get_args(Norm)
 LEGACY = {"bn_views": "concat", "sync_bn": False}
 
 
-class _Config(BaseModel):
-    """Unknown fields are errors (a typo must not silently train the default), and assignments
+class Config(BaseModel):
+    """Every config of the project (training, heads, baselines, experiments, the attack suite):
+    unknown fields are errors (a typo must not silently train the default), and assignments
     are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def updated(self, **changes) -> Self:
+        """A copy with `changes`, validated as a new config would be (`model_copy(update=...)`
+        alone checks nothing)."""
+        return self.model_validate({**self.model_dump(), **changes})
 
-class ModelConfig(_Config):
+
+class ModelConfig(Config):
     arch: str = "preact_resnet34"
     width: int = Field(2, ge=1)
     proj_hidden: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
 
 
-class DataConfig(_Config):
+class DataConfig(Config):
     source: str = "cifar10"
     root: str = "data"
     download: bool = False
@@ -49,7 +55,7 @@ class DataConfig(_Config):
     image_size: int = Field(32, ge=1)
 
 
-class AugmentConfig(_Config):
+class AugmentConfig(Config):
     """The views' augmentations (appendix A; `augment.augment` applies them)."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -60,7 +66,7 @@ class AugmentConfig(_Config):
     gray_p: float = Field(0.2, ge=0, le=1)
 
 
-class AttackConfig(_Config):
+class AttackConfig(Config):
     """The inner maximisation. method 'none' turns BYORL into plain BYOL."""
 
     method: AttackMethod = "apgd"
@@ -70,7 +76,7 @@ class AttackConfig(_Config):
     step_size: float | None = Field(None, gt=0)  # PGD only; AutoPGD adapts its own
 
 
-class OptimConfig(_Config):
+class OptimConfig(Config):
     epochs: float = Field(1000, gt=0)
     warmup_epochs: float = Field(10, ge=0)
     batch_size: int = Field(512, ge=1)  # global, over all processes
@@ -81,7 +87,7 @@ class OptimConfig(_Config):
     tau_base: float = Field(0.996, ge=0, le=1)
 
 
-class TrainConfig(_Config):
+class TrainConfig(Config):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -13,18 +13,18 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torchattacks
+from pydantic import ConfigDict
 from torch import nn
 from torch.nn import functional as F
 
 from byorl.files import atomic_write
 from byorl.training.attacks import MultiTargeted, ThreatModel
 from byorl.training.checkpoint import load_encoder
-from byorl.training.config import EvalMode
+from byorl.training.config import Config, EvalMode
 from byorl.training.data import VAL_SIZE, label_subset, load_images
 from byorl.training.device import pick_device
 from byorl.training.linear_classifier import (
@@ -36,13 +36,15 @@ from byorl.training.linear_classifier import (
     linear_to_lists,
     to_float,
 )
+from byorl.training.reports import report_markdown
 
 # attack(model, x, y, norm, eps) -> x_adv inside the eps-ball around x and inside [0, 1].
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str, float], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class SuiteSettings:
+class SuiteSettings(Config):
+    model_config = ConfigDict(frozen=True)
+
     apgd_restarts: int
     apgd_steps: int
     mt_restarts: int
@@ -52,8 +54,10 @@ class SuiteSettings:
 
 
 SUITES: dict[EvalMode, SuiteSettings] = {
-    "full": SuiteSettings(5, 100, 20, 200, 5000, 20),  # the paper's
-    "quick": SuiteSettings(1, 20, 3, 20, 300, 10),  # CPU and tests; never the paper's numbers
+    "full": SuiteSettings(apgd_restarts=5, apgd_steps=100, mt_restarts=20, mt_steps=200,
+                          square_queries=5000, sanity_steps=20),  # the paper's
+    "quick": SuiteSettings(apgd_restarts=1, apgd_steps=20, mt_restarts=3, mt_steps=20,
+                           square_queries=300, sanity_steps=10),  # CPU, tests: never the paper's
 }
 LADDER = (0.0, 0.5, 1.0, 2.0)  # multiples of eps for the monotonicity check
 LARGE_EPS_PIXEL = 0.5  # linf radius that reaches mid-grey from any image; l2 uses 0.5 * sqrt(d)
@@ -315,7 +319,7 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
     }
     return {
         "mode": mode,
-        "suite": asdict(s),
+        "suite": s.model_dump(),
         "threat_model": {"norm": threat.norm, "eps": threat.eps},
         "n": n,
         "clean_accuracy": clean_acc,
@@ -406,59 +410,14 @@ def evaluate_checkpoint(
         "heads": {},
     }
     for kind in heads:
-        hc = replace(head_config or HeadConfig(), robust=kind == "robust", norm=norm, eps=eps)
+        hc = (head_config or HeadConfig()).updated(robust=kind == "robust", norm=norm, eps=eps)
         head, history = fit_head(kind, encoder, train.subset(labeled_idx), train.subset(val_idx),
                                  len(train.classes), hc, progress)
         result = evaluate_robustness(Classifier(encoder, head), test.images, test.labels, threat,
                                      mode, progress=progress)
-        report["heads"][kind] = {"config": asdict(hc), "history": history, "evaluation": result,
-                                 "linear": linear_to_lists(head)}
+        report["heads"][kind] = {"config": hc.model_dump(), "history": history,
+                                 "evaluation": result, "linear": linear_to_lists(head)}
     return report
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def report_markdown(report: dict) -> str:
-    """The evaluation as Markdown tables: a summary, then per head its attacks and checks."""
-    t, lab, enc = report["threat_model"], report["labels"], report["encoder"]
-    attacks = next(iter(report["heads"].values()))["evaluation"]["attacks"]
-    suite_text = ", ".join(
-        f"{a['name']} ({', '.join(f'{k} {v}' for k, v in a['settings'].items() if k != 'library')})"
-        for a in attacks
-    )
-    lines = [
-        f"# Robustness evaluation: {report['checkpoint']}", "",
-        f"Encoder {enc['arch']} x{enc['width']} (trained with {report['encoder_attack']['method']}"
-        f" {report['encoder_attack']['norm']} eps {report['encoder_attack']['eps']:.4g}); "
-        f"linear heads on {lab['count']} labels of {report['data']} (seed {lab['seed']}, early "
-        f"stopping on {lab['val_size']} validation images); {report['n_test']} test images.", "",
-        f"Threat model: {t['norm']}, eps = {t['eps']:.4g} ({t['eps'] * 255:.3g}/255). "
-        f"Attack suite, **{report['mode']} mode**: {suite_text}.", "",
-        "| head | clean accuracy | robust accuracy | sanity checks |", "|---|---|---|---|",
-    ]
-    for kind, h in report["heads"].items():
-        ev = h["evaluation"]
-        failed = [k for k, c in ev["checks"].items() if not c["passed"]]
-        lines.append(f"| {kind} | {_pct(ev['clean_accuracy'])} | {_pct(ev['robust_accuracy'])} "
-                     f"| {'all passed' if not failed else 'FAILED: ' + ', '.join(failed)} |")
-    for kind, h in report["heads"].items():
-        ev = h["evaluation"]
-        lines += ["", f"## {kind} head", "",
-                  f"Best validation epoch {h['history']['best_epoch']} of {h['config']['epochs']}"
-                  f" ({h['history']['val_metric']} {_pct(h['history']['best_val_acc'])}), "
-                  f"{h['history']['optimizer_steps']} optimiser steps.", "",
-                  "| attack | fooled | robust accuracy after | seconds |", "|---|---|---|---|"]
-        lines += [f"| {a['name']} | {a['fooled']} | {_pct(a['robust_accuracy'])} | "
-                  f"{a['seconds']:.1f} |" for a in ev["attacks"]]
-        lines += ["", "| sanity check | passed |", "|---|---|"]
-        lines += [f"| {k} | {'yes' if c['passed'] else '**no**'} |"
-                  for k, c in ev["checks"].items()]
-        ladder = ev["checks"]["non_increasing_in_eps"]["ladder"]
-        lines += ["", "Robust accuracy over eps (probe: APGD-CE): " + ", ".join(
-            f"{r['eps']:.4g}: {_pct(r['robust_accuracy'])}" for r in ladder) + "."]
-    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, out: str | Path) -> list[Path]:

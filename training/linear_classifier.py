@@ -20,40 +20,35 @@ encoder's features are ~0.01 and barely move under lr 2e-3), and the result is s
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from byorl.training.attacks import PGD, check_budget
+from byorl.training.attacks import PGD
+from byorl.training.config import Config, Norm
 from byorl.training.data import ImageSet
 
 # progress(done, total, what): called after every unit of work (an epoch here).
 Progress = Callable[[int, int, str], None]
 
 
-@dataclass
-class HeadConfig:
+class HeadConfig(Config):
     robust: bool = False  # adversarial training of the head through the frozen encoder
-    norm: str = "linf"
-    eps: float = 8 / 255
-    attack_steps: int = 10  # PGD steps of the training (and robust validation) attack
-    epochs: int = 50
+    norm: Norm = "linf"
+    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False)
+    attack_steps: int = Field(10, ge=1)  # PGD steps of the training (and robust validation) attack
+    epochs: int = Field(50, ge=1)
     lr: float = 2e-3
     decay_epoch: int = 25  # lr / 10 from this epoch on
-    batch_size: int = 128
-    min_steps: int = 2000  # repeat the labeled set within each epoch until the run has this many
-    steps_per_epoch: int = 0  # > 0: fixed batches per epoch from a shuffled stream (CPU budgets)
-    l2: float = 0.0  # (l2 / 2) ||W||^2 on the standardised weights
+    batch_size: int = Field(128, ge=1)
+    # repeat the labeled set within each epoch until the run has this many
+    min_steps: int = Field(2000, ge=0)
+    # > 0: fixed batches per epoch from a shuffled stream (CPU budgets)
+    steps_per_epoch: int = Field(0, ge=0)
+    l2: float = Field(0.0, ge=0)  # (l2 / 2) ||W||^2 on the standardised weights
     seed: int = 0
-
-    def __post_init__(self):
-        check_budget(self.norm, self.eps)
-        if min(self.attack_steps, self.epochs, self.batch_size) < 1:
-            raise ValueError("attack_steps, epochs and batch_size must be >= 1")
-        if min(self.min_steps, self.steps_per_epoch, self.l2) < 0:
-            raise ValueError("min_steps, steps_per_epoch and l2 must be >= 0")
 
 
 class Classifier(nn.Module):
@@ -256,13 +251,13 @@ def select_l2_head(
     half of which an adversary attacks. history: the chosen head's, plus `l2` and `l2_grid`
     (per strength: val_clean, val_robust).
     """
-    config = replace(config or HeadConfig(), robust=False)
+    config = (config or HeadConfig()).updated(robust=False)
     if len(val) == 0 or not grid:
         raise ValueError("choosing the L2 strength needs validation images and a grid")
-    attacked = replace(config, robust=True)
+    attacked = config.updated(robust=True)
     best, table = None, []
     for i, l2 in enumerate(grid):
-        head, history = fit_linear_head(encoder, train, val, num_classes, replace(config, l2=l2))
+        head, history = fit_linear_head(encoder, train, val, num_classes, config.updated(l2=l2))
         model = Classifier(encoder, head).eval()
         row = {"l2": l2, "val_clean": _accuracy(model, val, config),
                "val_robust": _accuracy(model, val, attacked)}
@@ -293,7 +288,7 @@ def fit_head(
     """The head of one of HEAD_KINDS, from `config` with `robust` set by the kind."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {kind!r}")
-    config = replace(config or HeadConfig(), robust=kind == "robust")
+    config = (config or HeadConfig()).updated(robust=kind == "robust")
     if kind == "l2":
         return select_l2_head(encoder, train, val, num_classes, config, progress=progress)
     return fit_linear_head(encoder, train, val, num_classes, config, progress)
