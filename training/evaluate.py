@@ -232,76 +232,92 @@ def _suite_state(path: Path | None, mode: str, threat: ThreatModel, correct: tor
     return saved
 
 
-def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) -> dict:
-    start, n = time.perf_counter(), len(y)
-    with torch.no_grad():
-        num_classes = model(x[:1].to(next(model.parameters()).device)).shape[1]
-    attacks = suite(mode, num_classes)
-    ladder = [(f"{m:g} eps", m * threat.eps) for m in LADDER]
-    ladder.append(("large eps", large_eps(threat.norm, x.shape[1:])))
+class _SuiteRun:
+    """The suite's progress (`state`, the still-robust points): saved to `path` after every
+    attacked batch, counted on `progress`."""
+
+    def __init__(self, state: dict, path: Path | None, progress: Progress | None, total: int,
+                 start: float):
+        self.st, self.robust, self.path = state, _mask(state["robust"]), path
+        self.progress, self.total, self.start = progress, total, start
+        self.before, self.done = state["seconds"], len(state["attacks"]) + len(state["rungs"])
+
+    def seconds(self) -> float:
+        """Time spent on the suite, over the runs that resumed it."""
+        return self.before + time.perf_counter() - self.start
+
+    def save(self) -> None:
+        self.st["robust"], self.st["seconds"] = _bits(self.robust), self.seconds()
+        if self.path is not None:
+            atomic_write(self.path, [json.dumps(self.st).encode()])
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, what)
+
+
+def _correct_predictions(model, x, y, batch_size, black_box) -> torch.Tensor:
+    """Which points the model classifies correctly; refuses a `black_box` that is not the same
+    classifier."""
     predicted = predict(model, x, batch_size)
-    correct = predicted == y
     if black_box is not None:
         differ = (predict(black_box, x, batch_size) != predicted).float().mean().item()
         if differ > BLACK_BOX_TOLERANCE:
             raise ValueError(f"black_box disagrees with the model on {differ:.1%} of the images: "
                              "it is not the same classifier")
-    st = _suite_state(path, mode, threat, correct)
-    robust, records, rungs = _mask(st["robust"]), st["attacks"], st["rungs"]
-    total, done, before = len(attacks) + len(ladder) + 1, len(records) + len(rungs), st["seconds"]
+    return predicted == y
 
-    def save() -> None:
-        st["robust"], st["seconds"] = _bits(robust), before + time.perf_counter() - start
-        if path is not None:
-            atomic_write(path, [json.dumps(st).encode()])
 
-    def step(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, what)
+def _attack_survivors(model, name, settings, attack, x, y, threat, batch_size, run: _SuiteRun,
+                      black_box) -> None:
+    """One attack of the suite on the points every previous one failed on (from its last saved
+    batch when resumed), and its record."""
+    st = run.st
+    cur = st["current"] or {"todo": run.robust.nonzero().squeeze(1).tolist(), "fooled": 0,
+                            "seconds": 0.0}
+    st["current"], t0, spent = cur, time.perf_counter(), cur["seconds"]
 
-    for name, settings, attack in attacks[len(records):]:  # attacks finished before are kept
-        cur = st["current"] or {"todo": robust.nonzero().squeeze(1).tolist(), "fooled": 0,
-                                "seconds": 0.0}
-        st["current"], t0, spent = cur, time.perf_counter(), cur["seconds"]
+    def after_batch(b, fooled):
+        cur["todo"], cur["fooled"] = cur["todo"][len(b):], cur["fooled"] + fooled
+        cur["seconds"] = spent + time.perf_counter() - t0
+        run.save()
 
-        def after_batch(b, fooled, cur=cur, t0=t0, spent=spent):
-            cur["todo"], cur["fooled"] = cur["todo"][len(b):], cur["fooled"] + fooled
-            cur["seconds"] = spent + time.perf_counter() - t0
-            save()
+    queried = black_box if name in BLACK_BOX_ATTACKS else None
+    attack_robust(model, attack, x, y, run.robust, threat.norm, threat.eps, batch_size,
+                  torch.tensor(cur["todo"], dtype=torch.long), after_batch, queried)
+    if queried is not None:
+        settings = {**settings, "queried": type(getattr(queried, "encoder", queried)).__name__}
+    st["attacks"].append({
+        "name": name, "settings": settings, "fooled": cur["fooled"],
+        "robust_accuracy": run.robust.float().mean().item(),
+        "seconds": round(spent + time.perf_counter() - t0, 3),
+    })
+    st["current"] = None
+    run.save()
+    run.step(name)
 
-        queried = black_box if name in BLACK_BOX_ATTACKS else None
-        attack_robust(model, attack, x, y, robust, threat.norm, threat.eps, batch_size,
-                      torch.tensor(cur["todo"], dtype=torch.long), after_batch, queried)
-        if queried is not None:
-            settings = {**settings, "queried": type(getattr(queried, "encoder", queried)).__name__}
-        records.append({
-            "name": name, "settings": settings, "fooled": cur["fooled"],
-            "robust_accuracy": robust.float().mean().item(),
-            "seconds": round(spent + time.perf_counter() - t0, 3),
-        })
-        st["current"] = None
-        save()
-        step(name)
-    clean_acc, robust_acc = correct.float().mean().item(), robust.float().mean().item()
 
-    s = SUITES[mode]
-    probe = library_attack(torchattacks.APGD, steps=s.sanity_steps, n_restarts=1, loss="ce")
-    for label, eps in ladder[len(rungs):]:
+def _probe_ladder(model, x, y, correct, ladder, norm, steps, batch_size, run: _SuiteRun) -> None:
+    """The sanity probe (APGD-CE) at each eps of the ladder not yet done, on all correct
+    points."""
+    probe = library_attack(torchattacks.APGD, steps=steps, n_restarts=1, loss="ce")
+    for label, eps in ladder[len(run.st["rungs"]):]:
         still = correct.clone()
-        attack_robust(model, probe, x, y, still, threat.norm, eps, batch_size)
-        rungs.append({"eps": eps, "label": label, "robust_accuracy": still.float().mean().item()})
-        save()
-        step(f"sanity {label}")
-    zero_grad = _zero_gradient_fraction(model, x, y, correct, batch_size)
-    step("sanity gradients")
+        attack_robust(model, probe, x, y, still, norm, eps, batch_size)
+        run.st["rungs"].append({"eps": eps, "label": label,
+                                "robust_accuracy": still.float().mean().item()})
+        run.save()
+        run.step(f"sanity {label}")
 
+
+def _checks(clean_acc, robust_acc, records, rungs, zero_grad, n) -> dict:
+    """The sanity checks that make the robust accuracy credible, each with its evidence."""
     tol = max(1, 0.005 * n) / n
     accs = [r["robust_accuracy"] for r in rungs]
     at_eps = accs[LADDER.index(1.0)]
     whitebox_acc = records[-2]["robust_accuracy"]
-    checks = {
+    return {
         "eps0_equals_clean": {"passed": accs[0] == clean_acc, "clean": clean_acc,
                               "eps0": accs[0]},
         "non_increasing_in_eps": {"passed": all(b <= a + tol for a, b in itertools.pairwise(accs)),
@@ -317,6 +333,34 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
                               "zero_gradient_fraction": zero_grad,
                               "threshold": ZERO_GRAD_TOLERANCE},
     }
+
+
+def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) -> dict:
+    start, n = time.perf_counter(), len(y)
+    # The suite for this many classes, and the sanity probe's eps ladder
+    with torch.no_grad():
+        num_classes = model(x[:1].to(next(model.parameters()).device)).shape[1]
+    attacks, s = suite(mode, num_classes), SUITES[mode]
+    ladder = [(f"{m:g} eps", m * threat.eps) for m in LADDER]
+    ladder.append(("large eps", large_eps(threat.norm, x.shape[1:])))
+
+    # Clean predictions, and the progress of an interrupted run on them
+    correct = _correct_predictions(model, x, y, batch_size, black_box)
+    run = _SuiteRun(_suite_state(path, mode, threat, correct), path, progress,
+                    len(attacks) + len(ladder) + 1, start)
+
+    # Each attack on the still-robust points (attacks finished before are kept)
+    for name, settings, attack in attacks[len(run.st["attacks"]):]:
+        _attack_survivors(model, name, settings, attack, x, y, threat, batch_size, run, black_box)
+    clean_acc, robust_acc = correct.float().mean().item(), run.robust.float().mean().item()
+
+    # Sanity checks: the probe over the eps ladder, then the input gradients
+    _probe_ladder(model, x, y, correct, ladder, threat.norm, s.sanity_steps, batch_size, run)
+    zero_grad = _zero_gradient_fraction(model, x, y, correct, batch_size)
+    run.step("sanity gradients")
+    checks = _checks(clean_acc, robust_acc, run.st["attacks"], run.st["rungs"], zero_grad, n)
+
+    # The record: what was attacked, how, and what survived
     return {
         "mode": mode,
         "suite": s.model_dump(),
@@ -326,13 +370,13 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
         "robust_accuracy": robust_acc,
         # which test images (positions in the order given) survived every attack: another
         # tool's re-check of the same images combines with it per example
-        "robust_indices": robust.nonzero().flatten().tolist(),
-        "attacks": records,
+        "robust_indices": run.robust.nonzero().flatten().tolist(),
+        "attacks": run.st["attacks"],
         "checks": checks,
         "checks_passed": all(c["passed"] for c in checks.values()),
         "sanity_probe": {"attack": "apgd-ce", "library": "torchattacks", "restarts": 1,
                          "steps": s.sanity_steps},
-        "seconds": round(before + time.perf_counter() - start, 3),
+        "seconds": round(run.seconds(), 3),
     }
 
 
