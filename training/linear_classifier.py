@@ -145,6 +145,51 @@ def _accuracy(model: nn.Module, data: ImageSet, config: HeadConfig) -> float:
     return correct / len(data)
 
 
+def _steps_per_epoch(n: int, config: HeadConfig) -> int:
+    """config.steps_per_epoch, else whole passes over the `n` labeled images, as many as the
+    run needs to total `min_steps`."""
+    batches_per_pass = math.ceil(n / config.batch_size)
+    passes = max(1, math.ceil(config.min_steps / (config.epochs * batches_per_pass)))
+    return config.steps_per_epoch or passes * batches_per_pass
+
+
+def _head_epoch(model: Classifier, feats: torch.Tensor, train: ImageSet, batches, steps: int,
+                opt: torch.optim.Optimizer, config: HeadConfig) -> tuple[float, float]:
+    """`steps` Adam steps of the head on the frozen features (robust heads: of PGD images);
+    the mean loss and accuracy on the batches trained on."""
+    encoder, head, dev = model.encoder, model.head, _device(model.head)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _ in range(steps):
+        idx = next(batches)
+        y = train.labels[idx].to(dev)
+        if config.robust:
+            x = _pgd(model, config).perturb(to_float(train.images[idx]).to(dev), y)
+            with torch.no_grad():
+                f = encoder(x)
+        else:
+            f = feats[idx].to(dev)
+        logits = head(f)
+        loss = F.cross_entropy(logits, y) + config.l2 / 2 * head.linear.weight.square().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(idx)
+    return loss_sum / seen, correct / seen
+
+
+def _val_accuracy(model: Classifier, val: ImageSet, val_feats: torch.Tensor | None,
+                  config: HeadConfig) -> float:
+    """Early stopping's metric: robust accuracy for robust heads, else clean accuracy on the
+    features computed once."""
+    if config.robust:
+        return _accuracy(model, val, config)
+    with torch.no_grad():
+        preds = model.head(val_feats.to(_device(model.head))).argmax(1).cpu()
+    return (preds == val.labels).float().mean().item()
+
+
 def fit_linear_head(
     encoder: nn.Module,
     train: ImageSet,
@@ -162,69 +207,46 @@ def fit_linear_head(
     PGD on the cross-entropy through the frozen encoder (eval mode) at every batch. Ties in
     validation accuracy keep the earlier epoch; without a validation set the last epoch is kept.
     """
+    # The frozen features, the head on their standardised values, Adam, the batch stream
     config = config or HeadConfig()
     encoder.eval()
-    dev = _device(encoder)
     gen = torch.Generator().manual_seed(config.seed)
     feats = encode(encoder, train.images, config.batch_size)
     val_feats = None if config.robust or val is None else encode(encoder, val.images)
     torch.manual_seed(config.seed)
-    head = StandardizedLinear(feats.mean(0), feats.std(0).clamp_min(1e-6), num_classes).to(dev)
+    head = StandardizedLinear(feats.mean(0), feats.std(0).clamp_min(1e-6), num_classes).to(
+        _device(encoder))
     model = Classifier(encoder, head).eval()
     opt = torch.optim.Adam(head.parameters(), lr=config.lr)
-    batches_per_pass = math.ceil(len(train) / config.batch_size)
-    passes = max(1, math.ceil(config.min_steps / (config.epochs * batches_per_pass)))
-    steps_per_epoch = config.steps_per_epoch or passes * batches_per_pass
+    steps_per_epoch = _steps_per_epoch(len(train), config)
     batches = shuffled_batches(len(train), config.batch_size, gen)
 
+    # The paper's epochs (lr / 10 from decay_epoch), keeping the best validation epoch's head
     history = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
-    best_acc, best_state, best_epoch, steps = -1.0, None, None, 0
+    best_acc, best_state, best_epoch = -1.0, None, None
     for epoch in range(config.epochs):
         lr = config.lr * (0.1 if epoch >= config.decay_epoch else 1.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum, correct, seen = 0.0, 0, 0
-        for _ in range(steps_per_epoch):
-            idx = next(batches)
-            y = train.labels[idx].to(dev)
-            if config.robust:
-                x = _pgd(model, config).perturb(to_float(train.images[idx]).to(dev), y)
-                with torch.no_grad():
-                    f = encoder(x)
-            else:
-                f = feats[idx].to(dev)
-            logits = head(f)
-            loss = F.cross_entropy(logits, y) + config.l2 / 2 * head.linear.weight.square().sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx)
-        history["train_loss"].append(loss_sum / seen)
-        history["train_acc"].append(correct / seen)
+        loss, train_acc = _head_epoch(model, feats, train, batches, steps_per_epoch, opt, config)
+        history["train_loss"].append(loss)
+        history["train_acc"].append(train_acc)
         history["lr"].append(lr)
         if val is not None:
-            if config.robust:
-                acc = _accuracy(model, val, config)
-            else:
-                with torch.no_grad():
-                    preds = head(val_feats.to(dev)).argmax(1).cpu()
-                acc = (preds == val.labels).float().mean().item()
-            history["val_acc"].append(acc)
+            history["val_acc"].append(acc := _val_accuracy(model, val, val_feats, config))
             if acc > best_acc:
                 best_acc, best_epoch = acc, epoch
                 best_state = copy.deepcopy(head.state_dict())
         if progress is not None:
             progress(epoch + 1, config.epochs, "head epochs")
+
     if best_state is not None:
         head.load_state_dict(best_state)
     history.update(
         best_epoch=best_epoch if val is not None else config.epochs - 1,
         best_val_acc=best_acc if val is not None else None,
         steps_per_epoch=steps_per_epoch,
-        optimizer_steps=steps,
+        optimizer_steps=config.epochs * steps_per_epoch,
         val_metric="robust accuracy (PGD)" if config.robust else "clean accuracy",
     )
     return head.fold(), history
