@@ -1,23 +1,17 @@
 """The `byorl` command line: train, evaluate, export, index, experiments."""
 
+import inspect
 import json
 import shlex
 from pathlib import Path
+from typing import get_origin
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from byorl.training.allocator import reexec_with_jemalloc
-from byorl.training.config import (
-    AttackMethod,
-    BnViews,
-    Device,
-    EvalMode,
-    Norm,
-    Precision,
-    Switch,
-    TrainConfig,
-)
+from byorl.training.config import Device, EvalMode, TrainConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -55,60 +49,74 @@ def validated(cls, d: dict):
         raise typer.BadParameter("; ".join(problems)) from None
 
 
+# `byorl train`'s flags: one per TrainConfig field (tuples excepted: --min-crop sets crop_scale),
+# named after the field, but for these; budgets take fractions (8/255); --device lists the
+# choices (a config takes any torch device).
+FLAG_NAMES = {"attack.method": "attack", "data.source": "data", "data.root": "data_root"}
+FLAG_TYPES = {"eps": str, "step_size": str, "device": Device}
+FRACTIONS = ("eps", "step_size")
+
+
+def config_flags(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[str, FieldInfo]]:
+    """Flag (parameter) name -> (dotted path, field) of every scalar or list field of `model`."""
+    flags = {}
+    for name, field in model.model_fields.items():
+        path = prefix + name
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            flags |= config_flags(field.annotation, path + ".")
+        elif get_origin(field.annotation) is not tuple and path != "out":  # --out: the command's
+            flags[FLAG_NAMES.get(path, name)] = (path, field)
+    return flags
+
+
+TRAIN_FLAGS = config_flags(TrainConfig)
+
+
+def flag_parameter(flag: str, field: FieldInfo) -> inspect.Parameter:
+    """The typer option of a config field: its type (choices included), its description as the
+    help, and no default (a flag not given leaves the base config's value)."""
+    kind = FLAG_TYPES.get(flag, field.annotation)
+    default = [] if get_origin(kind) is list else None
+    return inspect.Parameter(flag, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                             annotation=kind | None,
+                             default=typer.Option(default, help=field.description))
+
+
+def set_flag(overrides: dict, path: str, value) -> None:
+    """overrides[a][b] = value for path 'a.b'."""
+    *sections, name = path.split(".")
+    for section in sections:
+        overrides = overrides.setdefault(section, {})
+    overrides[name] = parse_eps(value) if name in FRACTIONS else value
+
+
+def with_train_flags(command):
+    """`command` with an option per TRAIN_FLAGS after its first two (--out, --config), which
+    it takes as **fields: typer reads the options from the signature."""
+    fixed = list(inspect.signature(command).parameters.values())[:-1]
+    flags = [flag_parameter(flag, field) for flag, (_, field) in TRAIN_FLAGS.items()]
+    command.__signature__ = inspect.Signature(fixed[:2] + flags + fixed[2:])
+    return command
+
+
 @app.command()
+@with_train_flags
 def train(
     out: Path = typer.Option(Path("runs/byorl"), help="Run directory (resumed if it exists)."),
     config: Path | None = typer.Option(None, help="A config.json to start from (e.g. a run's)."),
-    data: str | None = typer.Option(None, help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
-    data_root: str | None = typer.Option(None, help="Where torchvision keeps/downloads CIFAR."),
-    download: bool = typer.Option(False, help="Let torchvision download CIFAR."),
-    extra_unlabeled: list[str] = typer.Option([], help="Extra unlabeled image folders/archives."),
-    arch: str | None = typer.Option(None, help="preact_resnet_small, preact_resnet18, ..34"),
-    width: int | None = typer.Option(None, help="Width multiplier (1, 2, 4)."),
-    proj_hidden: int | None = typer.Option(None),
-    proj_dim: int | None = typer.Option(None),
-    attack: AttackMethod | None = typer.Option(None, help="apgd (paper), pgd, or none (= BYOL)."),
-    norm: Norm | None = typer.Option(None),
-    eps: str | None = typer.Option(None, help="Budget, e.g. 8/255 or 128/255"),
-    steps: int | None = typer.Option(None, help="Attack steps K"),
-    epochs: float | None = typer.Option(None),
-    warmup_epochs: float | None = typer.Option(None),
-    batch_size: int | None = typer.Option(None, help="Global batch size"),
-    lr: float | None = typer.Option(None),
-    tau_base: float | None = typer.Option(None, help="Initial EMA decay of the target."),
-    color_strength: float | None = typer.Option(None),
     min_crop: float | None = typer.Option(None, help="Smallest crop area fraction."),
-    seed: int | None = typer.Option(None),
-    device: Device | None = typer.Option(None),
-    precision: Precision | None = typer.Option(None),
-    bn_views: BnViews | None = typer.Option(
-        None, help="separate (each view its own BatchNorm batch, the paper's) or concat."),
-    sync_bn: bool | None = typer.Option(
-        None, "--sync-bn/--no-sync-bn", help="Under torchrun: global-batch BatchNorm (default)."),
-    compile: Switch | None = typer.Option(None, help="torch.compile: auto (CUDA only), on, off."),
-    checkpoint_every: int | None = typer.Option(None),
-    log_every: int | None = typer.Option(None),
     max_steps: int | None = typer.Option(None, help="Stop after this many steps (resumable)."),
     time_limit_min: float | None = typer.Option(None, help="Stop after this long (resumable)."),
+    **fields,
 ):
     """Train a BYORL (or BYOL, --attack none) encoder. Defaults are the paper's."""
     from byorl.training.train import train as run_train
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
-    flags = {
-        "out": str(out), "seed": seed, "device": device, "precision": precision,
-        "bn_views": bn_views, "sync_bn": sync_bn, "compile": compile,
-        "checkpoint_every": checkpoint_every, "log_every": log_every,
-        "data": {"source": data, "root": data_root, "download": download or None,
-                 "extra_unlabeled": list(extra_unlabeled) or None},
-        "model": {"arch": arch, "width": width, "proj_hidden": proj_hidden, "proj_dim": proj_dim},
-        "attack": {"method": attack, "norm": norm, "eps": parse_eps(eps) if eps else None,
-                   "steps": steps},
-        "optim": {"epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size,
-                  "lr": lr, "tau_base": tau_base},
-        "augment": {"color_strength": color_strength,
-                    "crop_scale": (min_crop, 1.0) if min_crop else None},
-    }
+    flags = {"out": str(out), "augment": {"crop_scale": (min_crop, 1.0) if min_crop else None}}
+    for flag, value in fields.items():
+        if value not in (None, []):
+            set_flag(flags, TRAIN_FLAGS[flag][0], value)
     saved = json.loads(base.read_text()) if base else TrainConfig().to_dict()
     cfg = validated(TrainConfig, merged(saved, flags))
     time_limit = time_limit_min * 60 if time_limit_min else None

@@ -41,17 +41,18 @@ class Config(BaseModel):
 
 
 class ModelConfig(Config):
-    arch: str = "preact_resnet34"
-    width: int = Field(2, ge=1)
+    arch: str = Field("preact_resnet34", description="preact_resnet_small, preact_resnet18, ..34")
+    width: int = Field(2, ge=1, description="Width multiplier (1, 2, 4).")
     proj_hidden: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
 
 
 class DataConfig(Config):
-    source: str = "cifar10"
-    root: str = "data"
-    download: bool = False
-    extra_unlabeled: list[str] = Field(default_factory=list)
+    source: str = Field("cifar10", description="cifar10, cifar100, an ImageFolder dir or .tar.gz")
+    root: str = Field("data", description="Where torchvision keeps/downloads CIFAR.")
+    download: bool = Field(False, description="Let torchvision download CIFAR.")
+    extra_unlabeled: list[str] = Field(default_factory=list,
+                                       description="Extra unlabeled image folders/archives.")
     image_size: int = Field(32, ge=1)
 
 
@@ -69,22 +70,23 @@ class AugmentConfig(Config):
 class AttackConfig(Config):
     """The inner maximisation. method 'none' turns BYORL into plain BYOL."""
 
-    method: AttackMethod = "apgd"
+    method: AttackMethod = Field("apgd", description="apgd (paper), pgd, or none (= BYOL).")
     norm: Norm = "linf"
-    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False)
-    steps: int = Field(40, ge=0)
+    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False,
+                       description="Budget, e.g. 8/255 or 128/255")
+    steps: int = Field(40, ge=0, description="Attack steps K")
     step_size: float | None = Field(None, gt=0)  # PGD only; AutoPGD adapts its own
 
 
 class OptimConfig(Config):
     epochs: float = Field(1000, gt=0)
     warmup_epochs: float = Field(10, ge=0)
-    batch_size: int = Field(512, ge=1)  # global, over all processes
+    batch_size: int = Field(512, ge=1, description="Global batch size (over all processes).")
     lr: float = Field(2.0, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     lars_eta: float = Field(1e-3, gt=0)
-    tau_base: float = Field(0.996, ge=0, le=1)
+    tau_base: float = Field(0.996, ge=0, le=1, description="Initial EMA decay of the target.")
 
 
 class TrainConfig(Config):
@@ -102,9 +104,11 @@ class TrainConfig(Config):
     # How BatchNorm sees the two views: "separate" (each view through the networks on its own,
     # as the published BYOL: each view normalised with its own statistics) or "concat" (both in
     # one batch, statistics mixed: the recipe of the configs saved before this field existed).
-    bn_views: BnViews = "separate"
-    sync_bn: bool = True  # under DDP: BatchNorm statistics of the global batch, not one GPU's
-    compile: Switch = "auto"  # torch.compile the networks: auto = on CUDA only; or on / off
+    bn_views: BnViews = Field(
+        "separate",
+        description="separate (each view its own BatchNorm batch, the paper's) or concat.")
+    sync_bn: bool = Field(True, description="Under torchrun: global-batch BatchNorm (default).")
+    compile: Switch = Field("auto", description="torch.compile: auto (CUDA only), on, off.")
 
     def to_dict(self) -> dict:
         return self.model_dump()
