@@ -4,11 +4,10 @@ import inspect
 import json
 import shlex
 from pathlib import Path
-from typing import get_origin
+from typing import Any, NamedTuple, get_origin
 
 import typer
 from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
 
 from byorl.training.allocator import reexec_with_jemalloc
 from byorl.training.config import Device, EvalMode, TrainConfig
@@ -49,58 +48,82 @@ def validated(cls, d: dict):
         raise typer.BadParameter("; ".join(problems)) from None
 
 
-# `byorl train`'s flags: one per TrainConfig field (tuples excepted: --min-crop sets crop_scale),
-# named after the field, but for these; budgets take fractions (8/255); --device lists the
-# choices (a config takes any torch device).
-FLAG_NAMES = {"attack.method": "attack", "data.source": "data", "data.root": "data_root"}
-FLAG_TYPES = {"eps": str, "step_size": str, "device": Device}
-FRACTIONS = ("eps", "step_size")
+FRACTIONS = ("eps", "step_size")  # budgets: their flags take fractions such as 8/255
 
 
-def config_flags(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[str, FieldInfo]]:
-    """Flag (parameter) name -> (dotted path, field) of every scalar or list field of `model`."""
+class Flag(NamedTuple):
+    """A config field as a command-line option: of its type (choices listed in --help), with
+    its description as the help."""
+
+
+    path: str  # the config field's, dotted
+    type: Any
+    help: str | None
+
+
+def config_flags(model: type[BaseModel], renamed: dict[str, str], types: dict[str, Any],
+                 skip: tuple[str, ...], prefix: str = "") -> dict[str, Flag]:
+    """Flag (parameter) name -> Flag of every field of `model` and of its sections, named after
+    the field or as `renamed` says (dotted path -> name); `types` gives a flag another type,
+    `skip` leaves fields (or sections) to the command's own options."""
     flags = {}
     for name, field in model.model_fields.items():
         path = prefix + name
+        if path in skip:
+            continue
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            flags |= config_flags(field.annotation, path + ".")
-        elif get_origin(field.annotation) is not tuple and path != "out":  # --out: the command's
-            flags[FLAG_NAMES.get(path, name)] = (path, field)
+            flags |= config_flags(field.annotation, renamed, types, skip, path + ".")
+        else:
+            flags[renamed.get(path, name)] = Flag(path, types.get(path, field.annotation),
+                                                  field.description)
     return flags
 
 
-TRAIN_FLAGS = config_flags(TrainConfig)
+# byorl train: the TrainConfig (--min-crop sets crop_scale; --device lists the choices, a
+# config takes any torch device)
+TRAIN_FLAGS = config_flags(
+    TrainConfig,
+    renamed={"attack.method": "attack", "data.source": "data", "data.root": "data_root"},
+    types={"attack.eps": str, "attack.step_size": str, "device": Device},
+    skip=("out", "augment.crop_scale", "augment.crop_ratio"))
 
 
-def flag_parameter(flag: str, field: FieldInfo) -> inspect.Parameter:
-    """The typer option of a config field: its type (choices included), its description as the
-    help, and no default (a flag not given leaves the base config's value)."""
-    kind = FLAG_TYPES.get(flag, field.annotation)
-    default = [] if get_origin(kind) is list else None
-    return inspect.Parameter(flag, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                             annotation=kind | None,
-                             default=typer.Option(default, help=field.description))
+def with_config_flags(flags: dict[str, Flag]):
+    """A command with an option per flag after its first two (--out, --config), which it takes
+    as **fields: typer reads the options from the signature. A flag not given is None (or an
+    empty list), and leaves the base config's value."""
+
+    def option(name: str, flag: Flag) -> inspect.Parameter:
+        default = [] if get_origin(flag.type) is list else None
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                 annotation=flag.type | None,
+                                 default=typer.Option(default, help=flag.help))
+
+    def decorate(command):
+        fixed = list(inspect.signature(command).parameters.values())[:-1]
+        options = [option(name, flag) for name, flag in flags.items()]
+        command.__signature__ = inspect.Signature(fixed[:2] + options + fixed[2:])
+        return command
+
+    return decorate
 
 
-def set_flag(overrides: dict, path: str, value) -> None:
-    """overrides[a][b] = value for path 'a.b'."""
-    *sections, name = path.split(".")
-    for section in sections:
-        overrides = overrides.setdefault(section, {})
-    overrides[name] = parse_eps(value) if name in FRACTIONS else value
-
-
-def with_train_flags(command):
-    """`command` with an option per TRAIN_FLAGS after its first two (--out, --config), which
-    it takes as **fields: typer reads the options from the signature."""
-    fixed = list(inspect.signature(command).parameters.values())[:-1]
-    flags = [flag_parameter(flag, field) for flag, (_, field) in TRAIN_FLAGS.items()]
-    command.__signature__ = inspect.Signature(fixed[:2] + flags + fixed[2:])
-    return command
+def given_flags(flags: dict[str, Flag], values: dict) -> dict:
+    """The flags given, as a nested dict of config fields (overrides[a][b] for path 'a.b')."""
+    overrides: dict = {}
+    for flag, value in values.items():
+        if value in (None, []):
+            continue
+        *sections, name = flags[flag].path.split(".")
+        section = overrides
+        for part in sections:
+            section = section.setdefault(part, {})
+        section[name] = parse_eps(value) if name in FRACTIONS else value
+    return overrides
 
 
 @app.command()
-@with_train_flags
+@with_config_flags(TRAIN_FLAGS)
 def train(
     out: Path = typer.Option(Path("runs/byorl"), help="Run directory (resumed if it exists)."),
     config: Path | None = typer.Option(None, help="A config.json to start from (e.g. a run's)."),
@@ -113,10 +136,8 @@ def train(
     from byorl.training.train import train as run_train
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
-    flags = {"out": str(out), "augment": {"crop_scale": (min_crop, 1.0) if min_crop else None}}
-    for flag, value in fields.items():
-        if value not in (None, []):
-            set_flag(flags, TRAIN_FLAGS[flag][0], value)
+    flags = merged(given_flags(TRAIN_FLAGS, fields), {
+        "out": str(out), "augment": {"crop_scale": (min_crop, 1.0) if min_crop else None}})
     saved = json.loads(base.read_text()) if base else TrainConfig().to_dict()
     cfg = validated(TrainConfig, merged(saved, flags))
     time_limit = time_limit_min * 60 if time_limit_min else None
