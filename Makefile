@@ -48,9 +48,10 @@ missing-test-tools:
 
 # Mutation testing (mutmut) of the method's core against the fast tests that pin it; not in CI
 # (tens of minutes on 2 cores). One module: make mutate MUTANTS='training.optim*'.
-EVAL_BOOKKEEPING := _margin_loss* ǁMultiTargetedǁ* _suite* __check_budget* __break* \
-	__zero_gradient_fraction* _large_eps* _evaluate_robustness* __evaluate__* __predict* \
-	__library* __multitargeted*
+EVAL_BOOKKEEPING := _suite* __check_budget* _attack_robust* \
+	__zero_gradient_fraction* _large_eps* _evaluate_robustness* __evaluate__* _predict* \
+	_library_attack* __multitargeted* ǁ_SuiteRunǁ* __correct_predictions* __attack_survivors* \
+	__probe_ladder* __checks*
 MUTANTS ?= training.byorl* training.optim* training.attacks* training.train* \
 	$(addprefix training.evaluate.x,$(EVAL_BOOKKEEPING))
 MUTMUT_JOBS ?= 1

@@ -14,10 +14,10 @@ Budgets are counted in optimiser steps, as with few labels an epoch is only a fe
 """
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,34 +25,29 @@ from byorl.training.attacks import PGD, ThreatModel
 from byorl.training.augment import random_resized_crop_flip
 from byorl.training.batchnorm import frozen_bn_stats
 from byorl.training.checkpoint import save_atomic
+from byorl.training.config import Config
 from byorl.training.data import ImageSet
 from byorl.training.device import pick_device
 from byorl.training.linear_classifier import Classifier, Progress, to_float
 from byorl.training.models import create_model
 
 
-@dataclass
-class BaselineConfig:
+class BaselineConfig(Config):
     arch: str = "preact_resnet34"
     width: int = 2
-    steps: int = 20_000  # optimiser steps of the adversarially trained model
-    teacher_steps: int = 5_000  # optimiser steps of UAT-FT's non-robust pseudo-labeler
-    batch_size: int = 128
+    steps: int = Field(20_000, ge=1)  # optimiser steps of the adversarially trained model
+    teacher_steps: int = Field(5_000, ge=1)  # optimiser steps of UAT-FT's non-robust pseudo-labeler
+    batch_size: int = Field(128, ge=1)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    attack_steps: int = 10  # PGD steps of the training attack (step size 2.5 eps / steps)
-    eval_every: int = 500  # optimiser steps between early-stopping checks
-    eval_attack_steps: int = 20  # PGD steps of the validation attack
+    # PGD steps of the training attack (step size 2.5 eps / steps)
+    attack_steps: int = Field(10, ge=1)
+    eval_every: int = Field(500, ge=1)  # optimiser steps between early-stopping checks
+    eval_attack_steps: int = Field(20, ge=1)  # PGD steps of the validation attack
     min_crop: float = 0.64  # crop + flip augmentation: smallest area fraction kept
     device: str = "auto"
     seed: int = 0
-
-    def __post_init__(self):
-        if min(self.steps, self.teacher_steps, self.batch_size, self.eval_every) < 1:
-            raise ValueError("steps, teacher_steps, batch_size and eval_every must be >= 1")
-        if min(self.attack_steps, self.eval_attack_steps) < 1:
-            raise ValueError("attack_steps and eval_attack_steps must be >= 1")
 
 
 def new_classifier(arch: str, width: int, num_classes: int) -> Classifier:
@@ -90,6 +85,51 @@ def _lr(step: int, total: int, base: float) -> float:
     return base * (0.1 ** ((step >= total // 2) + (step >= 3 * total // 4)))
 
 
+def _next_batch(run: dict, n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """The next batch of a fresh permutation per pass over the set (the rest of the pass stays
+    in run["order"], which a checkpoint keeps)."""
+    order = run["order"]
+    if len(order) < batch_size:
+        order = torch.cat([order, torch.randperm(n, generator=gen)])
+    run["order"] = order[batch_size:]
+    return order[:batch_size]
+
+
+def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              threat: ThreatModel | None, config: BaselineConfig, lr: float) -> tuple:
+    """One training step at `lr`: on PGD examples (made with BatchNorm statistics frozen) when
+    there is a threat model; returns the loss and the logits."""
+    model.train()
+    if threat is not None:
+        with frozen_bn_stats(model):
+            x = _pgd(model, threat, config.attack_steps).perturb(x, y)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, logits
+
+
+def _early_stopping_check(model: nn.Module, run: dict, step: int, val: ImageSet | None,
+                          threat: ThreatModel | None, config: BaselineConfig) -> None:
+    """Record the training loss and accuracy since the last check and the validation accuracy;
+    keep the weights when they are the best so far."""
+    history = run["history"]
+    history["step"].append(step)
+    history["train_loss"].append(run["loss_sum"] / run["seen"])
+    history["train_acc"].append(run["correct"] / run["seen"])
+    run["loss_sum"] = run["correct"] = run["seen"] = 0.0
+    if val is not None:
+        acc = accuracy(model, val, threat, config.eval_attack_steps)
+        history["val_acc"].append(acc)
+        if acc > run["best_acc"]:
+            run["best_acc"], run["best_step"] = acc, step
+            run["best_state"] = copy.deepcopy(model.state_dict())
+
+
 def train_classifier(
     train: ImageSet,
     val: ImageSet | None,
@@ -110,6 +150,7 @@ def train_classifier(
             given the file of an interrupted one goes on from it to the same weights (an
             adversarial training takes up to an hour on a CPU; a finished file is just loaded).
     """
+    # The model, SGD, the batch order, and the state of an interrupted run
     steps = steps or config.steps
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -124,53 +165,33 @@ def train_classifier(
            "history": {"step": [], "train_loss": [], "train_acc": [], "val_acc": []}}
     if state is not None and state.is_file():
         run = _load_run(state, model, opt, gen, device)
-    history, order = run["history"], run["order"]
-    best_acc, best_state, best_step = run["best_acc"], run["best_state"], run["best_step"]
-    loss_sum, correct, seen = run["loss_sum"], run["correct"], run["seen"]
+
+    # Steps on augmented (and attacked) batches; early-stopping checks; checkpoints
     for step in range(run["step"], steps):
-        if len(order) < config.batch_size:  # a fresh permutation per pass over the set
-            order = torch.cat([order, torch.randperm(len(train), generator=gen)])
-        idx, order = order[: config.batch_size].to(device), order[config.batch_size :]
+        idx = _next_batch(run, len(train), config.batch_size, gen).to(device)
         x = random_resized_crop_flip(to_float(images[idx]), (config.min_crop, 1.0))
         y = labels[idx]
-        model.train()
-        if threat is not None:
-            with frozen_bn_stats(model):
-                x = _pgd(model, threat, config.attack_steps).perturb(x, y)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, config.lr)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
+        loss, logits = _sgd_step(model, opt, x, y, threat, config, _lr(step, steps, config.lr))
+        run["loss_sum"] += loss.item() * len(y)
+        run["correct"] += (logits.argmax(1) == y).sum().item()
+        run["seen"] += len(y)
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-            history["step"].append(step + 1)
-            history["train_loss"].append(loss_sum / seen)
-            history["train_acc"].append(correct / seen)
-            loss_sum = correct = seen = 0.0
-            if val is not None:
-                acc = accuracy(model, val, threat, config.eval_attack_steps)
-                history["val_acc"].append(acc)
-                if acc > best_acc:
-                    best_acc, best_step = acc, step + 1
-                    best_state = copy.deepcopy(model.state_dict())
+            _early_stopping_check(model, run, step + 1, val, threat, config)
             if progress is not None:
                 progress(step + 1, steps, "training" if threat is None else "adversarial training")
         if state is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             _save_run(state, model, opt, gen, device, {
-                "step": step + 1, "order": order, "loss_sum": loss_sum, "correct": correct,
-                "seen": seen, "best_acc": best_acc, "best_step": best_step, "history": history,
+                **run, "step": step + 1,
                 # the best weights, unless they are the current ones (half the file's size)
-                "best_state": best_state if best_step != step + 1 else None})
-    if best_state is not None:
-        model.load_state_dict(best_state)
+                "best_state": run["best_state"] if run["best_step"] != step + 1 else None})
+
+    # The best check's weights
+    if run["best_state"] is not None:
+        model.load_state_dict(run["best_state"])
+    history = run["history"]
     history.update(
-        best_step=best_step if val is not None else steps,
-        best_val_acc=best_acc if val is not None else None,
+        best_step=run["best_step"] if val is not None else steps,
+        best_val_acc=run["best_acc"] if val is not None else None,
         val_metric="clean accuracy" if threat is None else "robust accuracy (PGD)",
     )
     return model.eval(), history

@@ -1,23 +1,16 @@
 """The `byorl` command line: train, evaluate, export, index, experiments."""
 
+import inspect
 import json
 import shlex
 from pathlib import Path
+from typing import Any, NamedTuple, get_origin
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from byorl.training.allocator import reexec_with_jemalloc
-from byorl.training.config import (
-    AttackMethod,
-    BnViews,
-    Device,
-    EvalMode,
-    Norm,
-    Precision,
-    Switch,
-    TrainConfig,
-)
+from byorl.training.config import Device, EvalMode, TrainConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -55,60 +48,96 @@ def validated(cls, d: dict):
         raise typer.BadParameter("; ".join(problems)) from None
 
 
+FRACTIONS = ("eps", "step_size")  # budgets: their flags take fractions such as 8/255
+
+
+class Flag(NamedTuple):
+    """A config field as a command-line option: of its type (choices listed in --help), with
+    its description as the help."""
+
+
+    path: str  # the config field's, dotted
+    type: Any
+    help: str | None
+
+
+def config_flags(model: type[BaseModel], renamed: dict[str, str], types: dict[str, Any],
+                 skip: tuple[str, ...], prefix: str = "") -> dict[str, Flag]:
+    """Flag (parameter) name -> Flag of every field of `model` and of its sections, named after
+    the field or as `renamed` says (dotted path -> name); `types` gives a flag another type,
+    `skip` leaves fields (or sections) to the command's own options."""
+    flags = {}
+    for name, field in model.model_fields.items():
+        path = prefix + name
+        if path in skip:
+            continue
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            flags |= config_flags(field.annotation, renamed, types, skip, path + ".")
+        else:
+            flags[renamed.get(path, name)] = Flag(path, types.get(path, field.annotation),
+                                                  field.description)
+    return flags
+
+
+# byorl train: the TrainConfig (--min-crop sets crop_scale; --device lists the choices, a
+# config takes any torch device)
+TRAIN_FLAGS = config_flags(
+    TrainConfig,
+    renamed={"attack.method": "attack", "data.source": "data", "data.root": "data_root"},
+    types={"attack.eps": str, "attack.step_size": str, "device": Device},
+    skip=("out", "augment.crop_scale", "augment.crop_ratio"))
+
+
+def with_config_flags(flags: dict[str, Flag]):
+    """A command with an option per flag after its first two (--out, --config), which it takes
+    as **fields: typer reads the options from the signature. A flag not given is None (or an
+    empty list), and leaves the base config's value."""
+
+    def option(name: str, flag: Flag) -> inspect.Parameter:
+        default = [] if get_origin(flag.type) is list else None
+        return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                 annotation=flag.type | None,
+                                 default=typer.Option(default, help=flag.help))
+
+    def decorate(command):
+        fixed = list(inspect.signature(command).parameters.values())[:-1]
+        options = [option(name, flag) for name, flag in flags.items()]
+        command.__signature__ = inspect.Signature(fixed[:2] + options + fixed[2:])
+        return command
+
+    return decorate
+
+
+def given_flags(flags: dict[str, Flag], values: dict) -> dict:
+    """The flags given, as a nested dict of config fields (overrides[a][b] for path 'a.b')."""
+    overrides: dict = {}
+    for flag, value in values.items():
+        if value in (None, []):
+            continue
+        *sections, name = flags[flag].path.split(".")
+        section = overrides
+        for part in sections:
+            section = section.setdefault(part, {})
+        section[name] = parse_eps(value) if name in FRACTIONS else value
+    return overrides
+
+
 @app.command()
+@with_config_flags(TRAIN_FLAGS)
 def train(
     out: Path = typer.Option(Path("runs/byorl"), help="Run directory (resumed if it exists)."),
     config: Path | None = typer.Option(None, help="A config.json to start from (e.g. a run's)."),
-    data: str | None = typer.Option(None, help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
-    data_root: str | None = typer.Option(None, help="Where torchvision keeps/downloads CIFAR."),
-    download: bool = typer.Option(False, help="Let torchvision download CIFAR."),
-    extra_unlabeled: list[str] = typer.Option([], help="Extra unlabeled image folders/archives."),
-    arch: str | None = typer.Option(None, help="preact_resnet_small, preact_resnet18, ..34"),
-    width: int | None = typer.Option(None, help="Width multiplier (1, 2, 4)."),
-    proj_hidden: int | None = typer.Option(None),
-    proj_dim: int | None = typer.Option(None),
-    attack: AttackMethod | None = typer.Option(None, help="apgd (paper), pgd, or none (= BYOL)."),
-    norm: Norm | None = typer.Option(None),
-    eps: str | None = typer.Option(None, help="Budget, e.g. 8/255 or 128/255"),
-    steps: int | None = typer.Option(None, help="Attack steps K"),
-    epochs: float | None = typer.Option(None),
-    warmup_epochs: float | None = typer.Option(None),
-    batch_size: int | None = typer.Option(None, help="Global batch size"),
-    lr: float | None = typer.Option(None),
-    tau_base: float | None = typer.Option(None, help="Initial EMA decay of the target."),
-    color_strength: float | None = typer.Option(None),
     min_crop: float | None = typer.Option(None, help="Smallest crop area fraction."),
-    seed: int | None = typer.Option(None),
-    device: Device | None = typer.Option(None),
-    precision: Precision | None = typer.Option(None),
-    bn_views: BnViews | None = typer.Option(
-        None, help="separate (each view its own BatchNorm batch, the paper's) or concat."),
-    sync_bn: bool | None = typer.Option(
-        None, "--sync-bn/--no-sync-bn", help="Under torchrun: global-batch BatchNorm (default)."),
-    compile: Switch | None = typer.Option(None, help="torch.compile: auto (CUDA only), on, off."),
-    checkpoint_every: int | None = typer.Option(None),
-    log_every: int | None = typer.Option(None),
     max_steps: int | None = typer.Option(None, help="Stop after this many steps (resumable)."),
     time_limit_min: float | None = typer.Option(None, help="Stop after this long (resumable)."),
+    **fields,
 ):
     """Train a BYORL (or BYOL, --attack none) encoder. Defaults are the paper's."""
     from byorl.training.train import train as run_train
 
     base = out / "config.json" if config is None and (out / "config.json").exists() else config
-    flags = {
-        "out": str(out), "seed": seed, "device": device, "precision": precision,
-        "bn_views": bn_views, "sync_bn": sync_bn, "compile": compile,
-        "checkpoint_every": checkpoint_every, "log_every": log_every,
-        "data": {"source": data, "root": data_root, "download": download or None,
-                 "extra_unlabeled": list(extra_unlabeled) or None},
-        "model": {"arch": arch, "width": width, "proj_hidden": proj_hidden, "proj_dim": proj_dim},
-        "attack": {"method": attack, "norm": norm, "eps": parse_eps(eps) if eps else None,
-                   "steps": steps},
-        "optim": {"epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size,
-                  "lr": lr, "tau_base": tau_base},
-        "augment": {"color_strength": color_strength,
-                    "crop_scale": (min_crop, 1.0) if min_crop else None},
-    }
+    flags = merged(given_flags(TRAIN_FLAGS, fields), {
+        "out": str(out), "augment": {"crop_scale": (min_crop, 1.0) if min_crop else None}})
     saved = json.loads(base.read_text()) if base else TrainConfig().to_dict()
     cfg = validated(TrainConfig, merged(saved, flags))
     time_limit = time_limit_min * 60 if time_limit_min else None
@@ -346,9 +375,10 @@ def evaluate(
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from byorl.training.evaluate import evaluate_checkpoint, report_markdown, write_report
+    from byorl.training.evaluate import evaluate_checkpoint, write_report
     from byorl.training.linear_classifier import HeadConfig
     from byorl.training.progress import Bars
+    from byorl.training.reports import report_markdown
 
     heads = ("nonrobust", "robust") if head == "both" else tuple(head.split(","))
     overrides = {"min_steps": head_min_steps, "attack_steps": head_attack_steps,

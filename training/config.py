@@ -10,7 +10,7 @@ are `Literal` types, which the CLI lists in its --help.
 
 import json
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,29 +27,36 @@ NORMS = get_args(Norm)
 LEGACY = {"bn_views": "concat", "sync_bn": False}
 
 
-class _Config(BaseModel):
-    """Unknown fields are errors (a typo must not silently train the default), and assignments
+class Config(BaseModel):
+    """Every config of the project (training, heads, baselines, experiments, the attack suite):
+    unknown fields are errors (a typo must not silently train the default), and assignments
     are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def updated(self, **changes) -> Self:
+        """A copy with `changes`, validated as a new config would be (`model_copy(update=...)`
+        alone checks nothing)."""
+        return self.model_validate({**self.model_dump(), **changes})
 
-class ModelConfig(_Config):
-    arch: str = "preact_resnet34"
-    width: int = Field(2, ge=1)
+
+class ModelConfig(Config):
+    arch: str = Field("preact_resnet34", description="preact_resnet_small, preact_resnet18, ..34")
+    width: int = Field(2, ge=1, description="Width multiplier (1, 2, 4).")
     proj_hidden: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
 
 
-class DataConfig(_Config):
-    source: str = "cifar10"
-    root: str = "data"
-    download: bool = False
-    extra_unlabeled: list[str] = Field(default_factory=list)
+class DataConfig(Config):
+    source: str = Field("cifar10", description="cifar10, cifar100, an ImageFolder dir or .tar.gz")
+    root: str = Field("data", description="Where torchvision keeps/downloads CIFAR.")
+    download: bool = Field(False, description="Let torchvision download CIFAR.")
+    extra_unlabeled: list[str] = Field(default_factory=list,
+                                       description="Extra unlabeled image folders/archives.")
     image_size: int = Field(32, ge=1)
 
 
-class AugmentConfig(_Config):
+class AugmentConfig(Config):
     """The views' augmentations (appendix A; `augment.augment` applies them)."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -60,28 +67,29 @@ class AugmentConfig(_Config):
     gray_p: float = Field(0.2, ge=0, le=1)
 
 
-class AttackConfig(_Config):
+class AttackConfig(Config):
     """The inner maximisation. method 'none' turns BYORL into plain BYOL."""
 
-    method: AttackMethod = "apgd"
+    method: AttackMethod = Field("apgd", description="apgd (paper), pgd, or none (= BYOL).")
     norm: Norm = "linf"
-    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False)
-    steps: int = Field(40, ge=0)
+    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False,
+                       description="Budget, e.g. 8/255 or 128/255")
+    steps: int = Field(40, ge=0, description="Attack steps K")
     step_size: float | None = Field(None, gt=0)  # PGD only; AutoPGD adapts its own
 
 
-class OptimConfig(_Config):
+class OptimConfig(Config):
     epochs: float = Field(1000, gt=0)
     warmup_epochs: float = Field(10, ge=0)
-    batch_size: int = Field(512, ge=1)  # global, over all processes
+    batch_size: int = Field(512, ge=1, description="Global batch size (over all processes).")
     lr: float = Field(2.0, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     lars_eta: float = Field(1e-3, gt=0)
-    tau_base: float = Field(0.996, ge=0, le=1)
+    tau_base: float = Field(0.996, ge=0, le=1, description="Initial EMA decay of the target.")
 
 
-class TrainConfig(_Config):
+class TrainConfig(Config):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -96,9 +104,11 @@ class TrainConfig(_Config):
     # How BatchNorm sees the two views: "separate" (each view through the networks on its own,
     # as the published BYOL: each view normalised with its own statistics) or "concat" (both in
     # one batch, statistics mixed: the recipe of the configs saved before this field existed).
-    bn_views: BnViews = "separate"
-    sync_bn: bool = True  # under DDP: BatchNorm statistics of the global batch, not one GPU's
-    compile: Switch = "auto"  # torch.compile the networks: auto = on CUDA only; or on / off
+    bn_views: BnViews = Field(
+        "separate",
+        description="separate (each view its own BatchNorm batch, the paper's) or concat.")
+    sync_bn: bool = Field(True, description="Under torchrun: global-batch BatchNorm (default).")
+    compile: Switch = Field("auto", description="torch.compile: auto (CUDA only), on, off.")
 
     def to_dict(self) -> dict:
         return self.model_dump()

@@ -13,18 +13,18 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torchattacks
+from pydantic import ConfigDict
 from torch import nn
 from torch.nn import functional as F
 
 from byorl.files import atomic_write
 from byorl.training.attacks import MultiTargeted, ThreatModel
 from byorl.training.checkpoint import load_encoder
-from byorl.training.config import EvalMode
+from byorl.training.config import Config, EvalMode
 from byorl.training.data import VAL_SIZE, label_subset, load_images
 from byorl.training.device import pick_device
 from byorl.training.linear_classifier import (
@@ -36,13 +36,15 @@ from byorl.training.linear_classifier import (
     linear_to_lists,
     to_float,
 )
+from byorl.training.reports import report_markdown
 
 # attack(model, x, y, norm, eps) -> x_adv inside the eps-ball around x and inside [0, 1].
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, str, float], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class SuiteSettings:
+class SuiteSettings(Config):
+    model_config = ConfigDict(frozen=True)
+
     apgd_restarts: int
     apgd_steps: int
     mt_restarts: int
@@ -52,8 +54,10 @@ class SuiteSettings:
 
 
 SUITES: dict[EvalMode, SuiteSettings] = {
-    "full": SuiteSettings(5, 100, 20, 200, 5000, 20),  # the paper's
-    "quick": SuiteSettings(1, 20, 3, 20, 300, 10),  # CPU and tests; never the paper's numbers
+    "full": SuiteSettings(apgd_restarts=5, apgd_steps=100, mt_restarts=20, mt_steps=200,
+                          square_queries=5000, sanity_steps=20),  # the paper's
+    "quick": SuiteSettings(apgd_restarts=1, apgd_steps=20, mt_restarts=3, mt_steps=20,
+                           square_queries=300, sanity_steps=10),  # CPU, tests: never the paper's
 }
 LADDER = (0.0, 0.5, 1.0, 2.0)  # multiples of eps for the monotonicity check
 LARGE_EPS_PIXEL = 0.5  # linf radius that reaches mid-grey from any image; l2 uses 0.5 * sqrt(d)
@@ -228,76 +232,92 @@ def _suite_state(path: Path | None, mode: str, threat: ThreatModel, correct: tor
     return saved
 
 
-def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) -> dict:
-    start, n = time.perf_counter(), len(y)
-    with torch.no_grad():
-        num_classes = model(x[:1].to(next(model.parameters()).device)).shape[1]
-    attacks = suite(mode, num_classes)
-    ladder = [(f"{m:g} eps", m * threat.eps) for m in LADDER]
-    ladder.append(("large eps", large_eps(threat.norm, x.shape[1:])))
+class _SuiteRun:
+    """The suite's progress (`state`, the still-robust points): saved to `path` after every
+    attacked batch, counted on `progress`."""
+
+    def __init__(self, state: dict, path: Path | None, progress: Progress | None, total: int,
+                 start: float):
+        self.st, self.robust, self.path = state, _mask(state["robust"]), path
+        self.progress, self.total, self.start = progress, total, start
+        self.before, self.done = state["seconds"], len(state["attacks"]) + len(state["rungs"])
+
+    def seconds(self) -> float:
+        """Time spent on the suite, over the runs that resumed it."""
+        return self.before + time.perf_counter() - self.start
+
+    def save(self) -> None:
+        self.st["robust"], self.st["seconds"] = _bits(self.robust), self.seconds()
+        if self.path is not None:
+            atomic_write(self.path, [json.dumps(self.st).encode()])
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, what)
+
+
+def _correct_predictions(model, x, y, batch_size, black_box) -> torch.Tensor:
+    """Which points the model classifies correctly; refuses a `black_box` that is not the same
+    classifier."""
     predicted = predict(model, x, batch_size)
-    correct = predicted == y
     if black_box is not None:
         differ = (predict(black_box, x, batch_size) != predicted).float().mean().item()
         if differ > BLACK_BOX_TOLERANCE:
             raise ValueError(f"black_box disagrees with the model on {differ:.1%} of the images: "
                              "it is not the same classifier")
-    st = _suite_state(path, mode, threat, correct)
-    robust, records, rungs = _mask(st["robust"]), st["attacks"], st["rungs"]
-    total, done, before = len(attacks) + len(ladder) + 1, len(records) + len(rungs), st["seconds"]
+    return predicted == y
 
-    def save() -> None:
-        st["robust"], st["seconds"] = _bits(robust), before + time.perf_counter() - start
-        if path is not None:
-            atomic_write(path, [json.dumps(st).encode()])
 
-    def step(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, what)
+def _attack_survivors(model, name, settings, attack, x, y, threat, batch_size, run: _SuiteRun,
+                      black_box) -> None:
+    """One attack of the suite on the points every previous one failed on (from its last saved
+    batch when resumed), and its record."""
+    st = run.st
+    cur = st["current"] or {"todo": run.robust.nonzero().squeeze(1).tolist(), "fooled": 0,
+                            "seconds": 0.0}
+    st["current"], t0, spent = cur, time.perf_counter(), cur["seconds"]
 
-    for name, settings, attack in attacks[len(records):]:  # attacks finished before are kept
-        cur = st["current"] or {"todo": robust.nonzero().squeeze(1).tolist(), "fooled": 0,
-                                "seconds": 0.0}
-        st["current"], t0, spent = cur, time.perf_counter(), cur["seconds"]
+    def after_batch(b, fooled):
+        cur["todo"], cur["fooled"] = cur["todo"][len(b):], cur["fooled"] + fooled
+        cur["seconds"] = spent + time.perf_counter() - t0
+        run.save()
 
-        def after_batch(b, fooled, cur=cur, t0=t0, spent=spent):
-            cur["todo"], cur["fooled"] = cur["todo"][len(b):], cur["fooled"] + fooled
-            cur["seconds"] = spent + time.perf_counter() - t0
-            save()
+    queried = black_box if name in BLACK_BOX_ATTACKS else None
+    attack_robust(model, attack, x, y, run.robust, threat.norm, threat.eps, batch_size,
+                  torch.tensor(cur["todo"], dtype=torch.long), after_batch, queried)
+    if queried is not None:
+        settings = {**settings, "queried": type(getattr(queried, "encoder", queried)).__name__}
+    st["attacks"].append({
+        "name": name, "settings": settings, "fooled": cur["fooled"],
+        "robust_accuracy": run.robust.float().mean().item(),
+        "seconds": round(spent + time.perf_counter() - t0, 3),
+    })
+    st["current"] = None
+    run.save()
+    run.step(name)
 
-        queried = black_box if name in BLACK_BOX_ATTACKS else None
-        attack_robust(model, attack, x, y, robust, threat.norm, threat.eps, batch_size,
-                      torch.tensor(cur["todo"], dtype=torch.long), after_batch, queried)
-        if queried is not None:
-            settings = {**settings, "queried": type(getattr(queried, "encoder", queried)).__name__}
-        records.append({
-            "name": name, "settings": settings, "fooled": cur["fooled"],
-            "robust_accuracy": robust.float().mean().item(),
-            "seconds": round(spent + time.perf_counter() - t0, 3),
-        })
-        st["current"] = None
-        save()
-        step(name)
-    clean_acc, robust_acc = correct.float().mean().item(), robust.float().mean().item()
 
-    s = SUITES[mode]
-    probe = library_attack(torchattacks.APGD, steps=s.sanity_steps, n_restarts=1, loss="ce")
-    for label, eps in ladder[len(rungs):]:
+def _probe_ladder(model, x, y, correct, ladder, norm, steps, batch_size, run: _SuiteRun) -> None:
+    """The sanity probe (APGD-CE) at each eps of the ladder not yet done, on all correct
+    points."""
+    probe = library_attack(torchattacks.APGD, steps=steps, n_restarts=1, loss="ce")
+    for label, eps in ladder[len(run.st["rungs"]):]:
         still = correct.clone()
-        attack_robust(model, probe, x, y, still, threat.norm, eps, batch_size)
-        rungs.append({"eps": eps, "label": label, "robust_accuracy": still.float().mean().item()})
-        save()
-        step(f"sanity {label}")
-    zero_grad = _zero_gradient_fraction(model, x, y, correct, batch_size)
-    step("sanity gradients")
+        attack_robust(model, probe, x, y, still, norm, eps, batch_size)
+        run.st["rungs"].append({"eps": eps, "label": label,
+                                "robust_accuracy": still.float().mean().item()})
+        run.save()
+        run.step(f"sanity {label}")
 
+
+def _checks(clean_acc, robust_acc, records, rungs, zero_grad, n) -> dict:
+    """The sanity checks that make the robust accuracy credible, each with its evidence."""
     tol = max(1, 0.005 * n) / n
     accs = [r["robust_accuracy"] for r in rungs]
     at_eps = accs[LADDER.index(1.0)]
     whitebox_acc = records[-2]["robust_accuracy"]
-    checks = {
+    return {
         "eps0_equals_clean": {"passed": accs[0] == clean_acc, "clean": clean_acc,
                               "eps0": accs[0]},
         "non_increasing_in_eps": {"passed": all(b <= a + tol for a, b in itertools.pairwise(accs)),
@@ -313,22 +333,50 @@ def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) 
                               "zero_gradient_fraction": zero_grad,
                               "threshold": ZERO_GRAD_TOLERANCE},
     }
+
+
+def _evaluate(model, x, y, threat, mode, batch_size, progress, path, black_box) -> dict:
+    start, n = time.perf_counter(), len(y)
+    # The suite for this many classes, and the sanity probe's eps ladder
+    with torch.no_grad():
+        num_classes = model(x[:1].to(next(model.parameters()).device)).shape[1]
+    attacks, s = suite(mode, num_classes), SUITES[mode]
+    ladder = [(f"{m:g} eps", m * threat.eps) for m in LADDER]
+    ladder.append(("large eps", large_eps(threat.norm, x.shape[1:])))
+
+    # Clean predictions, and the progress of an interrupted run on them
+    correct = _correct_predictions(model, x, y, batch_size, black_box)
+    run = _SuiteRun(_suite_state(path, mode, threat, correct), path, progress,
+                    len(attacks) + len(ladder) + 1, start)
+
+    # Each attack on the still-robust points (attacks finished before are kept)
+    for name, settings, attack in attacks[len(run.st["attacks"]):]:
+        _attack_survivors(model, name, settings, attack, x, y, threat, batch_size, run, black_box)
+    clean_acc, robust_acc = correct.float().mean().item(), run.robust.float().mean().item()
+
+    # Sanity checks: the probe over the eps ladder, then the input gradients
+    _probe_ladder(model, x, y, correct, ladder, threat.norm, s.sanity_steps, batch_size, run)
+    zero_grad = _zero_gradient_fraction(model, x, y, correct, batch_size)
+    run.step("sanity gradients")
+    checks = _checks(clean_acc, robust_acc, run.st["attacks"], run.st["rungs"], zero_grad, n)
+
+    # The record: what was attacked, how, and what survived
     return {
         "mode": mode,
-        "suite": asdict(s),
+        "suite": s.model_dump(),
         "threat_model": {"norm": threat.norm, "eps": threat.eps},
         "n": n,
         "clean_accuracy": clean_acc,
         "robust_accuracy": robust_acc,
         # which test images (positions in the order given) survived every attack: another
         # tool's re-check of the same images combines with it per example
-        "robust_indices": robust.nonzero().flatten().tolist(),
-        "attacks": records,
+        "robust_indices": run.robust.nonzero().flatten().tolist(),
+        "attacks": run.st["attacks"],
         "checks": checks,
         "checks_passed": all(c["passed"] for c in checks.values()),
         "sanity_probe": {"attack": "apgd-ce", "library": "torchattacks", "restarts": 1,
                          "steps": s.sanity_steps},
-        "seconds": round(before + time.perf_counter() - start, 3),
+        "seconds": round(run.seconds(), 3),
     }
 
 
@@ -406,59 +454,14 @@ def evaluate_checkpoint(
         "heads": {},
     }
     for kind in heads:
-        hc = replace(head_config or HeadConfig(), robust=kind == "robust", norm=norm, eps=eps)
+        hc = (head_config or HeadConfig()).updated(robust=kind == "robust", norm=norm, eps=eps)
         head, history = fit_head(kind, encoder, train.subset(labeled_idx), train.subset(val_idx),
                                  len(train.classes), hc, progress)
         result = evaluate_robustness(Classifier(encoder, head), test.images, test.labels, threat,
                                      mode, progress=progress)
-        report["heads"][kind] = {"config": asdict(hc), "history": history, "evaluation": result,
-                                 "linear": linear_to_lists(head)}
+        report["heads"][kind] = {"config": hc.model_dump(), "history": history,
+                                 "evaluation": result, "linear": linear_to_lists(head)}
     return report
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def report_markdown(report: dict) -> str:
-    """The evaluation as Markdown tables: a summary, then per head its attacks and checks."""
-    t, lab, enc = report["threat_model"], report["labels"], report["encoder"]
-    attacks = next(iter(report["heads"].values()))["evaluation"]["attacks"]
-    suite_text = ", ".join(
-        f"{a['name']} ({', '.join(f'{k} {v}' for k, v in a['settings'].items() if k != 'library')})"
-        for a in attacks
-    )
-    lines = [
-        f"# Robustness evaluation: {report['checkpoint']}", "",
-        f"Encoder {enc['arch']} x{enc['width']} (trained with {report['encoder_attack']['method']}"
-        f" {report['encoder_attack']['norm']} eps {report['encoder_attack']['eps']:.4g}); "
-        f"linear heads on {lab['count']} labels of {report['data']} (seed {lab['seed']}, early "
-        f"stopping on {lab['val_size']} validation images); {report['n_test']} test images.", "",
-        f"Threat model: {t['norm']}, eps = {t['eps']:.4g} ({t['eps'] * 255:.3g}/255). "
-        f"Attack suite, **{report['mode']} mode**: {suite_text}.", "",
-        "| head | clean accuracy | robust accuracy | sanity checks |", "|---|---|---|---|",
-    ]
-    for kind, h in report["heads"].items():
-        ev = h["evaluation"]
-        failed = [k for k, c in ev["checks"].items() if not c["passed"]]
-        lines.append(f"| {kind} | {_pct(ev['clean_accuracy'])} | {_pct(ev['robust_accuracy'])} "
-                     f"| {'all passed' if not failed else 'FAILED: ' + ', '.join(failed)} |")
-    for kind, h in report["heads"].items():
-        ev = h["evaluation"]
-        lines += ["", f"## {kind} head", "",
-                  f"Best validation epoch {h['history']['best_epoch']} of {h['config']['epochs']}"
-                  f" ({h['history']['val_metric']} {_pct(h['history']['best_val_acc'])}), "
-                  f"{h['history']['optimizer_steps']} optimiser steps.", "",
-                  "| attack | fooled | robust accuracy after | seconds |", "|---|---|---|---|"]
-        lines += [f"| {a['name']} | {a['fooled']} | {_pct(a['robust_accuracy'])} | "
-                  f"{a['seconds']:.1f} |" for a in ev["attacks"]]
-        lines += ["", "| sanity check | passed |", "|---|---|"]
-        lines += [f"| {k} | {'yes' if c['passed'] else '**no**'} |"
-                  for k, c in ev["checks"].items()]
-        ladder = ev["checks"]["non_increasing_in_eps"]["ladder"]
-        lines += ["", "Robust accuracy over eps (probe: APGD-CE): " + ", ".join(
-            f"{r['eps']:.4g}: {_pct(r['robust_accuracy'])}" for r in ladder) + "."]
-    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, out: str | Path) -> list[Path]:

@@ -22,29 +22,27 @@ when a cell needs one that was not given.
 
 import contextlib
 import csv
-import dataclasses
 import fcntl
 import io
 import json
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import ConfigDict, TypeAdapter
+from pydantic import Field, model_validator
 
 from byorl.files import atomic_write
 from byorl.model_dir import CARD, ONNX, read_card
 from byorl.training.attacks import ThreatModel
 from byorl.training.baselines import BaselineConfig, new_classifier, train_classifier, uat_ft
 from byorl.training.checkpoint import checkpoint_path, load_checkpoint, load_encoder, save_atomic
-from byorl.training.config import EvalMode
+from byorl.training.config import Config, EvalMode
 from byorl.training.data import ImageSet, label_subset, load_images
 from byorl.training.device import pick_device
 from byorl.training.evaluate import evaluate_robustness
-from byorl.training.figures import plot_accuracy, threat_label
+from byorl.training.figures import plot_accuracy
 from byorl.training.linear_classifier import (
     HEAD_KINDS,
     Classifier,
@@ -55,31 +53,29 @@ from byorl.training.linear_classifier import (
     linear_to_lists,
 )
 from byorl.training.onnx_encoder import OnnxRuntimeEncoder
+from byorl.training.reports import results_markdown, threat_label
 
 METHODS = ("byorl", "byol", "at", "uat_ft")
 
 
-@dataclass
-class ExperimentConfig:
-    __pydantic_config__ = ConfigDict(extra="forbid")  # a typo must not silently run the default
-
+class ExperimentConfig(Config):
     out: str = "runs/experiment"
     data: str = "cifar10"  # a load_images source
     data_root: str = "data"
     image_size: int = 32
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    label_amounts: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 1.0])
-    threats: list[ThreatModel] = field(
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    label_amounts: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 1.0])
+    threats: list[ThreatModel] = Field(
         default_factory=lambda: [ThreatModel("l2", 128 / 255), ThreatModel("linf", 8 / 255)]
     )
-    byorl_checkpoints: dict[str, str] = field(default_factory=dict)  # norm -> run dir or file
+    byorl_checkpoints: dict[str, str] = Field(default_factory=dict)  # norm -> run dir or file
     byol_checkpoint: str | None = None
-    encoders: dict[str, str] = field(default_factory=dict)  # more methods: name -> encoder
+    encoders: dict[str, str] = Field(default_factory=dict)  # more methods: name -> encoder
     pretrain: dict | None = None  # TrainConfig dict to train the encoders not given
-    heads: list[str] = field(default_factory=lambda: ["robust"])  # head kinds per encoder cell
-    head: HeadConfig = field(default_factory=HeadConfig)  # nonrobust, l2 heads; norm/eps: cell's
-    robust_head: HeadConfig = field(default_factory=lambda: HeadConfig(robust=True))
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    heads: list[str] = Field(default_factory=lambda: ["robust"])  # head kinds per encoder cell
+    head: HeadConfig = Field(default_factory=HeadConfig)  # nonrobust, l2 heads; norm/eps: cell's
+    robust_head: HeadConfig = Field(default_factory=lambda: HeadConfig(robust=True))
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     eval_mode: EvalMode = "full"
     eval_size: int = 1000  # random test images the suite attacks; 0 = the whole test set
     eval_batch_size: int = 64  # points per attacked batch; a cell's progress is saved after each
@@ -87,7 +83,8 @@ class ExperimentConfig:
     device: str = "auto"
     seed: int = 0
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _known_names(self) -> "ExperimentConfig":
         if clash := set(self.encoders) & set(METHODS):
             raise ValueError(f"encoder names {sorted(clash)} are taken by built-in methods")
         if unknown := set(self.methods) - set(METHODS) - set(self.encoders):
@@ -95,17 +92,18 @@ class ExperimentConfig:
                              "an encoder in `encoders`")
         if unknown := set(self.heads) - set(HEAD_KINDS):
             raise ValueError(f"unknown head kinds {sorted(unknown)}; choose from {HEAD_KINDS}")
+        return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExperimentConfig":
-        """Validated once, nested configs included (pydantic): a wrong type, an unknown field
-        or a refused value raises `ValidationError` naming the field."""
+        """Validated once, nested configs included: a wrong type, an unknown field or a refused
+        value raises `ValidationError` naming the field."""
         if not d.get("threats", True):  # an empty list: the default threat models
             d = {k: v for k, v in d.items() if k != "threats"}
-        return TypeAdapter(cls).validate_python(d)
+        return cls.model_validate(d)
 
 
 def threat_slug(norm: str, eps: float) -> str:
@@ -127,7 +125,7 @@ def uses_encoder(config: ExperimentConfig, method: str) -> bool:
 def head_config(config: ExperimentConfig, kind: str, threat: ThreatModel) -> HeadConfig:
     """The protocol of a head kind in a cell of this threat model."""
     base = config.robust_head if kind == "robust" else config.head
-    return dataclasses.replace(base, robust=kind == "robust", norm=threat.norm, eps=threat.eps)
+    return base.updated(robust=kind == "robust", norm=threat.norm, eps=threat.eps)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -183,14 +181,14 @@ def _cell_settings(config: ExperimentConfig, method: str, threat: ThreatModel,
     common = {k: getattr(config, k) for k in
               ("data", "image_size", "eval_mode", "eval_size", "val_size", "seed")}
     if method in ("at", "uat_ft"):
-        baseline = dataclasses.asdict(config.baseline)
+        baseline = config.baseline.model_dump()
         baseline.pop("device")
         return {**common, "baseline": baseline}
     given = _given_checkpoint(config, method, threat)
     encoder = given or {"pretrain": config.pretrain}
     if given and (Path(given) / CARD).is_file():  # a model directory: pin its exact weights
         encoder = {"path": given, "onnx_sha256": read_card(given)["onnx_sha256"]}
-    return {**common, "head": dataclasses.asdict(head_config(config, head, threat)),
+    return {**common, "head": head_config(config, head, threat).model_dump(),
             "encoder": encoder}
 
 
@@ -241,7 +239,7 @@ def run_cell(
     num_classes = len(train.classes)
     labeled_idx, val_idx = label_subset(len(train), amount, config.seed, config.val_size)
     labeled, val = train.subset(labeled_idx), train.subset(val_idx)
-    baseline = dataclasses.replace(config.baseline, device=str(device))
+    baseline = config.baseline.updated(device=str(device))
     extra: dict = {}
     if uses_encoder(config, method):
         path = encoder_checkpoint(config, method, threat)
@@ -420,35 +418,6 @@ def _check_partial(partial: Path, settings: dict) -> None:
                          "delete it or use another output directory")
     partial.mkdir(parents=True, exist_ok=True)
     _write_json(pinned, settings)
-
-
-def series_name(row: dict) -> str:
-    """'byorl (l2 head)' for a head on an encoder, the method alone for a baseline."""
-    return f"{row['method']} ({row['head']} head)" if row.get("head") else row["method"]
-
-
-def _percent(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def results_markdown(rows: list[dict]) -> str:
-    """Per threat model, a method x label-fraction table of robust (clean) accuracy."""
-    lines = []
-    for norm, eps in sorted({(r["norm"], r["eps"]) for r in rows}):
-        part = [r for r in rows if (r["norm"], r["eps"]) == (norm, eps)]
-        fractions = sorted({r["label_fraction"] for r in part})
-        modes = sorted({f"{r['eval_mode']} suite on {r['eval_images']} test images" for r in part})
-        header = " | ".join(f"{100 * f:.3g}% labels" for f in fractions)
-        lines += [f"## {threat_label(norm, eps)}", "",
-                  f"Robust accuracy (clean accuracy in brackets); evaluation: {'; '.join(modes)}.",
-                  "", f"| method | {header} |", "|---" * (len(fractions) + 1) + "|"]
-        for name in dict.fromkeys(series_name(r) for r in part):
-            cells = {r["label_fraction"]: r for r in part if series_name(r) == name}
-            lines.append(f"| {name} | " + " | ".join(
-                f"{_percent(c['robust_accuracy'])} ({_percent(c['clean_accuracy'])})"
-                if (c := cells.get(f)) else "" for f in fractions) + " |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def write_results(rows: list[dict], out: str | Path) -> list[Path]:

@@ -7,7 +7,6 @@ Rademacher direction (v). A smooth surface that falls below zero only far from t
 for real robustness; a jagged one for masked gradients.
 """
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from byorl.training.attacks import PGD, ThreatModel, margin_loss
 from byorl.training.checkpoint import load_encoder
 from byorl.training.data import label_subset, load_images
 from byorl.training.linear_classifier import Classifier, HeadConfig, fit_linear_head, to_float
+from byorl.training.reports import threat_label
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -30,13 +30,6 @@ METHOD_STYLE = {
     "at": ("AT (labeled only)", "tab:green"),
     "uat_ft": ("UAT-FT", "tab:blue"),
 }
-
-
-def threat_label(norm: str, eps: float) -> str:
-    """'ℓ∞, ε = 8/255' when eps < 1 is a whole number of 255ths, else the decimal."""
-    steps = eps * 255
-    value = f"{round(steps)}/255" if eps < 1 and abs(steps - round(steps)) < 1e-6 else f"{eps:g}"
-    return f"{'ℓ∞' if norm == 'linf' else 'ℓ2'}, ε = {value}"
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -196,7 +189,7 @@ def model_landscapes(
     train, test = (load_images(data, split, size) for split in ("train", "test"))
     labeled, val = label_subset(len(train), labels, seed, val_size)
     head = head or HeadConfig(robust=True)
-    head = dataclasses.replace(head, norm=threat.norm, eps=threat.eps)
+    head = head.updated(norm=threat.norm, eps=threat.eps)
     linear, _ = fit_linear_head(encoder, train.subset(labeled), train.subset(val),
                                 len(train.classes), head)
     model = Classifier(encoder, linear).eval()

@@ -20,40 +20,35 @@ encoder's features are ~0.01 and barely move under lr 2e-3), and the result is s
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from byorl.training.attacks import PGD, check_budget
+from byorl.training.attacks import PGD
+from byorl.training.config import Config, Norm
 from byorl.training.data import ImageSet
 
 # progress(done, total, what): called after every unit of work (an epoch here).
 Progress = Callable[[int, int, str], None]
 
 
-@dataclass
-class HeadConfig:
+class HeadConfig(Config):
     robust: bool = False  # adversarial training of the head through the frozen encoder
-    norm: str = "linf"
-    eps: float = 8 / 255
-    attack_steps: int = 10  # PGD steps of the training (and robust validation) attack
-    epochs: int = 50
+    norm: Norm = "linf"
+    eps: float = Field(8 / 255, ge=0, allow_inf_nan=False)
+    attack_steps: int = Field(10, ge=1)  # PGD steps of the training (and robust validation) attack
+    epochs: int = Field(50, ge=1)
     lr: float = 2e-3
     decay_epoch: int = 25  # lr / 10 from this epoch on
-    batch_size: int = 128
-    min_steps: int = 2000  # repeat the labeled set within each epoch until the run has this many
-    steps_per_epoch: int = 0  # > 0: fixed batches per epoch from a shuffled stream (CPU budgets)
-    l2: float = 0.0  # (l2 / 2) ||W||^2 on the standardised weights
+    batch_size: int = Field(128, ge=1)
+    # repeat the labeled set within each epoch until the run has this many
+    min_steps: int = Field(2000, ge=0)
+    # > 0: fixed batches per epoch from a shuffled stream (CPU budgets)
+    steps_per_epoch: int = Field(0, ge=0)
+    l2: float = Field(0.0, ge=0)  # (l2 / 2) ||W||^2 on the standardised weights
     seed: int = 0
-
-    def __post_init__(self):
-        check_budget(self.norm, self.eps)
-        if min(self.attack_steps, self.epochs, self.batch_size) < 1:
-            raise ValueError("attack_steps, epochs and batch_size must be >= 1")
-        if min(self.min_steps, self.steps_per_epoch, self.l2) < 0:
-            raise ValueError("min_steps, steps_per_epoch and l2 must be >= 0")
 
 
 class Classifier(nn.Module):
@@ -150,6 +145,51 @@ def _accuracy(model: nn.Module, data: ImageSet, config: HeadConfig) -> float:
     return correct / len(data)
 
 
+def _steps_per_epoch(n: int, config: HeadConfig) -> int:
+    """config.steps_per_epoch, else whole passes over the `n` labeled images, as many as the
+    run needs to total `min_steps`."""
+    batches_per_pass = math.ceil(n / config.batch_size)
+    passes = max(1, math.ceil(config.min_steps / (config.epochs * batches_per_pass)))
+    return config.steps_per_epoch or passes * batches_per_pass
+
+
+def _head_epoch(model: Classifier, feats: torch.Tensor, train: ImageSet, batches, steps: int,
+                opt: torch.optim.Optimizer, config: HeadConfig) -> tuple[float, float]:
+    """`steps` Adam steps of the head on the frozen features (robust heads: of PGD images);
+    the mean loss and accuracy on the batches trained on."""
+    encoder, head, dev = model.encoder, model.head, _device(model.head)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _ in range(steps):
+        idx = next(batches)
+        y = train.labels[idx].to(dev)
+        if config.robust:
+            x = _pgd(model, config).perturb(to_float(train.images[idx]).to(dev), y)
+            with torch.no_grad():
+                f = encoder(x)
+        else:
+            f = feats[idx].to(dev)
+        logits = head(f)
+        loss = F.cross_entropy(logits, y) + config.l2 / 2 * head.linear.weight.square().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(idx)
+    return loss_sum / seen, correct / seen
+
+
+def _val_accuracy(model: Classifier, val: ImageSet, val_feats: torch.Tensor | None,
+                  config: HeadConfig) -> float:
+    """Early stopping's metric: robust accuracy for robust heads, else clean accuracy on the
+    features computed once."""
+    if config.robust:
+        return _accuracy(model, val, config)
+    with torch.no_grad():
+        preds = model.head(val_feats.to(_device(model.head))).argmax(1).cpu()
+    return (preds == val.labels).float().mean().item()
+
+
 def fit_linear_head(
     encoder: nn.Module,
     train: ImageSet,
@@ -167,69 +207,46 @@ def fit_linear_head(
     PGD on the cross-entropy through the frozen encoder (eval mode) at every batch. Ties in
     validation accuracy keep the earlier epoch; without a validation set the last epoch is kept.
     """
+    # The frozen features, the head on their standardised values, Adam, the batch stream
     config = config or HeadConfig()
     encoder.eval()
-    dev = _device(encoder)
     gen = torch.Generator().manual_seed(config.seed)
     feats = encode(encoder, train.images, config.batch_size)
     val_feats = None if config.robust or val is None else encode(encoder, val.images)
     torch.manual_seed(config.seed)
-    head = StandardizedLinear(feats.mean(0), feats.std(0).clamp_min(1e-6), num_classes).to(dev)
+    head = StandardizedLinear(feats.mean(0), feats.std(0).clamp_min(1e-6), num_classes).to(
+        _device(encoder))
     model = Classifier(encoder, head).eval()
     opt = torch.optim.Adam(head.parameters(), lr=config.lr)
-    batches_per_pass = math.ceil(len(train) / config.batch_size)
-    passes = max(1, math.ceil(config.min_steps / (config.epochs * batches_per_pass)))
-    steps_per_epoch = config.steps_per_epoch or passes * batches_per_pass
+    steps_per_epoch = _steps_per_epoch(len(train), config)
     batches = shuffled_batches(len(train), config.batch_size, gen)
 
+    # The paper's epochs (lr / 10 from decay_epoch), keeping the best validation epoch's head
     history = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
-    best_acc, best_state, best_epoch, steps = -1.0, None, None, 0
+    best_acc, best_state, best_epoch = -1.0, None, None
     for epoch in range(config.epochs):
         lr = config.lr * (0.1 if epoch >= config.decay_epoch else 1.0)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum, correct, seen = 0.0, 0, 0
-        for _ in range(steps_per_epoch):
-            idx = next(batches)
-            y = train.labels[idx].to(dev)
-            if config.robust:
-                x = _pgd(model, config).perturb(to_float(train.images[idx]).to(dev), y)
-                with torch.no_grad():
-                    f = encoder(x)
-            else:
-                f = feats[idx].to(dev)
-            logits = head(f)
-            loss = F.cross_entropy(logits, y) + config.l2 / 2 * head.linear.weight.square().sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx)
-        history["train_loss"].append(loss_sum / seen)
-        history["train_acc"].append(correct / seen)
+        loss, train_acc = _head_epoch(model, feats, train, batches, steps_per_epoch, opt, config)
+        history["train_loss"].append(loss)
+        history["train_acc"].append(train_acc)
         history["lr"].append(lr)
         if val is not None:
-            if config.robust:
-                acc = _accuracy(model, val, config)
-            else:
-                with torch.no_grad():
-                    preds = head(val_feats.to(dev)).argmax(1).cpu()
-                acc = (preds == val.labels).float().mean().item()
-            history["val_acc"].append(acc)
+            history["val_acc"].append(acc := _val_accuracy(model, val, val_feats, config))
             if acc > best_acc:
                 best_acc, best_epoch = acc, epoch
                 best_state = copy.deepcopy(head.state_dict())
         if progress is not None:
             progress(epoch + 1, config.epochs, "head epochs")
+
     if best_state is not None:
         head.load_state_dict(best_state)
     history.update(
         best_epoch=best_epoch if val is not None else config.epochs - 1,
         best_val_acc=best_acc if val is not None else None,
         steps_per_epoch=steps_per_epoch,
-        optimizer_steps=steps,
+        optimizer_steps=config.epochs * steps_per_epoch,
         val_metric="robust accuracy (PGD)" if config.robust else "clean accuracy",
     )
     return head.fold(), history
@@ -256,13 +273,13 @@ def select_l2_head(
     half of which an adversary attacks. history: the chosen head's, plus `l2` and `l2_grid`
     (per strength: val_clean, val_robust).
     """
-    config = replace(config or HeadConfig(), robust=False)
+    config = (config or HeadConfig()).updated(robust=False)
     if len(val) == 0 or not grid:
         raise ValueError("choosing the L2 strength needs validation images and a grid")
-    attacked = replace(config, robust=True)
+    attacked = config.updated(robust=True)
     best, table = None, []
     for i, l2 in enumerate(grid):
-        head, history = fit_linear_head(encoder, train, val, num_classes, replace(config, l2=l2))
+        head, history = fit_linear_head(encoder, train, val, num_classes, config.updated(l2=l2))
         model = Classifier(encoder, head).eval()
         row = {"l2": l2, "val_clean": _accuracy(model, val, config),
                "val_robust": _accuracy(model, val, attacked)}
@@ -293,7 +310,7 @@ def fit_head(
     """The head of one of HEAD_KINDS, from `config` with `robust` set by the kind."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {kind!r}")
-    config = replace(config or HeadConfig(), robust=kind == "robust")
+    config = (config or HeadConfig()).updated(robust=kind == "robust")
     if kind == "l2":
         return select_l2_head(encoder, train, val, num_classes, config, progress=progress)
     return fit_linear_head(encoder, train, val, num_classes, config, progress)

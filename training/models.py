@@ -1,4 +1,5 @@
-"""Encoders (pre-activation ResNets) behind a tiny timm-like registry, and the BYOL MLP heads.
+"""Encoders (pre-activation ResNets) behind a tiny timm-like registry (the BYOL MLP heads are in
+byorl.py).
 
 Every encoder takes pixels in [0, 1] and normalises inside, so attacks work in pixel space.
 `forward_features(x)` returns the pooled representation h used downstream.

@@ -136,14 +136,18 @@ def same_training(saved: dict, cfg: TrainConfig) -> bool:
     return TrainConfig.from_dict({**saved, "out": cfg.out, "compile": cfg.compile}) == cfg
 
 
-def train(
-    cfg: TrainConfig,
-    max_steps: int | None = None,
-    time_limit_s: float | None = None,
-    progress: bool = True,
-) -> Path:
-    """Train to the end of the schedule, or stop early (max_steps, time_limit_s) resumably.
-    Under torchrun, rank 0's clock decides the stop and every process saves at that step."""
+class Process(NamedTuple):
+    """This process under torchrun (rank 0 of 1 when alone) and its device."""
+
+    distributed: bool
+    rank: int
+    world: int
+    device: torch.device
+
+
+def start_process(cfg: TrainConfig) -> Process:
+    """Join the process group when torchrun started several; each process gets its GPU and an
+    equal share of the global batch."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world, local_rank = 0, 1, int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
@@ -154,127 +158,181 @@ def train(
         torch.cuda.set_device(device)
     if cfg.optim.batch_size % world:
         raise ValueError(f"batch size {cfg.optim.batch_size} is not divisible by {world} processes")
-    bf16 = uses_bf16(cfg, device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return Process(distributed, rank, world, device)
 
-    # Data: uint8 images, decoded once (cached), kept whole on the device
+
+def training_images(cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """uint8 images, decoded once (cached), with the extra unlabeled ones, kept whole on the
+    device."""
     images = load_images(
         cfg.data.source, "train", cfg.data.image_size, cfg.data.root, cfg.data.download
     ).images
     if cfg.data.extra_unlabeled:
         images = torch.cat([images, load_unlabeled(cfg.data.extra_unlabeled, cfg.data.image_size)])
-    images = images.to(device)
-    n, batch = len(images), cfg.optim.batch_size
-    steps_per_epoch = n // batch
+    return images.to(device)
+
+
+class Schedule(NamedTuple):
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def schedule(cfg: TrainConfig, n: int) -> Schedule:
+    """The run's length in steps: epochs of `n` images in whole global batches."""
+    steps_per_epoch = n // cfg.optim.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"batch size {batch} exceeds the {n} training images")
-    total_steps = max(1, round(cfg.optim.epochs * steps_per_epoch))
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        raise ValueError(f"batch size {cfg.optim.batch_size} exceeds the {n} training images")
+    return Schedule(steps_per_epoch, max(1, round(cfg.optim.epochs * steps_per_epoch)),
+                    round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+
+def resume(nets: Networks, cfg: TrainConfig, out: Path, proc: Process) -> int:
+    """The step to start from: an interrupted run's, its networks, optimiser and this process's
+    random state restored; else 0, with this process's own seed."""
+    if not (out / CHECKPOINT).exists():
+        torch.manual_seed(cfg.seed + proc.rank)
+        return 0
+    ckpt = load_checkpoint(out, map_location=proc.device)
+    if not same_training(ckpt["config"], cfg):  # a run directory may move
+        raise ValueError(f"{out} holds a run with another config; resume it or use a new --out")
+    nets.online.load_state_dict(ckpt["online"])
+    nets.target.load_state_dict(ckpt["target"])
+    nets.opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"][proc.rank % len(ckpt["rng"])])
+    return ckpt["step"]
+
+
+def save_checkpoint(nets: Networks, cfg: TrainConfig, out: Path, step: int,
+                    proc: Process) -> None:
+    """Rank 0 writes the networks, the optimiser and every process's random state (each
+    resumes with its own)."""
+    rngs = [torch.get_rng_state()]
+    if proc.distributed:
+        rngs = [torch.empty_like(rngs[0]) for _ in range(proc.world)]
+        dist.all_gather_object(rngs, torch.get_rng_state())
+    if proc.rank == 0:
+        save_atomic(
+            {
+                "config": cfg.to_dict(),
+                "online": nets.online.state_dict(),
+                "target": nets.target.state_dict(),
+                "optimizer": nets.opt.state_dict(),
+                "step": step,
+                "rng": rngs,
+            },
+            out / CHECKPOINT,
+        )
+
+
+def process_batch(images: torch.Tensor, step: int, sched: Schedule, cfg: TrainConfig,
+                  proc: Process) -> torch.Tensor:
+    """This process's share of the step's global batch: floats in [0, 1], channels-last."""
+    batch = cfg.optim.batch_size
+    idx = batch_indices(step, sched.steps_per_epoch, len(images), batch, cfg.seed)
+    idx = idx[proc.rank * batch // proc.world : (proc.rank + 1) * batch // proc.world]
+    return images[idx].float().div_(255).contiguous(memory_format=torch.channels_last)
+
+
+def clean_predictions(nets: Networks, step_loss: StepLoss, cfg: TrainConfig,
+                      device: torch.device) -> torch.Tensor:
+    """The online network's predictions of the step's views unattacked (BYOL's are the step's
+    own), BatchNorm statistics untouched; every process runs it (cross-replica BatchNorm is a
+    collective)."""
+    with (
+        torch.no_grad(),
+        frozen_bn_stats(nets.online),
+        torch.autocast(device.type, torch.bfloat16, enabled=uses_bf16(cfg, device)),
+    ):
+        views = step_loss.views
+        clean = step_loss.p.detach() if nets.attack is None else per_view(
+            nets.online, *views.chunk(2), cfg.bn_views == "separate")
+        return clean.float()
+
+
+def log_metrics(log, bar: tqdm, done: int, cfg: TrainConfig, sched: Schedule,
+                step_loss: StepLoss, p_clean: torch.Tensor, lr: float, tau: float,
+                since: float) -> float:
+    """Append the step's record (clean vs attacked similarity, the collapse check) to
+    metrics.jsonl and show it on the bar; returns the time the next record's throughput counts
+    from."""
+    now = time.monotonic()
+    steps_here = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+    p, z = step_loss.p.detach().float(), step_loss.z
+    rec = {
+        "step": done,
+        "epoch": done / sched.steps_per_epoch,
+        "loss": step_loss.loss.item(),
+        "cos_clean": F.cosine_similarity(p_clean, z, dim=-1).mean().item(),
+        "cos_adv": F.cosine_similarity(p, z, dim=-1).mean().item(),
+        "pred_std": F.normalize(p, dim=1).std(0).mean().item(),
+        "lr": lr,
+        "tau": tau,
+        "images_per_s": steps_here * cfg.optim.batch_size / max(now - since, 1e-9),
+    }
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    bar.set_postfix(
+        loss=f"{rec['loss']:.3f}",
+        cos_adv=f"{rec['cos_adv']:.3f}",
+        ips=f"{rec['images_per_s']:.0f}",
+    )
+    return now
+
+
+def train(
+    cfg: TrainConfig,
+    max_steps: int | None = None,
+    time_limit_s: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train to the end of the schedule, or stop early (max_steps, time_limit_s) resumably.
+    Under torchrun, rank 0's clock decides the stop and every process saves at that step."""
+    # This process, its data and the schedule
+    proc = start_process(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = training_images(cfg, proc.device)
+    sched = schedule(cfg, len(images))
 
     # Networks, optimiser, and the state of an interrupted run
     torch.manual_seed(cfg.seed)
-    nets = build_networks(cfg, device, distributed)
-    online, target, opt = nets.online, nets.target, nets.opt
-    start = 0
-    if (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out, map_location=device)
-        if not same_training(ckpt["config"], cfg):  # a run directory may move
-            raise ValueError(f"{out} holds a run with another config; resume it or use a new --out")
-        online.load_state_dict(ckpt["online"])
-        target.load_state_dict(ckpt["target"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
-    else:
-        torch.manual_seed(cfg.seed + rank)
-    if rank == 0:
+    nets = build_networks(cfg, proc.device, proc.distributed)
+    start = resume(nets, cfg, out, proc)
+    if proc.rank == 0:
         cfg.save(out / "config.json")
 
-    def save(step: int) -> None:
-        rngs = [torch.get_rng_state()]
-        if distributed:
-            rngs = [torch.empty_like(rngs[0]) for _ in range(world)]
-            dist.all_gather_object(rngs, torch.get_rng_state())
-        if rank == 0:
-            save_atomic(
-                {
-                    "config": cfg.to_dict(),
-                    "online": online.state_dict(),
-                    "target": target.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "rng": rngs,
-                },
-                out / CHECKPOINT,
-            )
-
-    end = total_steps if max_steps is None else min(total_steps, start + max_steps)
+    end = sched.total_steps if max_steps is None else min(sched.total_steps, start + max_steps)
     t_start = t_log = time.monotonic()
-    bar = tqdm(
-        range(start, end),
-        initial=start,
-        total=total_steps,
-        disable=not progress or rank,
-        desc="byorl" if nets.attack else "byol",
-    )
-    with open(out / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
+    bar = tqdm(range(start, end), initial=start, total=sched.total_steps,
+               disable=not progress or proc.rank, desc="byorl" if nets.attack else "byol")
+    with open(out / "metrics.jsonl", "a") if proc.rank == 0 else contextlib.nullcontext() as log:
         for step in bar:
-            # 1. two augmented views of this process's share of the global batch
-            idx = batch_indices(step, steps_per_epoch, n, batch, cfg.seed)
-            idx = idx[rank * batch // world : (rank + 1) * batch // world]
-            x = images[idx].float().div_(255).contiguous(memory_format=torch.channels_last)
+            # 1-5. two augmented views of this process's share of the global batch, each
+            # attacked through the online network and paired with the other view's target
+            # projection: the symmetrised BYORL loss; LARS step, scheduled lr; the target
+            # network's exponential moving average with the scheduled tau
+            x = process_batch(images, step, sched, cfg, proc)
+            lr = get_lr(step, sched.total_steps, sched.warmup_steps, cfg.optim.lr)
+            tau = get_tau(step, sched.total_steps, cfg.optim.tau_base)
+            step_loss = train_step(nets, x, cfg, lr, tau, uses_bf16(cfg, proc.device))
 
-            # 2-5. each view attacked through the online network and paired with the other
-            # view's target projection: the symmetrised BYORL loss; LARS step, scheduled lr;
-            # the target network's exponential moving average with the scheduled tau
-            lr = get_lr(step, total_steps, warmup_steps, cfg.optim.lr)
-            tau = get_tau(step, total_steps, cfg.optim.tau_base)
-            step_loss = train_step(nets, x, cfg, lr, tau, bf16)
-            loss, p, z = step_loss.loss, step_loss.p, step_loss.z
-
-            # 6. metrics (clean vs attacked similarity, collapse check) and checkpoints; the
-            # clean pass runs on every process (cross-replica BatchNorm is a collective)
+            # 6. metrics, rank 0's record of the clean pass every process runs
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
-                with (
-                    torch.no_grad(),
-                    frozen_bn_stats(online),
-                    torch.autocast(device.type, torch.bfloat16, enabled=bf16),
-                ):
-                    views = step_loss.views
-                    clean = p.detach() if nets.attack is None else per_view(
-                        online, *views.chunk(2), cfg.bn_views == "separate")
-                    p_clean = clean.float()
-            if rank == 0 and (done % cfg.log_every == 0 or done == end):
-                now = time.monotonic()
-                steps_here = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-                rec = {
-                    "step": done,
-                    "epoch": done / steps_per_epoch,
-                    "loss": loss.item(),
-                    "cos_clean": F.cosine_similarity(p_clean, z, dim=-1).mean().item(),
-                    "cos_adv": F.cosine_similarity(p.detach().float(), z, dim=-1).mean().item(),
-                    "pred_std": F.normalize(p.detach().float(), dim=1).std(0).mean().item(),
-                    "lr": lr,
-                    "tau": tau,
-                    "images_per_s": steps_here * batch / max(now - t_log, 1e-9),
-                }
-                t_log = now
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix(
-                    loss=f"{rec['loss']:.3f}",
-                    cos_adv=f"{rec['cos_adv']:.3f}",
-                    ips=f"{rec['images_per_s']:.0f}",
-                )
+                p_clean = clean_predictions(nets, step_loss, cfg, proc.device)
+                if proc.rank == 0:
+                    t_log = log_metrics(log, bar, done, cfg, sched, step_loss, p_clean, lr, tau,
+                                        t_log)
+
+            # 7. checkpoints, and the stop: rank 0's clock decides it for every process
             out_of_time = time_limit_s is not None and rank0_decides(
-                time.monotonic() - t_start > time_limit_s, device)
+                time.monotonic() - t_start > time_limit_s, proc.device)
             last = done == end or out_of_time
             if done % cfg.checkpoint_every == 0 or last:
-                save(done)
+                save_checkpoint(nets, cfg, out, done, proc)
             if last:
                 break
-    if distributed:
+    if proc.distributed:
         dist.destroy_process_group()
     return out

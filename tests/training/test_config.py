@@ -76,3 +76,43 @@ def test_help_lists_the_fixed_choices():
     for choices in ("<apgd|pgd|none>", "<linf|l2>", "<separate|concat>", "<auto|on|off>",
                     "<auto|fp32|bf16>", "<auto|cpu|cuda>"):
         assert choices in text
+
+
+def test_every_flag_sets_its_config_field(tmp_path, monkeypatch):
+    """The flags are the config's fields (named as the scripts use them), merged over the base
+    config: what is not given keeps the saved value."""
+    import byorl.training.train
+
+    ran = []
+    monkeypatch.setattr(byorl.training.train, "train", lambda cfg, **kw: ran.append((cfg, kw)))
+    saved = TrainConfig(seed=5, data={"extra_unlabeled": ["a"]})
+    saved.save(tmp_path / "base.json")
+    run = CliRunner().invoke(app, [
+        "train", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "base.json"),
+        "--eps", "128/255", "--norm", "l2", "--attack", "none", "--steps", "3", "--epochs", "2.5",
+        "--min-crop", "0.3", "--data", "cifar100", "--data-root", "d", "--no-sync-bn",
+        "--precision", "bf16", "--device", "cpu", "--max-steps", "7", "--time-limit-min", "2"])
+    assert run.exit_code == 0, run.output
+    (cfg, kw), = ran
+    assert (cfg.attack.eps, cfg.attack.norm, cfg.attack.method, cfg.attack.steps) == (
+        128 / 255, "l2", "none", 3)
+    assert (cfg.optim.epochs, cfg.augment.crop_scale, cfg.sync_bn) == (2.5, (0.3, 1.0), False)
+    assert (cfg.data.source, cfg.data.root, cfg.precision, cfg.device) == (
+        "cifar100", "d", "bf16", "cpu")
+    assert (cfg.seed, cfg.data.extra_unlabeled, cfg.out) == (5, ["a"], str(tmp_path / "r"))
+    assert kw == {"max_steps": 7, "time_limit_s": 120.0}
+    untouched = ("model", "seed", "log_every", "checkpoint_every", "bn_views", "compile")
+    assert {k: cfg.to_dict()[k] for k in untouched} == {k: saved.to_dict()[k] for k in untouched}
+    assert cfg.optim.model_copy(update={"epochs": saved.optim.epochs}) == saved.optim
+
+
+def test_repeated_list_flags_replace_the_saved_list(tmp_path, monkeypatch):
+    import byorl.training.train
+
+    ran = []
+    monkeypatch.setattr(byorl.training.train, "train", lambda cfg, **kw: ran.append(cfg))
+    TrainConfig(data={"extra_unlabeled": ["a"]}).save(tmp_path / "base.json")
+    run = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "base.json"),
+                                   "--extra-unlabeled", "b", "--extra-unlabeled", "c"])
+    assert run.exit_code == 0, run.output
+    assert ran[0].data.extra_unlabeled == ["b", "c"]

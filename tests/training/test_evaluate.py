@@ -164,7 +164,8 @@ def test_the_full_suite_is_the_default():
 
     for fn in (evaluate_robustness, evaluate_checkpoint):
         assert inspect.signature(fn).parameters["mode"].default == "full"
-    assert SUITES["full"] == SuiteSettings(5, 100, 20, 200, 5000, 20)
+    assert SUITES["full"] == SuiteSettings(apgd_restarts=5, apgd_steps=100, mt_restarts=20,
+                                           mt_steps=200, square_queries=5000, sanity_steps=20)
 
 
 def test_suite_records_the_per_example_worst_case_of_a_linear_model():

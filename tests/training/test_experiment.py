@@ -209,7 +209,7 @@ def test_unknown_head_kind_is_refused(config):
     (["--eval-mode", "fast"], "'fast' is not one of 'full', 'quick'"),
     (["--labels", "0.01,lots"], "label_amounts.1: Input should be a valid number"),
     (["--threat", "linf:8/255", "--heads", "fancy"], "unknown head kinds ['fancy']"),
-    (["--baseline-steps", "0"], "steps, teacher_steps, batch_size and eval_every must be >= 1"),
+    (["--baseline-steps", "0"], "baseline.steps: Input should be greater than or equal to 1"),
     (["--methods", "byorl,simclr"], "unknown methods ['simclr']"),
 ])
 def test_a_bad_flag_fails_at_once_naming_the_problem(tmp_path, flags, message):

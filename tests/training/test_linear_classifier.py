@@ -3,7 +3,6 @@ problem built for it, early stopping keeps the best validation epoch, and the fe
 fits what the paper's literal 50 epochs leave underfitted."""
 
 import copy
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,7 +153,7 @@ def test_select_l2_head_keeps_the_best_validation_score_and_never_sees_test_data
     for r in table:
         assert 0 <= r["val_robust"] <= r["val_clean"] <= 1
     # the kept head is exactly the one fitted with the chosen strength
-    again, _ = fit_linear_head(nn.Flatten(), train, val, 4, replace(config, l2=history["l2"]))
+    again, _ = fit_linear_head(nn.Flatten(), train, val, 4, config.updated(l2=history["l2"]))
     torch.testing.assert_close(head.weight, again.weight)
     with pytest.raises(ValueError, match="validation"):
         select_l2_head(nn.Flatten(), train, toy_problem(0, 2), 4, config)
