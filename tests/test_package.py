@@ -34,7 +34,7 @@ def test_the_wheel_holds_only_the_byorl_package(tmp_path):
             assert f"byorl/{path.relative_to(ROOT).as_posix()}" in names
     assert "byorl/service/api/static/demo.html" in names
     scripts = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "byorl = byorl.training.cli:run" in zipfile.ZipFile(wheel).read(scripts).decode()
+    assert "byorl = byorl.cli:run" in zipfile.ZipFile(wheel).read(scripts).decode()
     # Every module imports from the wheel alone: a subpackage missing from pyproject's list
     # would fail here, whatever the editable install of the checkout holds.
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")

@@ -48,5 +48,5 @@ def reexec_with_jemalloc() -> None:
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        # the interpreter's own command line: `python -m byorl.training.cli` stays a module run
+        # the interpreter's own command line: `python -m byorl.cli` stays a module run
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -35,7 +35,7 @@ def demo_api(tmp_path_factory):
     proc = start_process(uvicorn_argv(port), env, tmp / "api.log", ROOT)
     try:
         wait_ready(url)
-        out = subprocess.run([sys.executable, "-m", "byorl.training.cli", "demo-gallery",
+        out = subprocess.run([sys.executable, "-m", "byorl.cli", "demo-gallery",
                               "--api", url, "--data", str(SAMPLE), "--per-class", str(PER_CLASS)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from byorl.cli import app
 from byorl.index.build import build_index
 from byorl.index.faiss_index import EmbeddingIndex
 from byorl.model_dir import embed, load_onnx_session, read_card
-from byorl.training.cli import app
 from byorl.training.data import load_images
 
 

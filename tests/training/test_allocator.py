@@ -52,7 +52,7 @@ def test_reexec_preloads_jemalloc_once_and_honours_the_opt_out(tmp_path, monkeyp
 
 
 def test_python_m_byorl_cli_runs_as_a_module_after_the_reexecution():
-    out = subprocess.run([sys.executable, "-m", "byorl.training.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "byorl.cli", "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from byorl.training.cli import app
+from byorl.cli import app
 from byorl.training.config import LEGACY, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -128,7 +128,7 @@ def test_evaluate_command_writes_json_and_markdown(tmp_path, image_folder):
     """`byorl evaluate` end to end on a randomly initialised encoder saved like a run's."""
     from typer.testing import CliRunner
 
-    from byorl.training.cli import app
+    from byorl.cli import app
     from byorl.training.config import TrainConfig
     from byorl.training.models import create_model
 

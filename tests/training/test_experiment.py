@@ -217,7 +217,7 @@ def test_a_bad_flag_fails_at_once_naming_the_problem(tmp_path, flags, message):
     before anything runs or is written."""
     from typer.testing import CliRunner
 
-    from byorl.training.cli import app
+    from byorl.cli import app
 
     out = tmp_path / "experiment"
     result = CliRunner().invoke(app, ["experiment", "--out", str(out), *flags])
@@ -229,7 +229,7 @@ def test_a_bad_flag_fails_at_once_naming_the_problem(tmp_path, flags, message):
 def test_help_lists_the_evaluation_modes():
     from typer.testing import CliRunner
 
-    from byorl.training.cli import app
+    from byorl.cli import app
 
     for command in ("experiment", "evaluate"):
         text = " ".join(re.sub("[│╭╮╰╯─]", " ",
@@ -240,7 +240,7 @@ def test_help_lists_the_evaluation_modes():
 def test_flags_override_the_saved_config_key_by_key(config, tmp_path):
     """--head-min-steps changes one field of the saved head protocol, --encoder adds to the
     saved encoders: the CLI builds one dict of its flags and validates it with the config."""
-    from byorl.training.cli import merged, validated
+    from byorl.cli import merged, validated
 
     saved = {**config.to_dict(), "encoders": {"mine": "runs/mine"}}
     flags = {"head": {"min_steps": 7}, "encoders": {"other": "runs/other"}, "seed": None}
@@ -255,7 +255,7 @@ def test_command_shows_a_bar_of_cells_with_time_left(config, first_run, tmp_path
     is one tqdm bar of the cells (not printed lines), with the time left."""
     from typer.testing import CliRunner
 
-    from byorl.training.cli import app
+    from byorl.cli import app
 
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     result = CliRunner().invoke(app, ["experiment", "--config", str(tmp_path / "config.json"),

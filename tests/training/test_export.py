@@ -6,10 +6,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from byorl.cli import app
 from byorl.files import sha256_file
 from byorl.model_dir import load_onnx_session, read_card
 from byorl.training.checkpoint import load_encoder, load_torch_encoder
-from byorl.training.cli import app
 from byorl.training.config import TrainConfig
 from byorl.training.data import load_images
 from byorl.training.export import (

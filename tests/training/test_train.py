@@ -39,7 +39,7 @@ def tiny_args(images: Path, out: Path, epochs: float = 3) -> list[str]:
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "byorl.training.cli", "train", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "byorl.cli", "train", *args], cwd=ROOT,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
@@ -129,7 +129,7 @@ def test_two_process_ddp_run_takes_steps(image_folder, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "byorl.training.cli", "train", *tiny_args(image_folder, out, epochs=1)],
+         "-m", "byorl.cli", "train", *tiny_args(image_folder, out, epochs=1)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ckpt = load_checkpoint(out)
