@@ -101,6 +101,6 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write(path, [buf.getbuffer()])
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+def read_npz(path: str | Path | BinaryIO) -> dict[str, np.ndarray]:
     with np.load(path) as f:
         return {k: f[k] for k in f.files}

@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODELS = (Path("models/default"), Path("models/byol-reference"))
+DATABASE_FILE = "byorl.db"  # the embedded database of jobs, heads and reports (data directory)
 
 
 class Settings(BaseSettings):
@@ -19,6 +20,9 @@ class Settings(BaseSettings):
     # when it is set, else both bundled models (`served_model_dirs`).
     model_dirs: Annotated[list[Path], NoDecode] = []
     redis_url: str = ""  # empty: jobs run in-process (embedded mode); else Celery on this Redis
+    # Jobs, heads and reports: empty = SQLite in the data directory (one machine); a
+    # postgresql:// URL = PostgreSQL, shared by every api replica and worker.
+    database_url: SecretStr = SecretStr("")
     api_key: SecretStr | None = None  # when set, every route but probes and metrics needs it
     device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime and jobs: auto = GPU if any
 
@@ -84,6 +88,17 @@ class Settings(BaseSettings):
         if self.model_dirs:
             return list(self.model_dirs)
         return [self.model_dir] if "model_dir" in self.model_fields_set else list(BUNDLED_MODELS)
+
+    def database(self) -> str:
+        """The SQLAlchemy URL of the jobs', heads' and reports' database: PostgreSQL (psycopg 3)
+        when DATABASE_URL is set, else the data directory's SQLite file."""
+        url = self.database_url.get_secret_value()
+        if not url:
+            return f"sqlite:///{self.data_dir.resolve() / DATABASE_FILE}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
 
     @property
     def num_threads(self) -> int:

@@ -9,6 +9,7 @@ session reuses them and any change to that code rebuilds them.
 import hashlib
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -174,3 +175,45 @@ def forward_only(module):
                 return self.inner(x)
 
     return ForwardOnly()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory) -> str:
+    """One private PostgreSQL server for the session (its URL); each test that uses it takes a
+    database of its own (`fresh_database`)."""
+    from tests.live import kill_group, start_postgres
+
+    url, proc, root = start_postgres(tmp_path_factory.mktemp("postgres") / "postgres.log")
+    yield url
+    kill_group(proc, signal.SIGTERM)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(server_url: str) -> str:
+    """A new, empty database on the server at `server_url`: its URL."""
+    import psycopg
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """The service's database (a `BYORL_DATABASE_URL`, empty for the embedded SQLite) on each
+    back-end: store tests run unchanged against both."""
+    if request.param == "sqlite":
+        return ""
+    return fresh_database(request.getfixturevalue("postgres"))
+
+
+@pytest.fixture
+def service_db(database_url, tmp_path):
+    """The service's database on each back-end (SQLite in `tmp_path`, or PostgreSQL)."""
+    from byorl.service.settings import Settings
+    from byorl.service.storage.database import Database
+
+    db = Database(Settings(data_dir=tmp_path, database_url=database_url).database())
+    yield db
+    db.close()

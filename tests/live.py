@@ -1,10 +1,13 @@
 """Real servers for tests: free ports, polling, and the api under uvicorn in its own process."""
 
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,3 +57,42 @@ def wait_ready(url: str, timeout: float = 300) -> None:
             return False
 
     wait_for(ready, timeout, f"the api at {url}")
+
+
+def postgres_binary(name: str) -> str:
+    """A PostgreSQL server program: on PATH, or where Debian's `postgresql` package puts it."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(
+        f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    assert found, (f"the tests need PostgreSQL's {name}: apt-get install --no-install-recommends "
+                   "postgresql (.ci/run installs it as root)")
+    return found
+
+
+def start_postgres(log: Path) -> tuple[str, subprocess.Popen, Path]:
+    """A private PostgreSQL server (initdb into a fresh directory, a free port, trust auth on
+    127.0.0.1 only): its URL, its process and its directory. Run as the `postgres` user when
+    this is root (PostgreSQL refuses to run as root)."""
+    root = Path(tempfile.mkdtemp(prefix="byorl-pg-"))
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+    subprocess.run([*as_user, postgres_binary("initdb"), "-D", str(data), "-U", "byorl",
+                    "--auth=trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    proc = start_process([*as_user, postgres_binary("postgres"), "-D", str(data), "-p",
+                          str(port), "-k", str(root), "-c", "listen_addresses=127.0.0.1",
+                          "-c", "fsync=off", "-c", "max_connections=200"], dict(os.environ),
+                         log, root)
+    url = f"postgresql://byorl@127.0.0.1:{port}/postgres"
+
+    def accepting():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return subprocess.run([postgres_binary("pg_isready"), "-h", "127.0.0.1", "-p",
+                                       str(port)], capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+    wait_for(accepting, 60, f"PostgreSQL on port {port} (log: {log})")
+    return url, proc, root

@@ -11,6 +11,7 @@ from byorl.service.jobs.queue import CeleryQueue, EmbeddedQueue, make_queue
 from byorl.service.serving.encoder import Encoder
 from byorl.service.serving.served_models import ModelRegistry
 from byorl.service.settings import Settings
+from byorl.service.storage.database import open_database
 from byorl.service.storage.galleries import Galleries
 from byorl.service.storage.head_store import HeadStore
 from byorl.service.storage.job_store import JobStore
@@ -68,7 +69,7 @@ class AppState:
 
 
 def load_state(settings: Settings) -> AppState:
-    data = settings.data_dir
-    return AppState(settings, ModelRegistry(settings), Galleries(data),
-                    JobStore.from_settings(settings), HeadStore(data), ReportStore(data),
+    db = open_database(settings.database())
+    return AppState(settings, ModelRegistry(settings), Galleries(settings.data_dir),
+                    JobStore.from_settings(settings), HeadStore(db), ReportStore(db),
                     make_queue(settings))

@@ -23,6 +23,7 @@ from byorl.model_dir import ONNX
 from byorl.service.jobs.head_rule import head_rule
 from byorl.service.serving.served_models import find_model_dir
 from byorl.service.settings import Settings
+from byorl.service.storage.database import open_database
 from byorl.service.storage.galleries import load_index
 from byorl.service.storage.head_store import HeadStore
 from byorl.service.storage.job_store import JobStore, LeaseLost
@@ -172,7 +173,7 @@ def _run(jobs: JobStore, job: dict, runner: dict, settings: Settings, heartbeat:
         method = params.get("method", "auto") if job["kind"] == "audit" else "auto"
         encoder, access = audit_encoder(model_dir, method, settings, inputs["images"])
         run = {"linear_head": fit_head, "audit": run_audit}[job["kind"]]
-        result = run(Path(settings.data_dir), job_id, params, inputs, (encoder, access),
+        result = run(settings, job_id, params, inputs, (encoder, access),
                      progress)
     except LeaseLost:
         raise
@@ -192,7 +193,7 @@ def _split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return (perm, None) if n_val == 0 else (perm[n_val:], perm[:n_val])
 
 
-def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, model, progress) -> dict:
+def fit_head(settings: Settings, job_id: str, params: dict, inputs: dict, model, progress) -> dict:
     """Fit a linear head (robust or not) on the submitted labeled set; save it as a head."""
     import torch
 
@@ -229,12 +230,12 @@ def fit_head(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pro
     card = {"id": job_id, "model_id": params["model_id"], "classes": classes,
             "robust": params["robust"], "threat": params["threat"], "metrics": metrics,
             "created_at": time.time()}
-    HeadStore(data_dir).save(job_id, head.weight.detach().cpu().numpy(),
-                             head.bias.detach().cpu().numpy(), card)
+    heads = HeadStore(open_database(settings.database()))
+    heads.save(job_id, head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy(), card)
     return {"head_id": job_id, "metrics": metrics}
 
 
-def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, progress) -> dict:
+def run_audit(settings: Settings, job_id: str, params: dict, inputs: dict, model, progress) -> dict:
     """The robust accuracy of encoder + head, or the retrieval audit of an index; the report is
     saved under the job's id, with how the model was attacked (`access`)."""
     import torch
@@ -251,7 +252,8 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
         from byorl.training.evaluate import evaluate_black_box, evaluate_robustness
         from byorl.training.linear_classifier import Classifier, linear_from
 
-        head = linear_from(*HeadStore(data_dir).weights(params["head_id"])).to(device)
+        weights = HeadStore(open_database(settings.database())).weights(params["head_id"])
+        head = linear_from(*weights).to(device)
         classifier = Classifier(encoder, head).eval()
         labels = torch.from_numpy(inputs["labels"])
         evaluate = evaluate_robustness if white_box else evaluate_black_box
@@ -260,7 +262,7 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
     else:
         from byorl.training.retrieval import retrieval_audit
 
-        index = load_index(data_dir, params["index"])
+        index = load_index(settings.data_dir, params["index"])
         if not len(index):
             raise ValueError(f"index {params['index']!r} is empty")
         keys = index.keys()
@@ -277,6 +279,6 @@ def run_audit(data_dir: Path, job_id: str, params: dict, inputs: dict, model, pr
         report.update(index=params["index"], gallery_size=len(gallery))
     report.update(audit=params["audit"], model_id=params["model_id"], audit_id=job_id,
                   access=access, upper_bound=not white_box)
-    ReportStore(data_dir).save(job_id, report)
+    ReportStore(open_database(settings.database())).save(job_id, report)
     return {"audit_id": job_id, "summary": {k: v for k, v in report.items()
                                             if isinstance(v, int | float | str | bool)}}

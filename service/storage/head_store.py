@@ -1,45 +1,55 @@
-"""Fitted linear heads, the product of `POST /linear-head` jobs, in the data directory:
+"""Fitted linear heads, the product of `POST /linear-head` jobs, in the service's database
+(`database.py`): a row per head with its card (classes, model, threat model, metrics) and its
+weights (npz: weight (classes, dim) and bias), written in one transaction, so that a head
+exists whole or not at all, for every replica at once."""
 
-    heads/<id>/head.npz     weight (classes, dim) and bias of a fitted linear head
-    heads/<id>/head.json    classes, model, threat model, metrics (written last: the head exists)
-"""
-
-import shutil
-from pathlib import Path
+import io
+import json
 
 import numpy as np
+from sqlalchemy import delete, insert, select
 
-from byorl.files import read_json, read_npz, write_json, write_npz
+from byorl.files import read_npz
 from byorl.service.exceptions import NotFound
 from byorl.service.names import check_name
+from byorl.service.storage.database import HEADS, Database
 
 
 class HeadStore:
-    def __init__(self, root: Path):
-        self.root = Path(root) / "heads"
+    def __init__(self, db: Database):
+        self.db = db
 
     def save(self, head_id: str, weight: np.ndarray, bias: np.ndarray, card: dict) -> None:
-        write_npz(self.root / head_id / "head.npz", weight=weight, bias=bias)
-        write_json(self.root / head_id / "head.json", card)
+        """Store a head; a job that runs again (its first runner was lost) replaces it."""
+        buf = io.BytesIO()
+        np.savez(buf, weight=weight, bias=bias)
+        with self.db.transaction() as conn:
+            conn.execute(delete(HEADS).where(HEADS.c.id == head_id))
+            conn.execute(insert(HEADS).values(id=head_id, created_at=card["created_at"],
+                                              card=json.dumps(card), weights=buf.getvalue()))
 
     def card(self, head_id: str) -> dict:
-        path = self.root / check_name(head_id, "head") / "head.json"
-        if not path.exists():
-            raise NotFound("head", head_id)
-        return read_json(path)
+        return json.loads(self._column(HEADS.c.card, head_id))
 
     def weights(self, head_id: str) -> tuple[np.ndarray, np.ndarray]:
-        self.card(head_id)
-        w = read_npz(self.root / head_id / "head.npz")
+        w = read_npz(io.BytesIO(self._column(HEADS.c.weights, head_id)))
         return w["weight"], w["bias"]
 
     def list(self) -> list[dict]:
-        cards = [read_json(p) for p in self.root.glob("*/head.json")]
-        return sorted(cards, key=lambda c: c["created_at"])
+        with self.db.read() as conn:
+            cards = conn.execute(select(HEADS.c.card).order_by(HEADS.c.created_at, HEADS.c.id))
+            return [json.loads(c) for c in cards.scalars()]
 
     def delete(self, head_id: str) -> None:
-        path = self.root / check_name(head_id, "head") / "head.json"
-        if not path.exists():
+        with self.db.transaction() as conn:
+            gone = conn.execute(delete(HEADS).where(HEADS.c.id == check_name(head_id, "head")))
+            if gone.rowcount == 0:
+                raise NotFound("head", head_id)
+
+    def _column(self, column, head_id: str):
+        with self.db.read() as conn:
+            value = conn.execute(select(column).where(HEADS.c.id == check_name(head_id, "head")))
+            value = value.scalar()
+        if value is None:
             raise NotFound("head", head_id)
-        path.unlink()  # the head is gone the moment its card is
-        shutil.rmtree(path.parent, ignore_errors=True)
+        return value

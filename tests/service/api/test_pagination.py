@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from byorl.service.api.pagination import MAX_LIMIT, PageQuery, page
 from byorl.service.main import create_app
+from byorl.service.storage.database import open_database
 from byorl.service.storage.head_store import HeadStore
 from byorl.service.storage.job_store import JobStore
 
@@ -30,14 +31,15 @@ def listed(settings, tmp_path_factory, image_bytes):
     """An app on a fresh data directory holding N of each: jobs (2 of them audits), heads,
     indexes, and items of one index."""
     data = tmp_path_factory.mktemp("paged")
-    jobs, heads = JobStore(data), HeadStore(data)
+    stored = settings.model_copy(update={"data_dir": data})
+    jobs, heads = JobStore.from_settings(stored), HeadStore(open_database(stored.database()))
     for i in range(N):
         jobs.create("audit" if i % 2 else "linear_head", {"n": i})
         heads.save(f"head{i}", np.zeros((2, 4), np.float32), np.zeros(2, np.float32),
                    {"id": f"head{i}", "model_id": "m", "classes": ["a", "b"], "robust": False,
                     "threat": {"norm": "linf", "eps": 0.03}, "metrics": {}, "created_at": i})
     image = base64.b64encode(next(iter(image_bytes.values()))[0]).decode()
-    with TestClient(create_app(settings.model_copy(update={"data_dir": data}))) as c:
+    with TestClient(create_app(stored)) as c:
         for i in range(N):
             assert c.post("/indexes", json={"name": f"ix{i}"}).status_code == 201
         r = c.post("/indexes/ix0/items", json={"keys": [f"k{i}" for i in range(N)],

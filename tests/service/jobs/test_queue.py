@@ -14,6 +14,8 @@ from fastapi.testclient import TestClient
 from byorl.service.jobs.queue import make_celery
 from byorl.service.main import create_app
 from byorl.service.settings import Settings
+from byorl.service.storage.database import open_database
+from byorl.service.storage.head_store import HeadStore
 from byorl.service.storage.job_store import JobStore
 from byorl.training.checkpoint import load_torch_encoder
 from byorl.training.linear_classifier import Classifier
@@ -84,11 +86,10 @@ def test_embedded_jobs_survive_an_api_restart_and_torch_stays_out(model_dir, tmp
     assert head["attempts"] >= 1 and head["result"]["head_id"] == head["id"]
 
     # The api's numpy predictions are the PyTorch classifier's (encoder + saved head).
-    job_dir = tmp_path / "heads" / head["id"]
-    w = np.load(job_dir / "head.npz")
-    linear = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
-    linear.load_state_dict({"weight": torch.from_numpy(w["weight"]),
-                            "bias": torch.from_numpy(w["bias"])})
+    weight, bias = HeadStore(open_database(Settings(data_dir=tmp_path).database())).weights(
+        head["id"])
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    linear.load_state_dict({"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)})
     pixels = np.load(tmp_path / "jobs" / head["id"] / "input.npz")["images"][:6]
     with torch.no_grad():
         ref = torch.softmax(Classifier(load_torch_encoder(model_dir), linear)(
@@ -107,7 +108,7 @@ def test_an_embedded_job_whose_process_was_killed_runs_again_once(model_dir, tmp
     and completes once."""
     images, labels, classes = labeled
     few = [0, 1, 2, 3, 12, 13, 14, 15]  # 4 of each of two classes
-    jobs = JobStore(tmp_path)
+    jobs = JobStore.from_settings(Settings(data_dir=tmp_path))
     with TestClient(create_app(Settings(model_dir=model_dir, data_dir=tmp_path,
                                         threads=1))) as client:
         r = client.post("/linear-head", json={

@@ -29,8 +29,8 @@ def far_runner() -> dict:
 
 
 @pytest.fixture
-def jobs(tmp_path) -> JobStore:
-    return JobStore(tmp_path, lease_s=60, max_attempts=3, time_limit_s=3600)
+def jobs(service_db, tmp_path) -> JobStore:
+    return JobStore(service_db, tmp_path, lease_s=60, max_attempts=3, time_limit_s=3600)
 
 
 def test_a_job_is_claimed_once_while_its_runner_lives(jobs):
@@ -112,3 +112,48 @@ def test_a_job_killed_past_its_time_limit_is_not_run_again_when_delivered_again(
     jobs.update(job_id, started_at=time.time() - 3601)
     assert jobs.claim(job_id, runner_identity()) is None
     assert "time limit" in jobs.get(job_id)["error"] and jobs.get(job_id)["attempts"] == 1
+
+
+RACER = """
+import json, sys
+from pathlib import Path
+from byorl.service.storage.database import Database
+from byorl.service.storage.job_store import JobStore
+from byorl.service.storage.leases import runner_identity
+url, data, what, ids = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
+jobs = JobStore(Database(url), data, lease_s=60)
+sys.stdin.readline()  # start together
+if what == "claim":
+    print(json.dumps([i for i in ids if jobs.claim(i, runner_identity()) is not None]))
+else:
+    print(json.dumps(jobs.sweep(lambda _: None)))
+"""
+
+
+def race(jobs: JobStore, what: str, ids: list[str], processes: int = 4) -> list[list[str]]:
+    """`what` ("claim" each job, or "sweep") in several processes at once, as api replicas and
+    workers on other machines would: what each one got."""
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, jobs.db.url, str(jobs.root.parent),
+                                what, ",".join(ids)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    for p in racers:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return [json.loads(p.communicate(timeout=120)[0]) for p in racers]
+
+
+def test_racing_claims_start_each_job_once(jobs):
+    ids = [jobs.create("audit", {})["id"] for _ in range(20)]
+    won = race(jobs, "claim", ids)
+    assert sorted(i for got in won for i in got) == sorted(ids)  # each job by one claimant
+    assert {jobs.get(i)["attempts"] for i in ids} == {1}
+
+
+def test_racing_sweepers_queue_each_lost_job_once(jobs):
+    """Every api replica sweeps: a lost job is queued again by one of them, once."""
+    ids = [jobs.create("audit", {})["id"] for _ in range(20)]
+    for job_id in ids:
+        jobs.claim(job_id, dead_runner())
+    swept = race(jobs, "sweep", ids)
+    assert sorted(i for got in swept for i in got) == sorted(ids)
+    assert {jobs.get(i)["state"] for i in ids} == {"queued"}
