@@ -11,8 +11,11 @@ PORT ?= 8000
 # drives it). Debian's package names are the same.
 TEST_TOOLS := redis-server docker-compose chromium
 # And one library: jemalloc, which the `byorl` command preloads for training (allocator.py).
+# And PostgreSQL's server programs (a private server per test session: the shared-state tests),
+# which Debian's postgresql package puts off PATH.
 missing_test_tools = $(strip $(foreach t,$(TEST_TOOLS),$(if $(shell command -v $(t)),,$(t))) \
-	$(if $(shell $(PYTHON) -c 'import ctypes.util; print(ctypes.util.find_library("jemalloc") or "")'),,libjemalloc2))
+	$(if $(shell $(PYTHON) -c 'import ctypes.util; print(ctypes.util.find_library("jemalloc") or "")'),,libjemalloc2) \
+	$(if $(shell command -v initdb)$(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql))
 
 .PHONY: setup run test test-tools missing-test-tools mutate
 

@@ -96,3 +96,61 @@ def start_postgres(log: Path) -> tuple[str, subprocess.Popen, Path]:
 
     wait_for(accepting, 60, f"PostgreSQL on port {port} (log: {log})")
     return url, proc, root
+
+
+# A worker alone in a pid namespace, as in its own container: the api cannot see its processes.
+ISOLATED = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+
+
+class Stack:
+    """The deployed service, natively: redis-server, api replicas (uvicorn) and Celery workers
+    on one data directory (and one database, when `database_url` is given), each in its own
+    process group (killed whole)."""
+
+    def __init__(self, tmp: Path, model_dir: Path, database_url: str = "", **settings: str):
+        self.tmp, self.redis_port, self.api_port = tmp, free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"  # the replica named "api"
+        self.env = {
+            **os.environ, "OMP_NUM_THREADS": "1", "BYORL_THREADS": "1",
+            "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp / "data"),
+            "BYORL_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "BYORL_DATABASE_URL": database_url,
+            **{f"BYORL_{k.upper()}": v for k, v in settings.items()},
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self.procs[name] = start_process(argv, self.env, self.tmp / f"{name}.log", self.tmp)
+        return self.procs[name]
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        kill_group(self.procs.pop(name), sig)
+
+    def start_redis(self) -> None:
+        self.start("redis", ["redis-server", "--port", str(self.redis_port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(self.tmp)])
+        wait_for(lambda: b"PONG" in subprocess.run(
+            ["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True).stdout,
+            30, "redis")
+
+    def start_api(self, name: str = "api") -> str:
+        """An api replica (the one named "api" on `self.url`'s port): its URL."""
+        port = self.api_port if name == "api" else free_port()
+        self.start(name, uvicorn_argv(port))
+        wait_ready(url := f"http://127.0.0.1:{port}")
+        return url
+
+    def start_worker(self, name: str, isolated: bool = False) -> None:
+        self.start(name, (ISOLATED if isolated else []) + [
+            sys.executable, "-m", "celery", "-A", "byorl.service.worker", "worker", "--pool",
+            "prefork", "--concurrency", "1", "--loglevel", "INFO", "-n", f"{name}@%h",
+            "--without-gossip", "--without-mingle"])
+        wait_for(lambda: " ready." in self.log(name), 300, f"worker {name}")
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)

@@ -1,0 +1,109 @@
+"""Beyond one api process: two uvicorn replicas and two Celery workers share one PostgreSQL (its
+own server, started here with initdb), one Redis and one data directory. Jobs, heads and
+reports are the database's: what one replica accepts the other serves, and a job outlives the
+replica that accepted it and the worker that ran it. Nothing is mocked.
+"""
+
+import base64
+import os
+
+import httpx
+import pytest
+
+from byorl.service.settings import Settings
+from byorl.service.storage.database import Database
+from byorl.service.storage.job_store import JobStore
+from tests.conftest import fresh_database
+from tests.live import Stack, wait_for
+
+SWEEP_S = "2"  # replicas sweep for lost jobs every 2 s (default 15) to keep the test short
+
+
+@pytest.fixture(scope="module")
+def stack(model_dir, postgres, tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("scale"), model_dir, fresh_database(postgres),
+              job_sweep_s=SWEEP_S)
+    try:
+        s.start_redis()
+        s.start_worker("worker1")
+        s.start_worker("worker2")
+        s.replicas = {name: s.start_api(name) for name in ("a", "b")}
+        yield s
+    finally:
+        s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def labeled(image_bytes):
+    groups = list(image_bytes.values())
+    images = [base64.b64encode(b).decode() for b in groups[3][:8] + groups[8][:8]]
+    return images, [0] * 8 + [1] * 8
+
+
+def client(stack, name: str) -> httpx.Client:
+    return httpx.Client(base_url=stack.replicas[name], timeout=30)
+
+
+def finished(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    return wait_for(lambda: (j := c.get(f"/jobs/{job_id}").json())["state"] in (
+        "succeeded", "failed") and j, timeout, f"job {job_id}")
+
+
+def test_a_head_fitted_through_one_replica_is_used_through_the_other(stack, labeled):
+    images, labels = labeled
+    with client(stack, "b") as b, client(stack, "a") as a:
+        r = b.post("/linear-head", json={"classes": ["cat", "ship"], "labels": labels,
+                                         "images": images, "epochs": 3, "min_steps": 20})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        assert a.get(f"/jobs/{job_id}").json()["id"] == job_id  # seen at once on A
+        job = finished(a, job_id)
+        assert job["state"] == "succeeded", job["error"]
+        assert a.get(f"/heads/{job_id}").json()["id"] == job_id
+        assert job_id in [h["id"] for h in a.get("/heads").json()["items"]]
+        pred_a = a.post(f"/heads/{job_id}/predict", json={"images": images[:4]}).json()
+        pred_b = b.post(f"/heads/{job_id}/predict", json={"images": images[:4]}).json()
+        assert pred_a == pred_b and len(pred_a["labels"]) == 4
+        audit = a.post("/audits", json={"kind": "robustness", "head_id": job_id,
+                                        "images": images[:2], "labels": labels[:2],
+                                        "mode": "quick"})
+        assert audit.status_code == 202, audit.text
+        assert finished(b, audit.json()["job_id"])["state"] == "succeeded"
+        assert b.get(audit.json()["result_url"]).json()["n"] == 2  # the report, through B
+        assert b.delete(f"/heads/{job_id}").status_code == 204
+        assert a.get(f"/heads/{job_id}").status_code == 404  # deleted through B, gone on A
+
+
+def records(stack) -> JobStore:
+    """The job records as every replica and worker sees them."""
+    url = Settings(database_url=stack.env["BYORL_DATABASE_URL"]).database()
+    return JobStore(Database(url), stack.env["BYORL_DATA_DIR"])
+
+
+def worker_of(stack, runner_pid: int) -> str:
+    """The worker (process group) whose pool process runs a job."""
+    group = os.getpgid(runner_pid)
+    return next(name for name, p in stack.procs.items() if p.pid == group)
+
+
+def test_a_job_outlives_the_replica_that_accepted_it_and_the_worker_that_ran_it(stack, labeled):
+    images, labels = labeled
+    with client(stack, "a") as a:
+        r = a.post("/linear-head", json={"classes": ["cat", "ship"], "labels": labels,
+                                         "images": images, "robust": True, "epochs": 30,
+                                         "attack_steps": 2, "min_steps": 200,
+                                         "validation_fraction": 0})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        wait_for(lambda: a.get(f"/jobs/{job_id}").json()["progress"] > 0, 300,
+                 "the job to make progress")
+    stack.kill("a")  # the replica that accepted it
+    runner = records(stack).get(job_id)["runner"]  # (the record's lease, not in the API)
+    lost = worker_of(stack, runner["pid"])
+    stack.kill(lost)  # the worker running it: main process and pool process at once
+    survivor = ({"worker1", "worker2"} - {lost}).pop()
+    with client(stack, "b") as b:  # B's sweep queues it again, the other worker runs it
+        job = finished(b, job_id, timeout=600)
+        assert job["state"] == "succeeded" and job["attempts"] == 2, job  # once more, not twice
+        assert b.get(f"/heads/{job_id}").status_code == 200
+    assert " succeeded in " in stack.log(survivor)
