@@ -225,7 +225,7 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
     """The checks in order, writing under `work`: the quick functional ones first, the long
     benchmark last (it gets what is left of the budget, up to its own limit)."""
     py, data = sys.executable, str(args.data)
-    cli = [py, "-m", "byorl.training.cli"]
+    cli = [py, "-m", "byorl.cli"]
     small = ["--data", data, "--arch", "preact_resnet18", "--batch-size", "256", "--attack",
              "apgd", "--steps", "5", "--compile", "off", "--epochs", "2", "--warmup-epochs",
              "0.2", "--device", "cuda"]
@@ -235,7 +235,7 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
     return [
         Step("ort-cuda-vs-cpu", [*me, "ort", "--model", str(args.model)], 40, parse_ort),
         Step("faiss-gpu-vs-cpu", [*me, "faiss"], 40, parse_faiss),
-        Step("ddp-cli", [*torchrun, "-m", "byorl.training.cli", "train", "--out",
+        Step("ddp-cli", [*torchrun, "-m", "byorl.cli", "train", "--out",
                          str(work / "ddp"), *small, "--max-steps", "20", "--log-every", "5"],
              50, parse_ddp_cli(work / "ddp" / "metrics.jsonl")),
         Step("ddp-syncbn", [*torchrun, *me[1:], "ddp", "--steps", "5"], 40, parse_ddp_probe),

@@ -56,7 +56,7 @@ def test_steps_call_options_their_commands_have():
     bench_train.py step in its parser: a renamed option would only show on the GPU."""
     import typer
 
-    from byorl.training.cli import app
+    from byorl.cli import app
 
     click_train = typer.main.get_command(app).commands["train"]
     train_flags = {o for p in click_train.params for o in p.opts}

@@ -313,8 +313,8 @@ def test_l2_byorl_steps_through_the_cli_keep_the_attack_in_the_l2_ball(image_fol
     from typer.testing import CliRunner
 
     import byorl.training.train as train_module
+    from byorl.cli import app
     from byorl.training.attacks import APGD
-    from byorl.training.cli import app
 
     torch.set_num_threads(1)  # tiny networks: on the loaded 2-core machine a second thread waits
     eps, build, seen, initial = 128 / 255, train_module.build_networks, [], {}
