@@ -272,8 +272,8 @@ def check_all(args: argparse.Namespace) -> int:
         prefix="gpu_check-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     chosen = [s for s in steps(args, Path(args.work)) if not args.only or s.name in args.only]
-    env = {**os.environ, "BYORL_CACHE": str(Path(args.work) / "cache"),
-           "BYORL_ALLOCATOR": "system", "PYTHONUNBUFFERED": "1"}
+    # decoded images cached in the scratch folder: nothing written outside it and results/
+    env = {**os.environ, "BYORL_CACHE": str(Path(args.work) / "cache")}
     rows = run_steps(chosen, args.budget, env, lambda r: print(
         f"[{'PASS' if r.passed else 'FAIL'}] {r.step} ({r.seconds:.0f} s): {r.detail}",
         flush=True))

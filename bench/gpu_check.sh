@@ -6,7 +6,8 @@
 #
 #     python -m venv .venv && .venv/bin/pip install -e '.[gpu,train,service]'
 #     PATH=.venv/bin:$PATH bash bench/gpu_check.sh                # every step
-#     bash bench/gpu_check.sh --only ort-cuda-vs-cpu,embed-cuda   # some steps
+#     bash bench/gpu_check.sh --only ort-cuda-vs-cpu,faiss-gpu-vs-cpu   # some steps
+#     bash bench/gpu_check.sh --work /tmp/gc --only export,embed-cuda    # reusing a run's output
 #
 # Reads nothing outside the repository but ../shared/data/cifar10-jpeg.tar.gz (--data another
 # copy). Steps, in order, each under its own time limit inside a 440 s budget (--budget): ONNX
