@@ -21,12 +21,7 @@ from byorl.training.evaluate import (
     large_eps,
     suite,
 )
-from tests.training.conftest import (
-    exact_linf_robust,
-    interior_linear,
-    l2_distance_to_boundary,
-    synthetic_linear,
-)
+from tests.training.conftest import exact_linf_robust, synthetic_linear
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -456,6 +451,8 @@ def test_l2_suite_reaches_the_closed_form_worst_case_of_a_linear_model(monkeypat
     box's faces, so clipping never binds). The suite, quick and the paper's full one (its l2
     attack list: torchattacks' APGD in L2, MultiTargeted, Square in L2), finds exactly those
     points, every attack inside the l2 ball and [0, 1], and its sanity checks pass."""
+    from tests.training.conftest import interior_linear, l2_distance_to_boundary
+
     torch.set_num_threads(1)  # tiny tensors: on the loaded 2-core machine 12x faster
     model, x, y = interior_linear(n=n, size=8, seed=1)  # Square's l2 init needs 5 pixels a side
     dist = l2_distance_to_boundary(model, x, y)
