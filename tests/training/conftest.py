@@ -87,3 +87,26 @@ def synthetic_linear(n: int = 48, seed: int = 0, size: int = 4):
         y = model(x).argmax(1)
     y[:6] = (y[:6] + 1) % 4
     return model.eval(), x, y
+
+
+def interior_linear(margin: float = 0.25, **kw):
+    """`synthetic_linear`'s classifier and labels with its images squeezed into
+    [margin, 1 - margin] (a bias of -margin * W 1 keeps every logit's argmax, so the labels
+    still hold): an l2 perturbation of norm <= margin then never meets the [0, 1] box, and the
+    exact l2 worst case is the closed form of `l2_distance_to_boundary`."""
+    model, x, y = synthetic_linear(**kw)
+    with torch.no_grad():
+        model[1].bias.copy_(-margin * model[1].weight.sum(1))
+    return model, margin + (1 - 2 * margin) * x, y
+
+
+def l2_distance_to_boundary(linear: nn.Sequential, x, y) -> torch.Tensor:
+    """Per example, the smallest l2 perturbation that makes a linear classifier Wx + b answer
+    another class: min over t != y of (z_y - z_t) / ||w_y - w_t||, negative when it is already
+    wrong. Exact when the [0, 1] box does not bind (see `interior_linear`); robust at eps iff
+    this exceeds eps."""
+    w, b = linear[1].weight.detach(), linear[1].bias.detach()
+    z = x.flatten(1) @ w.T + b
+    margins = z.gather(1, y[:, None]) - z  # (N, classes)
+    dist = margins / (w[y][:, None, :] - w[None]).norm(dim=2)
+    return dist.scatter(1, y[:, None], torch.inf).amin(1)

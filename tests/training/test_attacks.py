@@ -310,3 +310,50 @@ def test_multitargeted_takes_wrong_classes_in_order_of_their_clean_logit():
     for xs, ys in ((x, y), (x[6:7], y[6:7])):
         with torch.no_grad():
             assert (model(mt.perturb(xs, ys)).argmax(1) != ys).all()
+
+
+def test_l2_attacks_agree_with_torchattacks_and_the_closed_form_on_a_linear_model():
+    """An independent check of the l2 attacks: the project's PGD, AutoPGD and MultiTargeted and
+    torchattacks' PGDL2, APGD (norm L2) and APGD-T (norm L2), on one linear classifier whose l2
+    robustness is known exactly (`l2_distance_to_boundary`): each stays in the ball and [0, 1]
+    and fools exactly the points closer than eps to a boundary; on the points none can fool,
+    the project's PGD and AutoPGD raise the cross-entropy as far as torchattacks' PGDL2."""
+    import torchattacks
+    from torch.nn import functional as F
+
+    from byorl.training.evaluate import library_attack
+    from tests.training.conftest import interior_linear, l2_distance_to_boundary
+
+    torch.set_num_threads(1)
+    model, x, y = interior_linear(n=48, size=8, seed=1)
+    eps, steps = 0.1, 20  # boundary distances nearest to eps: 0.079 and 0.116
+    assert x.min() >= eps and x.max() <= 1 - eps  # the box cannot bind
+    robust = l2_distance_to_boundary(model, x, y) > eps
+    assert 0 < robust.sum() < (model(x).argmax(1) == y).sum()
+
+    def ce(x_adv, y):
+        return F.cross_entropy(model(x_adv), y, reduction="none")
+
+    torch.manual_seed(0)
+    found = {
+        "pgd": PGD(ce, "l2", eps, steps).perturb(x, y),
+        "apgd": APGD(ce, "l2", eps, steps).perturb(x, y),
+        "multitargeted": MultiTargeted(model, "l2", eps, steps, restarts=3).perturb(x, y),
+        "apgd (torchattacks)": library_attack(torchattacks.APGD, steps=steps, n_restarts=1,
+                                              loss="ce")(model, x, y, "l2", eps),
+        "apgd-t (torchattacks)": library_attack(torchattacks.APGDT, steps=steps, n_restarts=1,
+                                                n_classes=4)(model, x, y, "l2", eps),
+    }
+    with torch.random.fork_rng():
+        found["pgdl2 (torchattacks)"] = torchattacks.PGDL2(
+            model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)(x, y)
+    for name, x_adv in found.items():
+        assert (norms(x_adv - x)["l2"] <= eps * (1 + 1e-5)).all(), name
+        assert x_adv.min() >= 0 and x_adv.max() <= 1, name
+        with torch.no_grad():
+            assert torch.equal(model(x_adv).argmax(1) == y, robust), name
+    with torch.no_grad():
+        reached = {k: ce(found[k], y)[robust].mean().item()
+                   for k in ("pgd", "apgd", "pgdl2 (torchattacks)")}
+    assert reached["apgd"] >= reached["pgdl2 (torchattacks)"] * (1 - 1e-3), reached
+    assert reached["pgd"] == pytest.approx(reached["pgdl2 (torchattacks)"], rel=1e-2), reached

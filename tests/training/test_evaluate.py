@@ -417,3 +417,86 @@ def test_a_black_box_that_is_another_classifier_is_refused(data, linear, convnet
     with pytest.raises(ValueError, match="not the same classifier"):
         evaluate_robustness(linear, data[2][:40], data[3][:40], ThreatModel("linf", 2 / 255),
                             "quick", black_box=Counting(convnet))
+
+
+L2_EPS = 0.1  # interior_linear(size=8, seed=1)'s boundary distances nearest to it: 0.079, 0.116
+
+
+def record_budgets(monkeypatch) -> dict[str, list[tuple[float, float, float]]]:
+    """Wrap every attack of the suite that evaluate_robustness builds: per attack name, each
+    batch's (largest l2 norm of x_adv - x, smallest pixel, largest pixel)."""
+    import byorl.training.evaluate as evaluate
+
+    seen, build = {}, evaluate.suite
+
+    def recording(mode, num_classes):
+        def wrap(name, attack):
+            def run(model, x, y, norm, eps):
+                x_adv = attack(model, x, y, norm, eps)
+                seen.setdefault(name, []).append(
+                    ((x_adv - x).flatten(1).norm(dim=1).max().item(), x_adv.min().item(),
+                     x_adv.max().item()))
+                return x_adv
+            return run
+        return [(name, s, wrap(name, attack)) for name, s, attack in build(mode, num_classes)]
+
+    monkeypatch.setattr(evaluate, "suite", recording)
+    return seen
+
+
+@pytest.mark.parametrize(("mode", "n"), [("quick", 48), ("full", 16)])
+def test_l2_suite_reaches_the_closed_form_worst_case_of_a_linear_model(monkeypatch, mode, n):
+    """l2: a point of a linear classifier is robust iff its distance to the nearest decision
+    boundary, min_t (z_y - z_t) / ||w_y - w_t||, exceeds eps (images kept eps away from the
+    box's faces, so clipping never binds). The suite, quick and the paper's full one (its l2
+    attack list: torchattacks' APGD in L2, MultiTargeted, Square in L2), finds exactly those
+    points, every attack inside the l2 ball and [0, 1], and its sanity checks pass."""
+    from tests.training.conftest import interior_linear, l2_distance_to_boundary
+
+    torch.set_num_threads(1)  # tiny tensors: on the loaded 2-core machine 12x faster
+    model, x, y = interior_linear(n=n, size=8, seed=1)  # Square's l2 init needs 5 pixels a side
+    dist = l2_distance_to_boundary(model, x, y)
+    assert x.min() >= L2_EPS and x.max() <= 1 - L2_EPS  # the box cannot bind
+    assert ((dist - L2_EPS).abs() > 0.1 * L2_EPS).all()  # no point on the fence
+    exact_mask = dist > L2_EPS
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    exact = exact_mask.float().mean().item()
+    assert 0 < exact < clean < 1
+    # the closed form is the boundary: the minimal move toward the nearest class, 1 % longer,
+    # flips every correct point; 1 % shorter flips none
+    w = model[1].weight.detach()
+    z = model(x).detach()
+    t = ((z.gather(1, y[:, None]) - z) / (w[y][:, None] - w[None]).norm(dim=2)).scatter(
+        1, y[:, None], torch.inf).argmin(1)
+    direction = (w[t] - w[y]) / (w[t] - w[y]).norm(dim=1, keepdim=True)
+    for scale, flips in ((1.01, True), (0.99, False)):
+        moved = x + (scale * dist[:, None] * direction).view_as(x)
+        with torch.no_grad():
+            changed = model(moved).argmax(1) != y
+        assert torch.equal(changed[dist > 0], torch.full_like(changed[dist > 0], flips))
+
+    seen = record_budgets(monkeypatch)
+    result = evaluate_robustness(model, x, y, ThreatModel("l2", L2_EPS), mode, batch_size=8)
+    assert result["robust_accuracy"] == pytest.approx(exact)
+    assert result["robust_indices"] == exact_mask.nonzero().flatten().tolist()
+    assert result["threat_model"] == {"norm": "l2", "eps": L2_EPS}
+    names = ["apgd-ce", "apgd-dlr", "multitargeted", "square"]
+    assert [r["name"] for r in result["attacks"]] == names
+    s = SUITES[mode]
+    assert [r["settings"] for r in result["attacks"]][0] == {
+        "restarts": s.apgd_restarts, "steps": s.apgd_steps, "library": "torchattacks",
+        "loss": "ce"}
+    assert result["attacks"][2]["settings"]["restarts"] == s.mt_restarts
+    assert result["attacks"][3]["settings"]["queries"] == s.square_queries
+    assert sum(r["fooled"] for r in result["attacks"]) == round((clean - exact) * n)
+    for name in seen:  # every attack that had points to attack: within the l2 ball and [0, 1]
+        for size, low, high in seen[name]:
+            assert size <= L2_EPS * (1 + 1e-5) and low >= 0 and high <= 1, name
+    assert sorted(seen) == sorted(names)  # each attack had points left to attack
+    ladder = result["checks"]["non_increasing_in_eps"]["ladder"]
+    assert [r["eps"] for r in ladder] == pytest.approx(
+        [0, L2_EPS / 2, L2_EPS, 2 * L2_EPS, 0.5 * 192**0.5])  # l2's large eps: 0.5 sqrt(d)
+    for r in ladder[1:-1]:  # the probe never beats the closed form at its eps
+        assert r["robust_accuracy"] >= (dist > r["eps"]).float().mean().item()
+    assert ladder[-1]["robust_accuracy"] == 0
+    assert result["checks_passed"], result["checks"]

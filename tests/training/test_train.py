@@ -302,3 +302,52 @@ def test_compile_is_on_for_cuda_by_default_and_as_asked():
     assert not uses_compile(TrainConfig(), cpu) and uses_compile(TrainConfig(), cuda)
     assert uses_compile(TrainConfig(compile="on"), cpu)
     assert not uses_compile(TrainConfig(compile="off"), cuda)
+
+
+def test_l2_byorl_steps_through_the_cli_keep_the_attack_in_the_l2_ball(image_folder, tmp_path,
+                                                                        monkeypatch):
+    """`byorl train --norm l2 --eps 128/255` (the paper's headline threat model), 3 steps: the
+    training attack is AutoPGD in l2 at 128/255, every attacked view lies within 128/255 of its
+    clean view in l2 norm (per image) and in [0, 1] and uses its budget, the logged loss is
+    finite and the attacked similarity below the clean one, and the online weights moved."""
+    from typer.testing import CliRunner
+
+    import byorl.training.train as train_module
+    from byorl.cli import app
+    from byorl.training.attacks import APGD
+
+    torch.set_num_threads(1)  # tiny networks: on the loaded 2-core machine a second thread waits
+    eps, build, seen, initial = 128 / 255, train_module.build_networks, [], {}
+
+    def recording(cfg, device, distributed):
+        nets = build(cfg, device, distributed)
+        initial.update({k: v.clone() for k, v in nets.online.state_dict().items()})
+        attack, perturb = nets.attack, nets.attack.perturb
+        assert isinstance(attack, APGD) and (attack.norm, attack.eps) == ("l2", eps)
+
+        def perturb_and_record(x, z):
+            x_adv = perturb(x, z)
+            seen.append(((x_adv - x).flatten(1).norm(dim=1), x_adv.min(), x_adv.max()))
+            return x_adv
+
+        attack.perturb = perturb_and_record
+        return nets
+
+    monkeypatch.setattr(train_module, "build_networks", recording)
+    out = tmp_path / "l2"
+    result = CliRunner().invoke(app, ["train", *tiny_args(image_folder, out), "--attack", "apgd",
+                                      "--steps", "3", "--norm", "l2", "--eps", "128/255",
+                                      "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert TrainConfig.from_dict(json.loads((out / "config.json").read_text())).attack.norm == "l2"
+    assert len(seen) == 3 * 2  # each step attacks both views, each a batch of its own
+    for sizes, low, high in seen:
+        assert (sizes <= eps * (1 + 1e-5)).all() and low >= 0 and high <= 1
+        assert sizes.median() > eps / 2  # the attack goes out toward the ball's surface
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert all(np.isfinite(v) for v in m.values())
+        assert 0 < m["loss"] < 8 and m["cos_adv"] < m["cos_clean"]
+    online = load_checkpoint(out)["online"]
+    assert any(not torch.equal(online[k], v) for k, v in initial.items() if v.is_floating_point())
