@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from byorl.index import faiss_index as fi
 from byorl.service.api.schemas import ErrorBody
@@ -93,12 +94,25 @@ def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path: Starlette's 405 names only the first
+    route whose path matched (`PUT /indexes` said `Allow: GET`, not `GET, POST`)."""
+    methods = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def _http_error(request: Request, exc: HTTPException) -> Response:
     if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's "error parsing the body"
         return _client_gone(request, exc.__cause__)
     phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     code = getattr(exc, "code", None) or phrase
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return error_response(exc.status_code, code, str(exc.detail), headers)
 
 
 def _validation_error(request: Request, exc: RequestValidationError | ValidationError):

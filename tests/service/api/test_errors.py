@@ -55,3 +55,13 @@ def test_every_error_status_is_documented_in_the_error_shape(client):
         assert statuses <= set(responses), (path, set(responses))
         for status in statuses:
             assert responses[status]["content"]["application/json"]["schema"] == error
+
+
+def test_a_405_allows_every_method_of_the_path(live_api):
+    """Starlette named the methods of the first route whose path matched only."""
+    for method, path, allow in (("PUT", "/indexes", "GET, POST"),
+                                ("POST", "/indexes/g", "DELETE, GET"),
+                                ("PUT", "/embed", "POST")):
+        r = httpx.request(method, live_api.url + path)
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        assert r.headers["allow"] == allow, (method, path)
