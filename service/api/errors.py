@@ -31,6 +31,7 @@ from byorl.service.exceptions import (
 )
 
 CLIENT_CLOSED_REQUEST = 499
+HTTP_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")  # what the routes may take
 
 # What each error status means, as the OpenAPI document says it.
 ERROR_STATUSES = {
@@ -96,12 +97,13 @@ def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
 
 def allowed_methods(request: Request) -> str:
     """Every method some route takes at this path: Starlette's 405 names only the first
-    route whose path matched (`PUT /indexes` said `Allow: GET`, not `GET, POST`)."""
-    methods = set()
-    for route in request.app.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    route whose path matched (`PUT /indexes` said `Allow: GET`, not `GET, POST`). Asked of each
+    route as if the request had come with each method (routes may be included routers)."""
+    def takes(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] == Match.FULL for route in request.app.routes)
+
+    return ", ".join(m for m in HTTP_METHODS if takes(m))
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
