@@ -75,6 +75,11 @@ BAD = [
     ("post", "/indexes", {"json": {"name": "../etc"}}, 422, "validation_error"),
     ("post", "/indexes", {"json": {"name": "x", "factory": "Nonsense99"}},
      422, "invalid_factory"),
+    # FAISS allocated what these say (at 256 dimensions: 100 MB, 64 MB), here and at each start
+    ("post", "/indexes", {"json": {"name": "x", "factory": "IVF100000,Flat"}},
+     422, "factory_out_of_bounds"),
+    ("post", "/indexes", {"json": {"name": "x", "factory": "PQ8x16"}},
+     422, "factory_out_of_bounds"),
     ("delete", "/indexes/bad/items/no-such-key", {}, 404, "key_not_found"),
     ("delete", "/indexes/nope", {}, 404, "index_not_found"),
     ("get", "/jobs/0123abcd", {}, 404, "job_not_found"),
@@ -105,6 +110,8 @@ BAD = [
     ("post", "/audits", {"json": {"kind": "poison", "images": [IMG]}}, 422, "validation_error"),
     ("get", "/no-such-route", {}, 404, "not_found"),
     ("put", "/embed", {}, 405, "method_not_allowed"),
+    ("get", "/indexes/bad/items", {"params": {"offset": 9223372036854775800, "limit": 10}},
+     422, "validation_error"),
 ]
 
 
