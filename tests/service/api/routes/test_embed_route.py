@@ -1,11 +1,14 @@
 import base64
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from byorl.service.main import create_app
 from byorl.training.checkpoint import load_torch_encoder
@@ -122,3 +125,52 @@ def test_docs_show_the_429_of_every_route_that_embeds(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/embed", "/search", "/indexes/{name}/items", "/heads/{head_id}/predict"):
         assert "Retry-After" in paths[path]["post"]["responses"]["429"]["headers"], path
+
+
+def tiny_huge_webp() -> str:
+    """A lossless WebP of 4096x4096 white pixels: 944 base64 characters, 16.8 Mpixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (255, 255, 255)).save(buf, format="WEBP", lossless=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def healthz_during(url: str, request) -> tuple[httpx.Response, float, float]:
+    """(the answer of `request()`, its seconds, the longest /healthz wait meanwhile)."""
+    waits, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            start = time.monotonic()
+            httpx.get(url + "/healthz", timeout=120)
+            waits.append(time.monotonic() - start)
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    start = time.monotonic()
+    try:
+        answer = request()
+    finally:
+        took = time.monotonic() - start
+        done.set()
+        poller.join()
+    return answer, took, max(waits)
+
+
+def test_decoding_never_blocks_the_event_loop(live_api):
+    """Three 944-character WebPs (a 3 KB body) decode to 50 Mpixels, seconds of CPU: they were
+    decoded on the event loop (bodies under 64 KB), and /healthz waited all that time."""
+    images = [tiny_huge_webp()] * 3
+    answer, took, longest = healthz_during(live_api.url, lambda: httpx.post(
+        live_api.url + "/embed", json={"images": images}, timeout=300))
+    assert answer.status_code == 200, answer.text
+    assert longest < max(0.5, took / 3), f"/healthz waited {longest:.2f} s of {took:.2f} s"
+
+
+def test_the_decoded_pixels_of_a_request_are_bounded_from_the_headers(live_api):
+    """Five of them (84 Mpixels) pass MAX_REQUEST_PIXELS (64 Mi): refused before decoding."""
+    start = time.monotonic()
+    r = httpx.post(live_api.url + "/embed", json={"images": [tiny_huge_webp()] * 5}, timeout=300)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels", r.text
+    assert "MAX_REQUEST_PIXELS" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 1.0

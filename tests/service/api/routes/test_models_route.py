@@ -4,8 +4,12 @@ import base64
 import hashlib
 import io
 import json
+import os
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,9 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from byorl.service.main import create_app
+from byorl.service.serving.model_upload import user_card
 from byorl.service.settings import Settings
 from tests import hostile_models
 from tests.conftest import ROOT, flatten_onnx
+from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
 
 SECOND = ROOT / "models" / "byol-reference"  # bundled: a real second model
 
@@ -313,3 +319,57 @@ def test_a_model_returning_infinity_is_refused_everywhere(two):
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_vector", r.text
         assert "NaN or infinity" in r.json()["error"]["message"]
     assert c.post("/embed", json={"images": fine, "model": model_id}).status_code == 200
+
+
+def plant_model(data_dir, onnx: bytes, name: str) -> str:
+    """A user model stored as the former upload stored it (it passed a batch-of-2 trial)."""
+    card = user_card({"name": name, "input_size": 8}, hashlib.sha256(onnx).hexdigest(), 192)
+    folder = data_dir / "models" / card["model_id"]
+    folder.mkdir(parents=True)
+    (folder / "encoder.onnx").write_bytes(onnx)
+    (folder / "card.json").write_text(json.dumps(card))
+    return card["model_id"]
+
+
+def test_a_stored_model_that_fails_at_start_never_stops_the_api(model_dir, tmp_path):
+    """A real uvicorn, restarted on a data directory that holds a model right at a batch of 2
+    only: every start used to fail; now it is listed unavailable, and can be deleted."""
+    env = {**os.environ, "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp_path),
+           "BYORL_REDIS_URL": "", "BYORL_API_KEY": "", "BYORL_THREADS": "1"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    for attempt in ("first", "restart"):
+        proc = start_process(uvicorn_argv(port), env, tmp_path / f"{attempt}.log", tmp_path)
+        try:
+            wait_ready(url, timeout=120)
+            if attempt == "first":
+                bad = plant_model(tmp_path, hostile_models.batch_of_two_only(), "twoonly")
+                continue
+            listed = httpx.get(url + "/models").json()
+            assert [m["available"] for m in listed] == [True, False]
+            assert listed[1]["model_id"] == bad and "returns" in listed[1]["error"]
+            assert "is unavailable" in (tmp_path / "restart.log").read_text()
+            assert httpx.get(url + f"/models/{bad}").status_code == 404
+            assert httpx.delete(url + f"/models/{bad}").status_code == 204
+            assert len(httpx.get(url + "/models").json()) == 1
+        finally:
+            kill_group(proc, signal.SIGTERM)
+
+
+def test_concurrent_identical_uploads_make_one_model(live_api):
+    """Six at once gave one 201, four 409s and a 500 (ENOTEMPTY from the rename)."""
+    data = flatten_onnx("LpNormalization", axis=1, p=2, side=16)
+    card = json.dumps({"name": "racer", "input_size": 16})
+
+    def post(_):
+        return httpx.post(live_api.url + "/models", timeout=120, data={"card": card},
+                          files={"file": ("m.onnx", data, "application/octet-stream")})
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(post, range(6)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201, 409, 409, 409, 409, 409], [r.text for r in answers]
+    assert {r.json()["error"]["code"] for r in answers if r.status_code == 409} \
+        == {"model_exists"}
+    model_id = next(r.json()["model_id"] for r in answers if r.status_code == 201)
+    assert httpx.delete(f"{live_api.url}/models/{model_id}").status_code == 204
