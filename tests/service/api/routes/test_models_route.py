@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -361,7 +362,10 @@ def test_concurrent_identical_uploads_make_one_model(live_api):
     data = flatten_onnx("LpNormalization", axis=1, p=2, side=16)
     card = json.dumps({"name": "racer", "input_size": 16})
 
+    start = threading.Barrier(6)
+
     def post(_):
+        start.wait()  # all six at the same instant
         return httpx.post(live_api.url + "/models", timeout=120, data={"card": card},
                           files={"file": ("m.onnx", data, "application/octet-stream")})
 
