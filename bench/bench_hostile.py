@@ -201,13 +201,15 @@ def worker_replay(tmp: Path, load: int) -> None:
         again = time.monotonic() - killed
         job = wait_for(lambda: (j := api.get(f"/jobs/{job_id}").json())["state"] in (
             "succeeded", "failed") and j, 600, "the job to finish")
-        log = stack.log("worker")
+        heads = [h["id"] for h in api.get("/heads").json()["items"]]
         print(json.dumps({"replay": f"4: pool child SIGKILLed mid-job, {load} CPU burners",
                           "running_again_after_s": round(again, 1),
                           "finished_after_s": round(time.monotonic() - killed, 1),
                           "state": job["state"], "attempts": job["attempts"],
-                          "tasks_succeeded_logged": log.count("succeeded in"),
-                          "children_killed_for_no_up_message": log.count(
+                          "heads_stored": heads.count(job_id), "pool_children_now": len(
+                              Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
+                              .read_text().split()),
+                          "children_killed_for_no_up_message": stack.log("worker").count(
                               "Timed out waiting for UP message")}))
     finally:
         for b in burners:
