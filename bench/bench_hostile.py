@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,16 @@ sys.path.insert(0, str(ROOT))
 from byorl.service.serving.model_upload import user_card  # noqa: E402
 from tests import hostile_models  # noqa: E402
 from tests.e2e.test_service_e2e import Stack  # noqa: E402
-from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_for, wait_ready  # noqa: E402,E501
+from tests.live import (  # noqa: E402
+    free_port,
+    healthz_during,
+    kill_group,
+    start_process,
+    tiny_huge_webp,
+    uvicorn_argv,
+    wait_for,
+    wait_ready,
+)
 
 
 def peak_mib(pid: int) -> float:
@@ -66,32 +74,6 @@ def upload(url: str, data: bytes, name: str) -> httpx.Response:
         {"name": name, "input_size": 8})}, files={"file": ("m.onnx", data, "x/onnx")})
 
 
-def webp_4096() -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (4096, 4096), (255, 255, 255)).save(buf, format="WEBP", lossless=True)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def with_healthz(url: str, send) -> tuple[httpx.Response, float]:
-    """(send()'s answer, the longest /healthz wait while it ran)."""
-    waits, done = [0.0], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            t = time.monotonic()
-            httpx.get(url + "/healthz", timeout=300)
-            waits.append(time.monotonic() - t)
-            time.sleep(0.02)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
-        return send(), max(waits)
-    finally:
-        done.set()
-        poller.join()
-
-
 def plant(data_dir: Path, onnx: bytes, name: str) -> None:
     """A stored model as the former upload stored it (it passed a batch-of-2 trial)."""
     card = user_card({"name": name, "input_size": 8}, hashlib.sha256(onnx).hexdigest(), 192)
@@ -121,17 +103,14 @@ def api_replays(tmp: Path) -> None:
         replay("8: ConstantOfShape 256 MiB upload", pid,
                lambda: upload(url, hostile_models.big_constant(256 * 2**20), "big"))
         # 5: tiny bodies of huge images
-        image = webp_4096()
-        many = {"images": [image] * 60}
-        print(json.dumps({"body_bytes_60_webps": len(json.dumps(many))}))
+        image = tiny_huge_webp()
+        print(json.dumps({"body_bytes_60_webps": len(json.dumps({"images": [image] * 60}))}))
         for n in (60, 3):
             reset_peak(pid)
-            start = time.monotonic()
-            r, blocked = with_healthz(url, lambda n=n: httpx.post(
+            r, took, blocked = healthz_during(url, lambda n=n: httpx.post(
                 url + "/embed", json={"images": [image] * n}, timeout=300))
             print(json.dumps({"replay": f"5: /embed {n} x 4096^2 lossless WebP",
-                              "status": r.status_code,
-                              "seconds": round(time.monotonic() - start, 2),
+                              "status": r.status_code, "seconds": round(took, 2),
                               "healthz_longest_wait_s": round(blocked, 3),
                               "peak_rss_mib": round(peak_mib(pid))}), flush=True)
         # 6: 25 MB of invalid list elements

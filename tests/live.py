@@ -1,14 +1,18 @@
 """Real servers for tests: free ports, polling, and the api under uvicorn in its own process."""
 
+import base64
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
 
 def free_port() -> int:
@@ -54,3 +58,34 @@ def wait_ready(url: str, timeout: float = 300) -> None:
             return False
 
     wait_for(ready, timeout, f"the api at {url}")
+
+
+def tiny_huge_webp() -> str:
+    """A lossless WebP of 4096x4096 white pixels: 944 base64 characters, 16.8 Mpixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (255, 255, 255)).save(buf, format="WEBP", lossless=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def healthz_during(url: str, request) -> tuple[httpx.Response, float, float]:
+    """(the answer of `request()`, its seconds, the longest /healthz wait meanwhile): how long
+    the server's event loop was blocked while it handled the request."""
+    waits, done = [0.0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            start = time.monotonic()
+            httpx.get(url + "/healthz", timeout=300)
+            waits.append(time.monotonic() - start)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    start = time.monotonic()
+    try:
+        answer = request()
+    finally:
+        took = time.monotonic() - start
+        done.set()
+        poller.join()
+    return answer, took, max(waits)

@@ -1,5 +1,4 @@
 import base64
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -8,11 +7,11 @@ import httpx
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from byorl.service.main import create_app
 from byorl.training.checkpoint import load_torch_encoder
 from byorl.training.data import decode_image
+from tests.live import healthz_during, tiny_huge_webp
 
 
 def metric(client, name: str) -> float:
@@ -125,36 +124,6 @@ def test_docs_show_the_429_of_every_route_that_embeds(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/embed", "/search", "/indexes/{name}/items", "/heads/{head_id}/predict"):
         assert "Retry-After" in paths[path]["post"]["responses"]["429"]["headers"], path
-
-
-def tiny_huge_webp() -> str:
-    """A lossless WebP of 4096x4096 white pixels: 944 base64 characters, 16.8 Mpixels."""
-    buf = io.BytesIO()
-    Image.new("RGB", (4096, 4096), (255, 255, 255)).save(buf, format="WEBP", lossless=True)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def healthz_during(url: str, request) -> tuple[httpx.Response, float, float]:
-    """(the answer of `request()`, its seconds, the longest /healthz wait meanwhile)."""
-    waits, done = [], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            start = time.monotonic()
-            httpx.get(url + "/healthz", timeout=120)
-            waits.append(time.monotonic() - start)
-            time.sleep(0.05)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    start = time.monotonic()
-    try:
-        answer = request()
-    finally:
-        took = time.monotonic() - start
-        done.set()
-        poller.join()
-    return answer, took, max(waits)
 
 
 def test_decoding_never_blocks_the_event_loop(live_api):
