@@ -77,8 +77,16 @@ def read_card(model_dir: str | Path) -> dict:
     return validate_card(card, str(path))
 
 
+def restrict_untrusted(options: ort.SessionOptions) -> ort.SessionOptions:
+    """Options for a graph from elsewhere (a user's upload): no memory arena, so that what a
+    run allocates goes back when the run ends instead of staying in the arena for good."""
+    options.enable_cpu_mem_arena = False
+    return options
+
+
 def load_onnx_session(model_dir: str | Path, threads: int | None = None,
-                      device: str = "auto", spin: bool = True) -> ort.InferenceSession:
+                      device: str = "auto", spin: bool = True,
+                      untrusted: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session of the directory's encoder, after checking its sha256.
 
     device "auto" takes the CUDA execution provider when onnxruntime-gpu offers it (ONNX Runtime
@@ -86,7 +94,8 @@ def load_onnx_session(model_dir: str | Path, threads: int | None = None,
     `threads` (default: the cores this process may use) is set explicitly because ONNX Runtime's
     own default oversubscribes cores shared with PyTorch or a second session. `spin` (ONNX
     Runtime's default) keeps its threads busy-waiting between runs: lower latency for a lone
-    caller, but cores taken from anything else the process does.
+    caller, but cores taken from anything else the process does. `untrusted`: a user's graph
+    (`restrict_untrusted`).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
@@ -101,6 +110,8 @@ def load_onnx_session(model_dir: str | Path, threads: int | None = None,
     options.inter_op_num_threads = 1
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if untrusted:
+        restrict_untrusted(options)
     providers = ["CPUExecutionProvider"]
     if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")

@@ -230,7 +230,8 @@ class EmbeddingIndex:
         one instant: concurrent removals never leave a listed key without its metadata.
         `raw_metadata` as in `search`."""
         with self._lock.read():
-            keys = list(islice(self._ids, offset, offset + limit))
+            start = min(offset, len(self._ids))  # islice refuses indexes past sys.maxsize
+            keys = list(islice(self._ids, start, start + limit))
             return len(self._ids), [(k, self._metadata(self._ids[k], raw_metadata)) for k in keys]
 
     def ids_of(self, keys: Sequence[str]) -> list[int]:

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_images: int = Field(256, ge=1)  # per /embed, /search or /predict request
     max_bulk_images: int = Field(10_000, ge=2)  # per gallery add, /linear-head or /audits
     max_image_pixels: int = Field(4096 * 4096, ge=1)  # width * height before decoding
+    # All images of one request, from their headers before any is decoded: a 57 KB body of
+    # 60 tiny lossless WebPs decodes to 1 Gpixel (a minute of CPU).
+    max_request_pixels: int = Field(64 * 2**20, ge=1)
     max_image_side: int = Field(8192, ge=1)
     min_image_side: int = Field(8, ge=1)
     max_metadata_bytes: int = Field(16 * 2**10, ge=4)  # one item's metadata, as JSON text
@@ -45,6 +48,14 @@ class Settings(BaseSettings):
     max_model_input_size: int = Field(224, ge=8)
     max_model_dim: int = Field(4096, ge=1)
     max_user_models: int = Field(8, ge=0)
+    # A user model's upload trial runs in a child process under these limits (address space
+    # beyond the runtime's own, wall clock); a served user model's session has no memory arena.
+    model_trial_memory_bytes: int = Field(512 * 2**20, ge=2**20)
+    model_trial_timeout_s: float = Field(60, gt=0)
+    # What a gallery's FAISS factory string may ask for (each allocated at creation and start).
+    max_factory_lists: int = Field(65_536, ge=1)  # IVF lists: lists x dim floats of centroids
+    max_factory_pq_bits: int = Field(12, ge=1)  # bits per PQ code: 2**bits x dim floats
+    max_factory_graph_degree: int = Field(128, ge=2)  # HNSW neighbours per node
 
     # Dynamic batching of /embed-like requests into one ONNX Runtime call.
     batch_wait_ms: float = Field(0.0, ge=0)  # 0: the images that come while the model runs batch
@@ -63,6 +74,9 @@ class Settings(BaseSettings):
     job_sweep_s: float = Field(15, gt=0)
     job_max_attempts: int = Field(3, ge=1)
     worker_max_tasks_per_child: int = Field(20, ge=1)  # recycle workers to bound memory
+    # How long a new Celery pool child may take to report ready before Celery kills it
+    # (Celery's default, 4 s, is less than importing PyTorch under load: 15-20 s).
+    worker_proc_alive_timeout_s: float = Field(120, gt=0)
     embedded_workers: int = Field(1, ge=1)  # job processes in embedded mode
 
     @field_validator("api_key", mode="before")

@@ -1,6 +1,8 @@
 """Real servers for tests: free ports, polling, and the api under uvicorn in its own process."""
 
+import base64
 import glob
+import io
 import os
 import shutil
 import signal
@@ -8,10 +10,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
 
 def free_port() -> int:
@@ -154,3 +158,32 @@ class Stack:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.kill(name)
+def tiny_huge_webp() -> str:
+    """A lossless WebP of 4096x4096 white pixels: 944 base64 characters, 16.8 Mpixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (255, 255, 255)).save(buf, format="WEBP", lossless=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def healthz_during(url: str, request) -> tuple[httpx.Response, float, float]:
+    """(the answer of `request()`, its seconds, the longest /healthz wait meanwhile): how long
+    the server's event loop was blocked while it handled the request."""
+    waits, done = [0.0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            start = time.monotonic()
+            httpx.get(url + "/healthz", timeout=300)
+            waits.append(time.monotonic() - start)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    start = time.monotonic()
+    try:
+        answer = request()
+    finally:
+        took = time.monotonic() - start
+        done.set()
+        poller.join()
+    return answer, took, max(waits)

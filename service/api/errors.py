@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from byorl.index import faiss_index as fi
 from byorl.service.api.schemas import ErrorBody
@@ -29,6 +30,7 @@ from byorl.service.exceptions import (
 )
 
 CLIENT_CLOSED_REQUEST = 499
+HTTP_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")  # what the routes may take
 
 # What each error status means, as the OpenAPI document says it.
 ERROR_STATUSES = {
@@ -92,12 +94,26 @@ def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path: Starlette's 405 names only the first
+    route whose path matched (`PUT /indexes` said `Allow: GET`, not `GET, POST`). Asked of each
+    route as if the request had come with each method (routes may be included routers)."""
+    def takes(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] == Match.FULL for route in request.app.routes)
+
+    return ", ".join(m for m in HTTP_METHODS if takes(m))
+
+
 def _http_error(request: Request, exc: HTTPException) -> Response:
     if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's "error parsing the body"
         return _client_gone(request, exc.__cause__)
     phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     code = getattr(exc, "code", None) or phrase
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return error_response(exc.status_code, code, str(exc.detail), headers)
 
 
 def _validation_error(request: Request, exc: RequestValidationError | ValidationError):

@@ -1,6 +1,7 @@
 """One way to page every list endpoint (/jobs, /heads, /audits, /indexes, index items):
 `?offset=&limit=` in, `{items, count, offset, limit, next_offset}` out, at most MAX_LIMIT items
-per page, so that no listing grows with what is stored."""
+per page, so that no listing grows with what is stored; offsets at most MAX_OFFSET (beyond any
+collection the service can hold: a larger one is a 422, never an overflow below)."""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pydantic import BaseModel, Field
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+MAX_OFFSET = 10**9
 
 T = TypeVar("T")
 
@@ -30,7 +32,8 @@ class PageQuery:
 
 
 def page_query(
-    offset: Annotated[int, Query(ge=0, description="Items to skip")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET,
+                                            description="Items to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page")] = DEFAULT_LIMIT,
 ) -> PageQuery:
     return PageQuery(offset, limit)

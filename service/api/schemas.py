@@ -13,6 +13,10 @@ from byorl.service.jobs.head_rule import (
 from byorl.service.names import NAME
 
 Base64Image = Annotated[str, Field(description="A PNG, JPEG or WebP image, base64 (or data URL)")]
+# Every list a body can hold stops validating at its first bad element (`fail_fast`): pydantic
+# otherwise builds one error per element (25 MB of `[{}, {}, ...]`: 158 s, 10.6 GB).
+FAIL_FAST = {"fail_fast": True}
+Vector = Annotated[list[float], Field(fail_fast=True)]
 Key = Annotated[str, Field(min_length=1, max_length=256)]
 ClassName = Annotated[str, Field(min_length=1, max_length=256)]
 Name = Annotated[str, Field(pattern=NAME.pattern)]
@@ -46,7 +50,7 @@ class ThreatModel(Strict):
 
 
 class Images(Strict):
-    images: list[Base64Image] = Field(min_length=1)
+    images: list[Base64Image] = Field(min_length=1, **FAIL_FAST)
     model: ModelName = None
 
 
@@ -76,8 +80,8 @@ class GalleryInfo(BaseModel):
 
 
 class ItemsAdd(Strict):
-    keys: list[Key] = Field(min_length=1)
-    images: list[Base64Image] = Field(min_length=1)
+    keys: list[Key] = Field(min_length=1, **FAIL_FAST)
+    images: list[Base64Image] = Field(min_length=1, **FAIL_FAST)
     metadata: list[Any] | None = Field(None, description="One JSON value per key")
     model: ModelName = None
 
@@ -112,8 +116,8 @@ class Removed(BaseModel):
 
 class SearchRequest(Strict):
     index: Name
-    images: list[Base64Image] | None = Field(None, min_length=1)
-    embeddings: list[list[float]] | None = Field(None, min_length=1)
+    images: list[Base64Image] | None = Field(None, min_length=1, **FAIL_FAST)
+    embeddings: list[Vector] | None = Field(None, min_length=1, **FAIL_FAST)
     k: int = Field(10, ge=1, le=1000)
     model: ModelName = None
 
@@ -139,12 +143,12 @@ class SearchResults(BaseModel):
 class LabeledSet(Strict):
     """Images with labels, or keys of items already in an index with labels."""
 
-    classes: list[ClassName] = Field(min_length=2,
+    classes: list[ClassName] = Field(min_length=2, **FAIL_FAST,
                                      description="Class names; label i is classes[i]")
-    labels: list[int] = Field(min_length=2)
-    images: list[Base64Image] | None = Field(None, min_length=1)
+    labels: list[int] = Field(min_length=2, **FAIL_FAST)
+    images: list[Base64Image] | None = Field(None, min_length=1, **FAIL_FAST)
     index: Name | None = None
-    keys: list[Key] | None = Field(None, min_length=1)
+    keys: list[Key] | None = Field(None, min_length=1, **FAIL_FAST)
     model: ModelName = None
 
     @model_validator(mode="after")
@@ -178,8 +182,8 @@ class LinearHeadRequest(LabeledSet):
 class RobustnessAudit(Strict):
     kind: Literal["robustness"]
     head_id: Name
-    labels: list[int] = Field(min_length=1)
-    images: list[Base64Image] = Field(min_length=1)
+    labels: list[int] = Field(min_length=1, **FAIL_FAST)
+    images: list[Base64Image] = Field(min_length=1, **FAIL_FAST)
     threat: ThreatModel = ThreatModel()
     mode: Literal["quick", "full"] = "quick"
     method: AuditMethod = "auto"
@@ -195,7 +199,7 @@ class RobustnessAudit(Strict):
 class RetrievalAudit(Strict):
     kind: Literal["retrieval"]
     index: Name
-    images: list[Base64Image] = Field(min_length=1, description="Queries to attack")
+    images: list[Base64Image] = Field(min_length=1, description="Queries to attack", **FAIL_FAST)
     threat: ThreatModel = ThreatModel()
     k: int = Field(10, ge=1, le=1000)
     steps: int = Field(20, ge=1, le=1000, description="AutoPGD steps of the query attack")

@@ -42,6 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        worker_proc_alive_timeout=settings.worker_proc_alive_timeout_s,
         task_soft_time_limit=settings.job_time_limit_s,
         task_time_limit=settings.job_kill_after_s,
         broker_transport_options=transport,

@@ -22,11 +22,11 @@ import onnxruntime as ort
 from anyio.to_thread import run_sync
 
 from byorl import model_dir
+from byorl.service.exceptions import Invalid
 from byorl.service.serving.batcher import Batcher
 from byorl.service.serving.images import decode_images
 from byorl.service.settings import Settings
 
-INLINE_DECODE_BYTES = 64 * 1024
 SMALL_BATCH = 4
 
 
@@ -60,22 +60,26 @@ class Encoder:
 
     def describe(self, default: bool) -> dict:
         """The card as GET /models shows it: where the model comes from, whether it is the one
-        requests that name no model get."""
-        return {**self.card, "source": "bundled" if self.bundled else "user", "default": default}
+        requests that name no model get; `available`: it loaded (see `ModelRegistry`)."""
+        return {**self.card, "source": "bundled" if self.bundled else "user", "default": default,
+                "available": True}
 
     async def pixels(self, images: list[str] | list[bytes], limit: int) -> np.ndarray:
         """Base64 strings or image bytes -> uint8 (N, 3, S, S) at this model's input size, at
-        most `limit` images; large payloads are decoded off the event loop, small ones (a
-        thread hop costs more) on it."""
-        args = (images, self.input_size, self.settings, limit)
-        if sum(len(b) for b in images) <= INLINE_DECODE_BYTES:
-            return decode_images(*args)
-        return await run_sync(decode_images, *args)
+        most `limit` images, decoded off the event loop whatever the body's size (a 944-byte
+        WebP can decode to 4096x4096: a second of CPU)."""
+        return await run_sync(decode_images, images, self.input_size, self.settings, limit)
 
     async def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Embeddings of uint8 pixels through the dynamic batcher (`QueueFull` when its queue is
-        at its bound)."""
-        return await self.batcher(pixels)
+        at its bound); 422 `invalid_vector` when the model returns NaN or infinity for an image
+        (a user's model can), which no route may answer or store."""
+        vectors = await self.batcher(pixels)
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            raise Invalid("invalid_vector", f"model {self.model_id!r} returned NaN or infinity "
+                          f"for images[{int(np.argmin(finite))}]")
+        return vectors
 
     async def embed_images(self, images: list[str] | list[bytes], limit: int) -> np.ndarray:
         """Decode and embed: what a request that keeps no pixels needs."""
@@ -91,11 +95,13 @@ def load_encoder(path: Path, settings: Settings, bundled: bool) -> Encoder:
     """A model directory's sessions (sha256 checked) and batcher, after a warm-up call that
     checks the card's embedding size."""
     card = model_dir.read_card(path)
+    untrusted = not bundled  # a user's graph: no external data, no memory arena
     session = model_dir.load_onnx_session(path, settings.num_threads, settings.device,
-                                          spin=False)
+                                          spin=False, untrusted=untrusted)
     latency = session
     if model_dir.session_device(session) == "cpu":
-        latency = model_dir.load_onnx_session(path, settings.num_threads, "cpu", spin=True)
+        latency = model_dir.load_onnx_session(path, settings.num_threads, "cpu", spin=True,
+                                              untrusted=untrusted)
     logging.getLogger("uvicorn.error").info(
         "encoder %s on %s (BYORL_DEVICE=%s)", card["model_id"], model_dir.session_device(session),
         settings.device)

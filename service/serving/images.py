@@ -31,8 +31,9 @@ def decode_base64(text: str, i: int) -> bytes:
         raise Invalid("invalid_base64", f"images[{i}] is not valid base64") from None
 
 
-def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.ndarray:
-    """Bytes of a PNG, JPEG or WebP -> (3, size, size) uint8; a clear 4xx for anything else."""
+def open_image(data: bytes, settings: Settings, i: int = 0) -> Image.Image:
+    """The header of a PNG, JPEG or WebP (no pixel decoded yet), within the per-image size
+    limits; a clear 4xx for anything else."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -42,19 +43,26 @@ def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.n
     except Exception:  # Pillow raises many types for garbage; all mean "not an image"
         raise Invalid("invalid_image",
                       f"images[{i}] is not a decodable {'/'.join(FORMATS)} image") from None
+    w, h = im.size
+    if w * h > settings.max_image_pixels or max(w, h) > settings.max_image_side:
+        im.close()
+        raise TooLarge(
+            "image_too_large",
+            f"images[{i}] is {w}x{h}; the limits are {settings.max_image_pixels} pixels and "
+            f"{settings.max_image_side} per side",
+        )
+    if min(w, h) < settings.min_image_side:
+        im.close()
+        raise Invalid(
+            "image_too_small",
+            f"images[{i}] is {w}x{h}; each side must be >= {settings.min_image_side}",
+        )
+    return im
+
+
+def to_pixels(im: Image.Image, size: int, i: int = 0) -> np.ndarray:
+    """An opened image -> (3, size, size) uint8 (this is where the pixels are decoded)."""
     with im:
-        w, h = im.size
-        if w * h > settings.max_image_pixels or max(w, h) > settings.max_image_side:
-            raise TooLarge(
-                "image_too_large",
-                f"images[{i}] is {w}x{h}; the limits are {settings.max_image_pixels} pixels and "
-                f"{settings.max_image_side} per side",
-            )
-        if min(w, h) < settings.min_image_side:
-            raise Invalid(
-                "image_too_small",
-                f"images[{i}] is {w}x{h}; each side must be >= {settings.min_image_side}",
-            )
         try:  # in place and no RGB -> RGB copy: a tenth of a small image's decoding time
             ImageOps.exif_transpose(im, in_place=True)
             rgb = im if im.mode == "RGB" else im.convert("RGB")
@@ -65,17 +73,42 @@ def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.n
         return np.asarray(rgb).transpose(2, 0, 1).copy()
 
 
+def decode_image(data: bytes, size: int, settings: Settings, i: int = 0) -> np.ndarray:
+    """Bytes of a PNG, JPEG or WebP -> (3, size, size) uint8; a clear 4xx for anything else."""
+    return to_pixels(open_image(data, settings, i), size, i)
+
+
+def check_request_pixels(images: list[Image.Image], settings: Settings) -> None:
+    """All images of a request together within MAX_REQUEST_PIXELS, from their headers: tiny
+    bodies can hold huge images (60 lossless WebPs of 944 bytes: 1 Gpixel, a minute of CPU)."""
+    total = sum(im.size[0] * im.size[1] for im in images)
+    if total > settings.max_request_pixels:
+        for im in images:
+            im.close()
+        raise TooLarge("too_many_pixels", f"the request's {len(images)} images hold {total} "
+                       f"pixels; the limit is MAX_REQUEST_PIXELS = {settings.max_request_pixels}")
+
+
 def decode_images(blobs: list[bytes] | list[str], size: int, settings: Settings,
                   limit: int) -> np.ndarray:
     """A request's images (bytes, or base64 text) -> (N, 3, size, size) uint8, at most `limit`
-    of them (counted before any is decoded)."""
+    of them (counted before any is decoded) and at most MAX_REQUEST_PIXELS pixels in all (read
+    from every header before any pixel is decoded)."""
     if not blobs:
         raise Invalid("no_images", "the request holds no images")
     if len(blobs) > limit:
         raise TooLarge("too_many_images",
                        f"{len(blobs)} images in one request; the limit is {limit}")
-    return np.stack([decode_image(decode_base64(b, i) if isinstance(b, str) else b, size,
-                                  settings, i) for i, b in enumerate(blobs)])
+    images = []
+    try:
+        for i, b in enumerate(blobs):
+            images.append(open_image(decode_base64(b, i) if isinstance(b, str) else b, settings, i))
+    except Exception:
+        for im in images:
+            im.close()
+        raise
+    check_request_pixels(images, settings)
+    return np.stack([to_pixels(im, size, i) for i, im in enumerate(images)])
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

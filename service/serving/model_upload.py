@@ -1,20 +1,24 @@
 """A user's ONNX encoder, validated before it is stored and served (POST /models).
 
 Each check is a clear 4xx: the file's size (MAX_MODEL_BYTES, checked while it streams), the
-declared input side (MAX_MODEL_INPUT_SIZE), the graph (ONNX Runtime must open it: one float
-input of shape (N, 3, S, S) with a free batch axis), a trial run on a batch of 2 at the declared
-size (one finite vector per image, at most MAX_MODEL_DIM long). The stored directory has the
-bundled layout (encoder.onnx + a valid card.json with the file's sha256), written in a
-dot-folder and renamed into place: a crash never leaves half a model.
+declared input side (MAX_MODEL_INPUT_SIZE), then the trial in a child process with memory and
+time limits (`model_trial.py`: ONNX Runtime opens it without external data, its signature, runs
+at batch sizes 1, 2 and 4). The stored directory has the bundled layout (encoder.onnx + a valid
+card.json with the file's sha256), written in a dot-folder and renamed into place: a crash
+never leaves half a model, and of concurrent uploads of the same model one wins, the others
+get 409.
 """
 
+import errno
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
-
-import numpy as np
-import onnxruntime as ort
 
 from byorl import model_dir
 from byorl.files import atomic_write, fsync_dir, sha256_file, write_json
@@ -23,60 +27,32 @@ from byorl.service.serving.encoder import Encoder, load_encoder
 from byorl.service.serving.served_models import ModelRegistry, user_models_root
 from byorl.service.settings import Settings
 
-TRIAL_BATCH = 2
-def invalid(code: str, message: str) -> Invalid:
-    return Invalid(code, message)
+TRIAL = [sys.executable, "-m", "byorl.service.serving.model_trial"]
 
 
-def open_session(data: bytes) -> ort.InferenceSession:
-    """ONNX Runtime's session of the uploaded bytes, on the CPU with one thread."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+def trial_in_child(data: bytes, size: int, settings: Settings) -> int:
+    """The vector length of the uploaded encoder, from its trial (`model_trial.py`) in a child
+    process under MODEL_TRIAL_MEMORY_BYTES and MODEL_TRIAL_TIMEOUT_S, run in an empty folder
+    (nothing for a relative path to find); each problem a 422."""
+    argv = [*TRIAL, str(size), str(settings.max_model_dim), str(settings.model_trial_memory_bytes)]
+    timeout = settings.model_trial_timeout_s
+    with tempfile.TemporaryDirectory(prefix="byorl-trial-") as empty:
+        try:
+            done = subprocess.run(argv, input=data, capture_output=True, timeout=timeout,
+                                  cwd=empty)
+        except subprocess.TimeoutExpired:
+            raise Invalid("trial_timeout", f"the encoder's trial (open and runs at batch sizes "
+                          f"1, 2, 4) took more than MODEL_TRIAL_TIMEOUT_S = {timeout} s") from None
     try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several types for a bad graph
-        raise invalid("invalid_onnx", f"ONNX Runtime cannot load the file: "
-                      f"{str(exc)[:300]}") from None
-
-
-def check_signature(session: ort.InferenceSession, size: int) -> None:
-    """One float input (N, 3, S, S) with a free batch axis, and at least one output."""
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise invalid("invalid_signature", f"the encoder takes {len(inputs)} inputs; it must "
-                      "take exactly one (float32 NCHW pixels in [0, 1])")
-    (x,) = inputs
-    if x.type != "tensor(float)" or len(x.shape) != 4:
-        raise invalid("invalid_signature", f"input {x.name!r} is {x.type} of shape {x.shape}; "
-                      "expected tensor(float) of shape (N, 3, S, S)")
-    batch, *rest = x.shape
-    if isinstance(batch, int):
-        raise invalid("invalid_signature", f"input {x.name!r} has a fixed batch size {batch}; "
-                      "export it with a dynamic batch axis")
-    for got, want, what in zip(rest, (3, size, size), ("channels", "height", "width"),
-                               strict=True):
-        if isinstance(got, int) and got != want:
-            raise invalid("invalid_signature", f"input {x.name!r} has {got} {what}; the card "
-                          f"declares (3, {size}, {size})")
-
-
-def trial_run(session: ort.InferenceSession, size: int, max_dim: int) -> int:
-    """The embedding size of a run on a seeded random batch of 2 at the declared size."""
-    x = np.random.default_rng(0).random((TRIAL_BATCH, 3, size, size), dtype=np.float32)
-    try:
-        out = model_dir.embed(session, x)
-    except Exception as exc:
-        raise invalid("onnx_run_failed", f"the encoder failed on a batch of {TRIAL_BATCH} "
-                      f"images of 3x{size}x{size}: {str(exc)[:300]}") from None
-    if out.ndim != 2 or out.shape[0] != TRIAL_BATCH:
-        raise invalid("invalid_output", f"the encoder returned shape {list(out.shape)} for "
-                      f"{TRIAL_BATCH} images; expected one vector per image, ({TRIAL_BATCH}, D)")
-    if not 1 <= out.shape[1] <= max_dim:
-        raise invalid("invalid_output", f"the encoder returns vectors of {out.shape[1]} "
-                      f"numbers; the limit is MAX_MODEL_DIM = {max_dim}")
-    if not np.isfinite(out).all():
-        raise invalid("invalid_output", "the encoder returned NaN or infinity")
-    return int(out.shape[1])
+        answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = done.stderr.decode(errors="replace").strip()[-300:]
+        raise Invalid("trial_failed", f"the encoder's trial process died (exit status "
+                      f"{done.returncode}; MODEL_TRIAL_MEMORY_BYTES = "
+                      f"{settings.model_trial_memory_bytes}): {tail}") from None
+    if "dim" not in answer:
+        raise Invalid(answer["code"], answer["message"])
+    return answer["dim"]
 
 
 def user_card(upload: dict, sha256: str, dim: int) -> dict:
@@ -111,21 +87,39 @@ def register_model(data: bytes, upload: dict, settings: Settings,
     if size > settings.max_model_input_size:
         raise TooLarge("input_too_large", f"input_size {size} exceeds "
                        f"MAX_MODEL_INPUT_SIZE ({settings.max_model_input_size})")
-    session = open_session(data)
-    check_signature(session, size)
-    dim = trial_run(session, size, settings.max_model_dim)
+    dim = trial_in_child(data, size, settings)
     root = user_models_root(settings)
     tmp = root / f".creating-{uuid.uuid4().hex}"
     tmp.mkdir(parents=True)
-    atomic_write(tmp / model_dir.ONNX, [data])
-    card = user_card(upload, sha256_file(tmp / model_dir.ONNX), dim)
-    final = root / card["model_id"]
-    if card["model_id"] in registry or final.exists():
-        os.remove(tmp / model_dir.ONNX)
-        tmp.rmdir()
-        raise Conflict(f"model {card['model_id']!r} (the same name and file) is already "
-                       "registered", "model_exists")
-    write_json(tmp / model_dir.CARD, card)
-    os.rename(tmp, final)
+    try:
+        atomic_write(tmp / model_dir.ONNX, [data])
+        card = user_card(upload, sha256_file(tmp / model_dir.ONNX), dim)
+        final = root / card["model_id"]
+        if card["model_id"] in registry or final.exists():
+            raise exists(card["model_id"])
+        write_json(tmp / model_dir.CARD, card)
+        move_into_place(tmp, final, card["model_id"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless it was refused
     fsync_dir(root)
-    return load_encoder(Path(final), settings, bundled=False)
+    try:
+        return load_encoder(final, settings, bundled=False)
+    except Exception as exc:  # what the trial missed must not stay stored (nor stop a restart)
+        shutil.rmtree(final, ignore_errors=True)
+        raise Invalid("onnx_run_failed", f"the encoder failed to load: {str(exc)[:300]}") from None
+
+
+def exists(model_id: str) -> Conflict:
+    return Conflict(f"model {model_id!r} (the same name and file) is already registered",
+                    "model_exists")
+
+
+def move_into_place(tmp: Path, final: Path, model_id: str) -> None:
+    """Rename the finished dot-folder to the model's; a concurrent upload of the same model
+    that renamed first makes this one a 409 (the rename fails on a non-empty folder)."""
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise exists(model_id) from None
+        raise

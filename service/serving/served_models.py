@@ -6,6 +6,7 @@ user models are registered with POST /models and live in `<data_dir>/models/<mod
 find a model's directory by its id with `find_model_dir` (no session, no PyTorch).
 """
 
+import logging
 import shutil
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from byorl.service.serving.encoder import Encoder, load_encoder
 from byorl.service.settings import Settings
 
 USER_MODELS = "models"  # under the data directory
+log = logging.getLogger("uvicorn.error")
 
 
 def user_models_root(settings: Settings) -> Path:
@@ -36,20 +38,33 @@ def find_model_dir(settings: Settings, model_id: str) -> Path:
 
 class ModelRegistry:
     """Every served model by id, in order: the bundled ones (the first is the default), then
-    the users' in the order they were registered."""
+    the users' in the order they were registered. A stored user model that fails to load is
+    skipped (an error logged) and listed as unavailable: one bad upload never stops start-up."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._models: dict[str, Encoder] = {}
+        self.unavailable: dict[str, dict] = {}  # user models that failed to load, by id
         for path in settings.served_model_dirs:
             self._put(load_encoder(path, settings, bundled=True))
         root = user_models_root(settings)
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(".*"):  # an interrupted registration or deletion
             shutil.rmtree(leftover, ignore_errors=True)
-        user = [p for p in root.iterdir() if (p / model_dir.CARD).is_file()]
-        for path in sorted(user, key=lambda p: model_dir.read_card(p).get("created_at", 0)):
-            self._put(load_encoder(path, settings, bundled=False))
+        user = [self._load_user_model(p) for p in sorted(root.iterdir()) if p.is_dir()]
+        for model in sorted(filter(None, user), key=lambda m: m.card.get("created_at", 0)):
+            self._put(model)
+
+    def _load_user_model(self, path: Path) -> Encoder | None:
+        """A stored user model's encoder, or None with the reason recorded and logged."""
+        try:
+            return load_encoder(path, self.settings, bundled=False)
+        except Exception as exc:  # a bad card, file or graph: this model only
+            log.error("user model %s is unavailable: %s", path.name, exc)
+            self.unavailable[path.name] = {"model_id": path.name, "source": "user",
+                                           "default": False, "available": False,
+                                           "error": str(exc)[:300]}
+            return None
 
     def _put(self, model: Encoder) -> None:
         if model.model_id in self._models:
@@ -79,7 +94,7 @@ class ModelRegistry:
             raise NotFound("model", model_id) from None
 
     def user_count(self) -> int:
-        return sum(not m.bundled for m in self._models.values())
+        return sum(not m.bundled for m in self._models.values()) + len(self.unavailable)
 
     def add(self, model: Encoder) -> None:
         """Serve a newly registered model (its batcher starts on the running event loop)."""
@@ -87,12 +102,15 @@ class ModelRegistry:
         model.batcher.start()
 
     async def remove(self, model_id: str) -> None:
-        """Stop serving a user model and delete its directory (renamed away first, atomically:
-        a restart never finds half of it)."""
-        model = self._models.pop(model_id)
-        await model.batcher.stop()
-        trash = model.model_dir.with_name(f".deleted-{model_id}-{uuid.uuid4().hex[:8]}")
-        model.model_dir.rename(trash)
+        """Stop serving a user model (or forget an unavailable one) and delete its directory
+        (renamed away first, atomically: a restart never finds half of it)."""
+        path = user_models_root(self.settings) / model_id
+        if self.unavailable.pop(model_id, None) is None:
+            model = self._models.pop(model_id)
+            await model.batcher.stop()
+            path = model.model_dir
+        trash = path.with_name(f".deleted-{model_id}-{uuid.uuid4().hex[:8]}")
+        path.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
 
     def start(self) -> None:

@@ -9,6 +9,7 @@ format (service/gallery_migration.py).
 """
 
 import logging
+import re
 import shutil
 import threading
 import uuid
@@ -18,13 +19,39 @@ from typing import Any
 import numpy as np
 
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.service.exceptions import Conflict, NotFound
+from byorl.service.exceptions import Conflict, Invalid, NotFound
 from byorl.service.names import NAME, check_name
+from byorl.service.settings import Settings
 from byorl.service.storage.gallery_migration import is_old_format, migrate
 from byorl.service.storage.gallery_store import DB_FILE, GalleryStore, create_store
 
 log = logging.getLogger(__name__)
 CHECKPOINT_S = 1.0
+
+# The factory parts a gallery may use (comma-separated), each number bounded by a setting:
+# FAISS allocates what the numbers say (IVF10000000: 1.5 GB of centroids, PQ8x20: 1 GB of
+# codebooks) at creation and again at every start.
+FACTORY_PARTS = re.compile(r"Flat|SQ(?:4|6|8|fp16)|IVF(?P<lists>\d+)|HNSW(?P<degree>\d+)"
+                           r"|PQ(?P<pq>\d+)(?:x(?P<bits>\d+))?")
+FACTORY_SHAPES = "Flat, HNSW<degree>, PQ<m>x<bits>, IVF<lists>,Flat|SQ8|PQ<m>x<bits>"
+
+
+def check_factory(factory: str, settings: Settings) -> None:
+    """Refuse (422) a factory string outside the allowed parts, or whose list count, PQ code
+    bits or graph degree pass their settings (FAISS then checks how the parts combine)."""
+    bounds = {"lists": ("IVF lists", settings.max_factory_lists, "MAX_FACTORY_LISTS"),
+              "degree": ("HNSW degree", settings.max_factory_graph_degree,
+                         "MAX_FACTORY_GRAPH_DEGREE"),
+              "bits": ("PQ bits per code", settings.max_factory_pq_bits, "MAX_FACTORY_PQ_BITS")}
+    for part in factory.split(","):
+        match = FACTORY_PARTS.fullmatch(part)
+        if match is None:
+            raise Invalid("invalid_factory", f"factory {factory[:100]!r}: part {part[:50]!r} is "
+                          f"not allowed; the allowed shapes are {FACTORY_SHAPES}")
+        for group, (what, limit, setting) in bounds.items():
+            if match[group] is not None and not 1 <= int(match[group]) <= limit:
+                raise Invalid("factory_out_of_bounds", f"factory {factory[:100]!r}: {what} "
+                              f"{int(match[group])} is outside 1..{limit} ({setting})")
 
 
 def load_index(data_dir: str | Path, name: str) -> EmbeddingIndex:

@@ -147,6 +147,7 @@ def test_raw_metadata_is_the_stored_json_text(vectors):
     assert index.get("item-3", raw_metadata=True).metadata == json.dumps({"i": 3})
     assert index.page(3, 2, raw_metadata=True) == (11, [("item-3", json.dumps({"i": 3})),
                                                         ("item-4", raw["item-4"])])
+    assert index.page(2**63 - 8, 10) == (11, [])  # past sys.maxsize: an empty page
 
 
 def test_update_metadata_only_and_unknown_keys(vectors):

@@ -7,13 +7,14 @@ from fastapi import APIRouter, Body, Response
 
 from byorl.service.api.deps import Service
 from byorl.service.api.errors import APIError, error_responses
+from byorl.service.api.json_body import JsonFirstRoute
 from byorl.service.api.labels import check_labels
 from byorl.service.api.pagination import Page, Paging, page
 from byorl.service.api.responses import ACCEPTED, job_accepted
 from byorl.service.api.schemas import AuditRequest, Job, JobAccepted, RobustnessAudit
 from byorl.service.exceptions import NotFound
 
-router = APIRouter(prefix="/audits", tags=["audits"])
+router = APIRouter(prefix="/audits", tags=["audits"], route_class=JsonFirstRoute)
 
 
 @router.post("", status_code=202,

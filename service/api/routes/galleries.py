@@ -11,6 +11,7 @@ from PIL import Image
 from byorl.index.faiss_index import EmbeddingIndex
 from byorl.service.api.deps import Service
 from byorl.service.api.errors import QUEUE_FULL, APIError, error_responses
+from byorl.service.api.json_body import JsonFirstRoute
 from byorl.service.api.pagination import Page, Paging, page, page_of
 from byorl.service.api.responses import items_response
 from byorl.service.api.schemas import (
@@ -21,8 +22,9 @@ from byorl.service.api.schemas import (
     ItemsPage,
     Removed,
 )
+from byorl.service.storage.galleries import check_factory
 
-router = APIRouter(prefix="/indexes", tags=["galleries"])
+router = APIRouter(prefix="/indexes", tags=["galleries"], route_class=JsonFirstRoute)
 
 
 def gallery_info(svc: Service, name: str, index: EmbeddingIndex | None = None) -> GalleryInfo:
@@ -56,6 +58,7 @@ def list_indexes(svc: Service, paging: Paging) -> Page[GalleryInfo]:
 def create_index(body: GalleryCreate, svc: Service) -> GalleryInfo:
     """An empty index for embeddings of the named model (default: the first served)."""
     model = svc.model(body.model)
+    check_factory(body.factory, svc.settings)
     try:
         svc.galleries.create(body.name, model.dim, model.model_id, body.factory)
     except ValueError as exc:

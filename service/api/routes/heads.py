@@ -6,6 +6,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from byorl.service.api.deps import Service
 from byorl.service.api.errors import QUEUE_FULL, APIError, error_responses
+from byorl.service.api.json_body import JsonFirstRoute
 from byorl.service.api.labels import check_labels
 from byorl.service.api.pagination import Page, Paging, page
 from byorl.service.api.responses import ACCEPTED, job_accepted
@@ -19,7 +20,7 @@ from byorl.service.api.schemas import (
 )
 from byorl.service.serving.encoder import Encoder
 
-router = APIRouter(tags=["heads"])
+router = APIRouter(tags=["heads"], route_class=JsonFirstRoute)
 
 
 async def labeled_pixels(svc: Service, body: LabeledSet) -> tuple[Encoder, np.ndarray]:

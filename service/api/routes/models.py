@@ -31,9 +31,11 @@ router = APIRouter(prefix="/models", tags=["models"])
 @router.get("")
 def list_models(svc: Service) -> list[dict]:
     """Model cards (architecture, threat model, embedding size, metrics, sha256), the default
-    model first; `source` says bundled or user, `default` which one requests get by default."""
+    model first; `source` says bundled or user, `default` which one requests get by default.
+    Stored user models that failed to load come last, with `available: false` and the error."""
     default = svc.models.default.model_id
-    return [m.describe(m.model_id == default) for m in svc.models]
+    served = [m.describe(m.model_id == default) for m in svc.models]
+    return served + list(svc.models.unavailable.values())
 
 
 @router.get("/{model_id}", responses=error_responses(404))
@@ -89,7 +91,11 @@ async def create_model(request: Request, svc: Service) -> dict:
 
 @router.delete("/{model_id}", status_code=204, responses=error_responses(403, 404, 409))
 async def delete_model(model_id: str, svc: Service) -> Response:
-    """Delete a user model; 409 while an index or a head uses it, 403 for a bundled one."""
+    """Delete a user model (an unavailable one too); 409 while an index or a head uses it, 403
+    for a bundled one."""
+    if model_id in svc.models.unavailable:
+        await svc.models.remove(model_id)
+        return Response(status_code=204)
     model = svc.model(model_id)
     if model.bundled:
         raise APIError(403, "bundled_model", f"model {model_id!r} is bundled with the service "

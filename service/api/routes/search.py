@@ -5,10 +5,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from byorl.service.api.deps import Service
 from byorl.service.api.errors import QUEUE_FULL, APIError, error_responses
+from byorl.service.api.json_body import JsonFirstRoute
 from byorl.service.api.responses import search_response
 from byorl.service.api.schemas import SearchRequest, SearchResults
 
-router = APIRouter(tags=["galleries"])
+router = APIRouter(tags=["galleries"], route_class=JsonFirstRoute)
 
 
 @router.post("/search", response_model=SearchResults,

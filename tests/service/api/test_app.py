@@ -9,8 +9,10 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -28,6 +30,7 @@ def png_b64(size=(32, 32)) -> str:
 
 
 FUZZ_EXAMPLES = 30  # per operation, at most: about 450 requests in all
+NEGATIVE_EXAMPLES = 15  # invalid data per operation, at most: about 250 more
 
 IMG = png_b64()
 HEAD = {"classes": ["a", "b"], "labels": [0, 1], "images": [IMG, IMG]}
@@ -75,6 +78,11 @@ BAD = [
     ("post", "/indexes", {"json": {"name": "../etc"}}, 422, "validation_error"),
     ("post", "/indexes", {"json": {"name": "x", "factory": "Nonsense99"}},
      422, "invalid_factory"),
+    # FAISS allocated what these say (at 256 dimensions: 100 MB, 64 MB), here and at each start
+    ("post", "/indexes", {"json": {"name": "x", "factory": "IVF100000,Flat"}},
+     422, "factory_out_of_bounds"),
+    ("post", "/indexes", {"json": {"name": "x", "factory": "PQ8x16"}},
+     422, "factory_out_of_bounds"),
     ("delete", "/indexes/bad/items/no-such-key", {}, 404, "key_not_found"),
     ("delete", "/indexes/nope", {}, 404, "index_not_found"),
     ("get", "/jobs/0123abcd", {}, 404, "job_not_found"),
@@ -105,6 +113,8 @@ BAD = [
     ("post", "/audits", {"json": {"kind": "poison", "images": [IMG]}}, 422, "validation_error"),
     ("get", "/no-such-route", {}, 404, "not_found"),
     ("put", "/embed", {}, 405, "method_not_allowed"),
+    ("get", "/indexes/bad/items", {"params": {"offset": 9223372036854775800, "limit": 10}},
+     422, "validation_error"),
 ]
 
 
@@ -192,14 +202,16 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 
 
-def fuzz(operation) -> dict[int, int]:
-    """Up to FUZZ_EXAMPLES generated requests (valid and invalid) to one operation, each answer
-    checked; returns how many got each status. (Hypothesis driven directly: schemathesis's
-    pytest plugin predates pytest 9.2.)"""
+def fuzz(operation, mode: GenerationMode) -> dict[int, int]:
+    """Generated requests to one operation (positive: data that fits the schema, up to
+    FUZZ_EXAMPLES; negative: data that does not, up to NEGATIVE_EXAMPLES), each answer checked;
+    returns how many got each status. (Hypothesis driven directly: schemathesis's pytest plugin
+    predates pytest 9.2.)"""
     statuses: dict[int, int] = {}
+    examples = FUZZ_EXAMPLES if mode == GenerationMode.POSITIVE else NEGATIVE_EXAMPLES
 
-    @given(case=operation.as_strategy())
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+    @given(case=operation.as_strategy(mode))
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def check(case):
         status = case.call_and_validate(checks=CHECKS).status_code
@@ -209,17 +221,34 @@ def fuzz(operation) -> dict[int, int]:
     return statuses
 
 
-def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(api_schema):
-    """Schemathesis against the real uvicorn, every operation of the OpenAPI document."""
+def fuzz_all(api_schema, mode: GenerationMode) -> tuple[int, dict, dict]:
+    """(operations, requests by status, failures by operation) of fuzzing every operation."""
     failures, statuses = {}, {}
     operations = [result.ok() for result in api_schema.get_all_operations()]
     for operation in operations:
         try:
-            for status, n in fuzz(operation).items():
+            for status, n in fuzz(operation, mode).items():
                 statuses[status] = statuses.get(status, 0) + n
+        except Unsatisfiable:  # nothing in it to break (no body, no constrained parameter)
+            assert mode == GenerationMode.NEGATIVE, operation.label
         except Exception as exc:  # noqa: BLE001 (every operation is tried; all failures shown)
             failures[operation.label] = str(exc)[:2000]
-    print(f"{len(operations)} operations, {sum(statuses.values())} requests: {statuses}")
+    print(f"{mode}: {len(operations)} operations, {sum(statuses.values())} requests: {statuses}")
+    return len(operations), statuses, failures
+
+
+def test_fuzzed_requests_get_no_5xx_and_answers_match_the_schema(api_schema):
+    """Schemathesis against the real uvicorn, every operation of the OpenAPI document."""
+    operations, statuses, failures = fuzz_all(api_schema, GenerationMode.POSITIVE)
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
-    assert len(operations) >= 20 and sum(statuses.values()) >= 200
+    assert operations >= 20 and sum(statuses.values()) >= 200
     assert {200, 201, 404, 422} <= set(statuses)  # found things, made things, and refused
+
+
+def test_invalid_fuzzed_requests_are_refused_with_4xx(api_schema):
+    """The same with schemathesis's negative generation: data that breaks the schema (wrong
+    types, out-of-range numbers, missing fields), each a 4xx in the documented shape."""
+    operations, statuses, failures = fuzz_all(api_schema, GenerationMode.NEGATIVE)
+    assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+    assert sum(statuses.values()) >= 100 and not [s for s in statuses if s >= 500]
+    assert 422 in statuses

@@ -82,3 +82,13 @@ def test_each_refusal_below_the_api_gets_its_status_and_code():
     assert _service_error(None, refusals[-1][0]).headers["Retry-After"] == "7"
     assert json.loads(_service_error(None, NotFound("head", "h")).body)["error"] == {
         "code": "head_not_found", "message": "unknown head 'h'"}
+
+
+def test_a_405_allows_every_method_of_the_path(live_api):
+    """Starlette named the methods of the first route whose path matched only."""
+    for method, path, allow in (("PUT", "/indexes", "GET, POST"),
+                                ("POST", "/indexes/g", "DELETE, GET"),
+                                ("PUT", "/embed", "POST")):
+        r = httpx.request(method, live_api.url + path)
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        assert r.headers["allow"] == allow, (method, path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from byorl.service.api.pagination import MAX_LIMIT, PageQuery, page
+from byorl.service.api.pagination import MAX_LIMIT, MAX_OFFSET, PageQuery, page
 from byorl.service.main import create_app
 from byorl.service.storage.database import open_database
 from byorl.service.storage.head_store import HeadStore
@@ -76,7 +76,8 @@ def test_every_list_endpoint_pages_the_same_way(listed, path, count, ident):
 
 
 @pytest.mark.parametrize("params", [{"limit": MAX_LIMIT + 1}, {"limit": 0}, {"offset": -1},
-                                    {"limit": "many"}])
+                                    {"limit": "many"}, {"offset": MAX_OFFSET + 1},
+                                    {"offset": 9223372036854775800, "limit": 10}])
 @pytest.mark.parametrize("path", ["/jobs", "/audits", "/heads", "/indexes", "/indexes/ix0/items"])
 def test_a_page_past_the_bound_is_a_422(listed, path, params):
     r = listed.get(path, params=params)

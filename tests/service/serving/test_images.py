@@ -105,3 +105,15 @@ def test_image_count_limits():
     assert decode_images([data] * 3, 32, S, limit=3).shape == (3, 3, 32, 32)
     raises("too_many_images", 413, decode_images, [data] * 4, 32, S, 3)
     raises("no_images", 422, decode_images, [], 32, S, 3)
+
+
+def test_the_pixels_of_a_request_are_counted_from_the_headers():
+    """MAX_REQUEST_PIXELS over all images, before any is decoded: a header whose pixels never
+    follow (truncated, undecodable) is refused for its size, not for its data."""
+    small = Settings(model_dir="unused", data_dir="unused", max_request_pixels=3 * 64 * 64)
+    ok = encode(gradient(64, 64))
+    assert decode_images([ok] * 3, 32, small, 10).shape == (3, 3, 32, 32)
+    assert "12288" in raises("too_many_pixels", 413, decode_images, [ok] * 4, 32, small, 10)
+    truncated = encode(gradient(200, 200))[:100]
+    raises("too_many_pixels", 413, decode_images, [truncated], 32, small, 10)
+    raises("invalid_image", 422, decode_images, [truncated], 32, S, 10)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from byorl.model_dir import ModelCardError, read_card
+from byorl.model_dir import read_card
 from byorl.service.exceptions import NotFound
 from byorl.service.serving.served_models import ModelRegistry, find_model_dir, user_models_root
 from byorl.service.settings import BUNDLED_MODELS, Settings
@@ -59,12 +59,24 @@ def test_the_registry_loads_bundled_then_user_models_and_refuses_twins(model_dir
         ModelRegistry(Settings(model_dirs=[model_dir, model_dir], data_dir=tmp_path / "b"))
 
 
-def test_a_tampered_user_model_is_refused_at_start(model_dir, tmp_path):
+def store_user_model(root, name: str, model_dir, onnx: bytes | None = None) -> None:
+    """A user model directory as an upload leaves it (the bundled card, renamed), optionally
+    with other ONNX bytes (its card's sha256 kept: tampered)."""
+    shutil.copytree(model_dir, root / name)
+    (root / name / "card.json").write_text(json.dumps({**read_card(model_dir), "model_id": name}))
+    if onnx is not None:
+        (root / name / "encoder.onnx").write_bytes(onnx)
+
+
+def test_a_user_model_that_fails_to_load_is_skipped_and_listed(model_dir, tmp_path, caplog):
+    """It used to stop every start (a tampered file, or a graph right at one batch size)."""
     root = user_models_root(Settings(data_dir=tmp_path))
-    shutil.copytree(model_dir, root / "mine")
-    (root / "mine" / "card.json").write_text(json.dumps({**read_card(model_dir),
-                                                         "model_id": "mine"}))
-    with open(root / "mine" / "encoder.onnx", "ab") as f:
-        f.write(b"\0")
-    with pytest.raises(ModelCardError, match="sha256"):
-        ModelRegistry(Settings(model_dirs=[model_dir], data_dir=tmp_path, threads=1))
+    store_user_model(root, "tampered", model_dir, (model_dir / "encoder.onnx").read_bytes()
+                     + b"\0")
+    store_user_model(root, "good", model_dir)
+    registry = ModelRegistry(Settings(model_dirs=[model_dir], data_dir=tmp_path, threads=1))
+    assert [m.model_id for m in registry][1:] == ["good"]
+    bad = registry.unavailable["tampered"]
+    assert bad["available"] is False and "sha256" in bad["error"]
+    assert "user model tampered is unavailable" in caplog.text
+    assert registry.user_count() == 2  # it still counts against MAX_USER_MODELS

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from byorl.index.faiss_index import DuplicateKeyError, UnknownKeyError
-from byorl.service.exceptions import Conflict, NotFound
-from byorl.service.storage.galleries import Galleries, load_index
+from byorl.service.exceptions import Conflict, Invalid, NotFound
+from byorl.service.settings import Settings
+from byorl.service.storage.galleries import Galleries, check_factory, load_index
 
 
 def items(n: int, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -125,3 +126,25 @@ def test_adds_racing_a_delete_and_recreate_fail_only_with_not_found(tmp_path):
     count = len(g.get("g"))
     g.close()
     assert len(Galleries(tmp_path).get("g")) == count
+
+
+@pytest.mark.parametrize("factory,code,named", [
+    ("IVF10000000,Flat", "factory_out_of_bounds", "MAX_FACTORY_LISTS"),
+    ("IVF0,Flat", "factory_out_of_bounds", "MAX_FACTORY_LISTS"),
+    ("PQ8x20", "factory_out_of_bounds", "MAX_FACTORY_PQ_BITS"),
+    ("IVF64,PQ8x13", "factory_out_of_bounds", "MAX_FACTORY_PQ_BITS"),
+    ("HNSW100000", "factory_out_of_bounds", "MAX_FACTORY_GRAPH_DEGREE"),
+    ("IMI2x20,Flat", "invalid_factory", "allowed shapes"),
+    ("OPQ8,IVF64,PQ8", "invalid_factory", "allowed shapes"),
+])
+def test_factory_strings_beyond_their_bounds_are_refused(factory, code, named):
+    """FAISS allocates what the numbers say: IVF10000000 took 1.5 GB, PQ8x20 1 GB."""
+    with pytest.raises(Invalid) as info:
+        check_factory(factory, Settings())
+    assert info.value.code == code and named in str(info.value)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF65536,Flat", "IVF256,PQ8x12",
+                                     "IVF1024,SQ8", "PQ16", "HNSW128"])
+def test_factory_strings_within_bounds_pass(factory):
+    check_factory(factory, Settings())

@@ -4,8 +4,13 @@ import base64
 import hashlib
 import io
 import json
+import os
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,8 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from byorl.service.main import create_app
+from byorl.service.serving.model_upload import user_card
 from byorl.service.settings import Settings
+from tests import hostile_models
 from tests.conftest import ROOT, flatten_onnx
+from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
 
 SECOND = ROOT / "models" / "byol-reference"  # bundled: a real second model
 
@@ -126,6 +134,9 @@ def test_a_user_encoder_is_validated_served_and_survives_a_restart(two, stem, us
 
 BAD_UPLOADS = [
     (b"not an onnx file", {"name": "junk", "input_size": 8}, 422, "invalid_onnx"),
+    # right at the former trial's batch of 2 only: a 500, stored, and no start after it
+    (hostile_models.batch_of_two_only(), {"name": "twoonly", "input_size": 8}, 422,
+     "invalid_output"),
     (flatten_onnx(batch=2), {"name": "fixed", "input_size": 8}, 422, "invalid_signature"),
     (flatten_onnx(), {"name": "wrongsize", "input_size": 16}, 422, "invalid_signature"),
     (flatten_onnx(side=32), {"name": "wide", "input_size": 32}, 422, "invalid_output"),
@@ -259,3 +270,110 @@ def test_a_head_on_a_user_encoder_is_audited_white_box_and_black_box(two, stem, 
     assert black["upper_bound"] and [a["name"] for a in black["attacks"]] == ["square"]
     assert black["clean_accuracy"] == white["clean_accuracy"]
     assert white["robust_accuracy"] <= black["robust_accuracy"] <= black["clean_accuracy"]
+
+
+def test_hostile_graphs_are_refused_by_the_trial_and_stored_nowhere(two, tmp_path, monkeypatch):
+    """External data naming a file of the api's working folder passed the former trial (in
+    the api's process), and stopped every later start; a 512 MiB constant was allocated by the
+    api itself."""
+    c, settings = two
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.bin").write_bytes(np.ones(hostile_models.DIM, np.float32).tobytes())
+    before = c.get("/models").json()
+    for data, codes in ((hostile_models.external_data("w.bin"), {"invalid_onnx"}),
+                        (hostile_models.big_constant(512 * 2**20),
+                         {"invalid_onnx", "onnx_run_failed"})):
+        r = upload(c, data, {"name": "hostile", "input_size": 8})
+        assert r.status_code == 422 and r.json()["error"]["code"] in codes, r.text
+    assert "MODEL_TRIAL_MEMORY_BYTES" in r.json()["error"]["message"]
+    assert c.get("/models").json() == before
+    assert not list((settings.data_dir / "models").glob("hostile*"))
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_model_returning_infinity_is_refused_everywhere(two):
+    """It passes the trial (random pixels below 1), but a white image gives 1 / 0: /embed
+    answered 200 with nulls and "normalized": true."""
+    c, _ = two
+    model_id = upload(c, hostile_models.infinite_on_white(),
+                      {"name": "inf", "input_size": 8}).json()["model_id"]
+    white = b64([png(np.full((8, 8, 3), 255, np.uint8))])
+    fine = b64([png(np.random.default_rng(i).integers(0, 200, (8, 8, 3), np.uint8))
+                for i in range(2)])
+    assert c.post("/indexes", json={"name": "inf", "model": model_id}).status_code == 201
+    assert c.post("/indexes/inf/items", json={"keys": ["a", "b"], "images": fine}
+                  ).status_code == 201
+    r = c.post("/linear-head", json={"classes": ["a", "b"], "labels": [0, 1], "index": "inf",
+                                     "keys": ["a", "b"], "epochs": 1, "min_steps": 1})
+    head = wait_job(c, r.json()["job_id"])
+    assert head["state"] == "succeeded", head["error"]
+    for path, body in (("/embed", {"images": white, "model": model_id}),
+                       ("/search", {"index": "inf", "images": white}),
+                       ("/indexes/inf/items", {"keys": ["w"], "images": white}),
+                       (f"/heads/{head['id']}/predict", {"images": white})):
+        r = c.post(path, json=body)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_vector", r.text
+        assert "NaN or infinity" in r.json()["error"]["message"]
+    assert c.post("/embed", json={"images": fine, "model": model_id}).status_code == 200
+
+
+def plant_model(data_dir, onnx: bytes, name: str) -> str:
+    """A user model stored as the former upload stored it (it passed a batch-of-2 trial)."""
+    card = user_card({"name": name, "input_size": 8}, hashlib.sha256(onnx).hexdigest(), 192)
+    folder = data_dir / "models" / card["model_id"]
+    folder.mkdir(parents=True)
+    (folder / "encoder.onnx").write_bytes(onnx)
+    (folder / "card.json").write_text(json.dumps(card))
+    return card["model_id"]
+
+
+def test_a_stored_model_that_fails_at_start_never_stops_the_api(model_dir, tmp_path):
+    """A real uvicorn, restarted on a data directory that holds a model right at a batch of 2
+    only: every start used to fail; now it is listed unavailable, and can be deleted."""
+    env = {**os.environ, "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp_path),
+           "BYORL_REDIS_URL": "", "BYORL_API_KEY": "", "BYORL_THREADS": "1"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    for attempt in ("first", "restart"):
+        proc = start_process(uvicorn_argv(port), env, tmp_path / f"{attempt}.log", tmp_path)
+        try:
+            wait_ready(url, timeout=120)
+            if attempt == "first":
+                bad = plant_model(tmp_path, hostile_models.batch_of_two_only(), "twoonly")
+                continue
+            listed = httpx.get(url + "/models").json()
+            assert [m["available"] for m in listed] == [True, False]
+            assert listed[1]["model_id"] == bad and "returns" in listed[1]["error"]
+            assert "is unavailable" in (tmp_path / "restart.log").read_text()
+            assert httpx.get(url + f"/models/{bad}").status_code == 404
+            assert httpx.delete(url + f"/models/{bad}").status_code == 204
+            assert len(httpx.get(url + "/models").json()) == 1
+        finally:
+            kill_group(proc, signal.SIGTERM)
+
+
+def test_concurrent_identical_uploads_make_one_model(live_api):
+    """Six at once gave one 201, four 409s and a 500 (ENOTEMPTY from the rename)."""
+    data = flatten_onnx("LpNormalization", axis=1, p=2, side=16)
+    card = json.dumps({"name": "racer", "input_size": 16})
+
+    start = threading.Barrier(6)
+
+    def post(_):
+        start.wait()  # all six at the same instant
+        return httpx.post(live_api.url + "/models", timeout=120, data={"card": card},
+                          files={"file": ("m.onnx", data, "application/octet-stream")})
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(post, range(6)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201, 409, 409, 409, 409, 409], [r.text for r in answers]
+    assert {r.json()["error"]["code"] for r in answers if r.status_code == 409} \
+        == {"model_exists"}
+    model_id = next(r.json()["model_id"] for r in answers if r.status_code == 201)
+    assert httpx.delete(f"{live_api.url}/models/{model_id}").status_code == 204
