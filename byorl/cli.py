@@ -167,6 +167,34 @@ def export(
     typer.echo(f"{card['model_id']}: max |onnx - torch| {card['parity']['max_abs_diff']} -> {out}")
 
 
+@app.command()
+def knn(
+    model: Path = typer.Argument(..., help="An exported model directory."),
+    data: str = typer.Option(..., help="Gallery: its training images; queries: its test images "
+                             "(cifar10, cifar100, an ImageFolder dir or .tar.gz)."),
+    queries: int = typer.Option(2000, help="Random test images classified (0: all)."),
+    seed: int = typer.Option(0, help="Seed of the query draw."),
+    threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)."),
+    out: Path | None = typer.Option(None, help="Also write the result (JSON) here."),
+    card: bool = typer.Option(False, help="Also put it on MODEL's card as metrics.knn "
+                              "(encoder.onnx is untouched)."),
+):
+    """1-NN and 20-NN accuracy of the encoder's clean embeddings (cosine, majority vote, ties
+    to the nearest); prints the result as JSON."""
+    from byorl.training.knn import model_knn, write_to_card
+
+    command = ["byorl", "knn", str(model), "--data", data, "--queries", str(queries),
+               "--seed", str(seed)]
+    result = model_knn(model, data, queries, seed, threads or None)
+    result["command"] = shlex.join(command + (["--card"] if card else []))
+    text = json.dumps(result, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    if card:
+        write_to_card(model, result)
+    typer.echo(text)
+
+
 index_app = typer.Typer(no_args_is_help=True, help="Embedding indexes (FAISS).")
 app.add_typer(index_app, name="index")
 

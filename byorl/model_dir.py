@@ -41,6 +41,21 @@ class ModelCardError(ValueError):
     the card describes."""
 
 
+def knn_problems(knn: Any) -> list[str]:
+    """What is wrong with a card's optional metrics.knn (`byorl knn --card`): accuracies k1
+    and k20 in [0, 1] and the rule that produced them. Cards without one stay valid."""
+    if knn is None:
+        return []
+    if not isinstance(knn, dict):
+        return [f"metrics.knn should be a dict, got {type(knn).__name__}"]
+    problems = [f"metrics.knn.{k} should be a number in [0, 1], got {knn.get(k)!r}"
+                for k in ("k1", "k20")
+                if not isinstance(knn.get(k), int | float) or not 0 <= knn[k] <= 1]
+    if not isinstance(knn.get("rule"), str):
+        problems.append("metrics.knn.rule should name the k-NN rule")
+    return problems
+
+
 def validate_card(card: Any, where: str = "card") -> dict:
     """The card itself when it has every field with the right type, else ModelCardError."""
     if not isinstance(card, dict):
@@ -60,6 +75,7 @@ def validate_card(card: Any, where: str = "card") -> dict:
             problems.append(f"threat_model.norm should be linf, l2 or null, not {threat['norm']!r}")
         if not isinstance(threat.get("eps"), int | float) or threat["eps"] < 0:
             problems.append(f"threat_model.eps should be a number >= 0, got {threat.get('eps')!r}")
+        problems += knn_problems(card["metrics"].get("knn"))
     if problems:
         raise ModelCardError(f"{where}: " + "; ".join(problems))
     return card

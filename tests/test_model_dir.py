@@ -14,6 +14,7 @@ from byorl.model_dir import (
     validate_card,
 )
 from byorl.training.data import decode_image
+from byorl.training.knn import RULE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,8 @@ def test_bundled_models_load_embed_and_carry_their_measured_metrics(name, image_
     """The encoders shipped in models/ (the service's default and its BYOL reference, both from
     the 17-epoch runs of results/cpu-default-v2/): valid card, ONNX under 20 MB that loads
     (sha256 checked) and embeds, and the card's metrics are the collected full-suite evaluations
-    on 1000 test images, every sanity check passed, robust <= clean."""
+    on 1000 test images, every sanity check passed, robust <= clean; plus the encoder's own
+    k-NN accuracy (2000 test queries against the 50,000 training images)."""
     model_dir = ROOT / "models" / name
     card = read_card(model_dir)
     assert (model_dir / "encoder.onnx").stat().st_size < 20 * 2**20
@@ -80,7 +82,12 @@ def test_bundled_models_load_embed_and_carry_their_measured_metrics(name, image_
     assert out.shape == (4, card["embedding_dim"]) and np.isfinite(out).all()
 
     collected = json.loads((ROOT / "results" / "cpu-default-v2" / "metrics.json").read_text())
-    assert card["metrics"] == collected
+    metrics = dict(card["metrics"])
+    knn = metrics.pop("knn")  # this encoder's own, put on its card by `byorl knn --card`
+    assert metrics == collected
+    assert knn["onnx_sha256"] == card["onnx_sha256"] and knn["rule"] == RULE
+    assert (knn["n_queries"], knn["n_gallery"], knn["metric"]) == (2000, 50000, "cosine")
+    assert knn["command"].startswith(f"byorl knn models/{name} ")
     model = "byorl" if name == "default" else "byol"
     assert (card["threat_model"]["attack"] == "pgd") == (model == "byorl")
     for evaluation in collected[model]["evaluations"].values():
