@@ -19,6 +19,9 @@ _ENTRY_POINTS = {
     "train": "byorl.training.train",
     # evaluate a checkpoint or run under the attack suite
     "evaluate_checkpoint": "byorl.training.evaluate",
+    # talk to a running service
+    "Client": "byorl.client",
+    "AsyncClient": "byorl.client",
 }
 
 __all__ = sorted(_ENTRY_POINTS)

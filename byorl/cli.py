@@ -1,8 +1,10 @@
 """The `byorl` command line: train, evaluate, export, index, experiments."""
 
+import contextlib
 import inspect
 import json
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, get_origin
 
@@ -364,14 +366,39 @@ def demo_gallery(
     steps: int = typer.Option(20, help="AutoPGD steps of --audit."),
 ):
     """One gallery of CIFAR-10 test images per served model, for the demo page (GET /demo)."""
-    from byorl.demo_gallery import Api, audit_demo_galleries, build_demo_galleries
+    from byorl.client import Client
+    from byorl.demo_gallery import audit_demo_galleries, build_demo_galleries
 
-    client = Api(api, api_key)
-    names = build_demo_galleries(client, data, per_class, group, replace, typer.echo)
-    if audit:
-        audit_demo_galleries(client, data, names, per_class, audit, k, parse_eps(eps), steps,
-                             typer.echo)
+    with Client(api, api_key=api_key) as client, service_errors(api):
+        names = build_demo_galleries(client, data, per_class, group, replace, typer.echo)
+        if audit:
+            audit_demo_galleries(client, data, names, per_class, audit, k, parse_eps(eps),
+                                 steps, typer.echo)
     typer.echo(f"-> {api.rstrip('/')}/demo")
+
+
+@contextlib.contextmanager
+def service_errors(url: str) -> Iterator[None]:
+    """A command that talks to the service says what went wrong in one line and exits 1,
+    without a traceback: the service not reachable (and how to start it), or a refusal (its
+    status, code and message)."""
+    import httpx
+
+    from byorl.client import JobFailed, ServiceError
+
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise typer.Exit(_fail(f"cannot reach the service at {url} ({type(exc).__name__}): "
+                               "start it with `make run` (or pass --api URL)")) from None
+    except (ServiceError, JobFailed) as exc:
+        hint = " (set --api-key or BYORL_API_KEY)" if getattr(exc, "status", 0) == 401 else ""
+        raise typer.Exit(_fail(f"the service at {url} refused: {exc}{hint}")) from None
+
+
+def _fail(message: str) -> int:
+    typer.echo(f"error: {message}", err=True)
+    return 1
 
 
 @app.command()

@@ -6,18 +6,14 @@ class name) and are named `GROUP--MODEL_ID`: the page shows the galleries of a g
 side, one column per model.
 """
 
-import base64
 import io
-import json
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import numpy as np
 
+from byorl.client import Client
+
 GROUP_SEPARATOR = "--"
-BATCH = 256  # images per add request (within MAX_BULK_IMAGES and the body limit)
 
 
 def gallery_name(group: str, model_id: str) -> str:
@@ -54,75 +50,39 @@ def read_images(source: str, per_class: int, skip: int = 0) -> tuple[list[bytes]
     return [blobs[i] for i in chosen], [names[i] for i in chosen]
 
 
-class Api:
-    """A tiny JSON client of the service (the standard library only)."""
-
-    def __init__(self, url: str, api_key: str | None = None):
-        self.url, self.headers = url.rstrip("/"), {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["X-API-Key"] = api_key
-
-    def __call__(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data, self.headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=600) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-
-def build_demo_galleries(api: Api, source: str, per_class: int = 100, group: str = "cifar10",
-                         replace: bool = False, echo: Callable[[str], None] = print) -> list[str]:
+def build_demo_galleries(client: Client, source: str, per_class: int = 100,
+                         group: str = "cifar10", replace: bool = False,
+                         echo: Callable[[str], None] = print) -> list[str]:
     """One gallery per served model of the same images, keys and labels; returns the names."""
     blobs, names = read_images(source, per_class)
-    encoded = [base64.b64encode(b).decode() for b in blobs]
     keys = [f"test-{i:05d}" for i in range(len(blobs))]
-    status, models = api("GET", "/models")
-    if status != 200:
-        raise RuntimeError(f"GET /models answered {status}: {models}")
     made = []
-    for model in models:
+    for model in client.models():
         name = gallery_name(group, model["model_id"])
-        if replace:
-            api("DELETE", f"/indexes/{name}")
-        status, body = api("POST", "/indexes", {"name": name, "model": model["model_id"]})
-        if status != 201:
-            raise RuntimeError(f"creating {name}: {status} {body} (--replace rebuilds it)")
-        for start in range(0, len(keys), BATCH):
-            part = slice(start, start + BATCH)
-            status, body = api("POST", f"/indexes/{name}/items", {
-                "keys": keys[part], "images": encoded[part],
-                "metadata": [{"label": n} for n in names[part]]})
-            if status != 201:
-                raise RuntimeError(f"adding to {name}: {status} {body}")
+        if replace and name in {g.name for g in client.galleries()}:
+            client.delete_gallery(name)
+        client.create_gallery(name, model=model["model_id"])
+        client.add(name, dict(zip(keys, blobs, strict=True)),
+                   metadata={key: {"label": n} for key, n in zip(keys, names, strict=True)})
         echo(f"{name}: {len(keys)} images of {len(set(names))} classes ({model['model_id']})")
         made.append(name)
     return made
 
 
-def audit_demo_galleries(api: Api, source: str, names: list[str], per_class: int, queries: int,
-                         k: int, eps: float, steps: int, echo: Callable[[str], None] = print
-                         ) -> dict[str, dict]:
+def audit_demo_galleries(client: Client, source: str, names: list[str], per_class: int,
+                         queries: int, k: int, eps: float, steps: int,
+                         echo: Callable[[str], None] = print) -> dict[str, dict]:
     """The retrieval audit of each gallery with the same held-out test images as queries (the
     images after each class's first `per_class`, which the galleries hold): what the page
     shows for one query, measured over `queries`."""
     per = max(1, -(-queries // 10))
     blobs, _ = read_images(source, per, skip=per_class)
-    images = [base64.b64encode(b).decode() for b in blobs[:queries]]
     summaries = {}
     for name in names:
-        status, job = api("POST", "/audits", {"kind": "retrieval", "index": name, "k": k,
-                                              "steps": steps, "images": images,
-                                              "threat": {"norm": "linf", "eps": eps}})
-        if status != 202:
-            raise RuntimeError(f"auditing {name}: {status} {job}")
-        while (state := api("GET", job["status_url"])[1])["state"] in ("queued", "running"):
-            time.sleep(1)
-        if state["state"] != "succeeded":
-            raise RuntimeError(f"the audit of {name} failed: {state['error']}")
-        s = api("GET", job["result_url"])[1]
-        summaries[name] = s
+        job = client.audit("retrieval", blobs[:queries], gallery=name, k=k, steps=steps,
+                           threat={"norm": "linf", "eps": eps})
+        job.wait()
+        s = summaries[name] = client.report(job.job_id)
         echo(f"{name}: {s['num_queries']} queries, linf eps {eps * 255:g}/255, AutoPGD "
              f"{steps} steps ({s['access']['method']}): top-{k} overlap "
              f"{s['topk_overlap_adversarial']:.3f} attacked, {s['topk_overlap_random']:.3f} "

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1)
     max_queued_images: int = Field(1024, ge=1)  # waiting for the batcher; past it: 429
     threads: int = Field(0, ge=0)  # ONNX Runtime and torch threads; 0 = all cores
+    ready_probe_s: float = Field(5.0, ge=0)  # /readyz embeds one image per model this often
 
     # Jobs.
     job_time_limit_s: int = Field(6 * 3600, ge=1)  # the longest job a worker may run

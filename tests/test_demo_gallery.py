@@ -37,3 +37,16 @@ def test_held_out_queries_come_after_the_gallerys_images():
     assert sorted(set(held_names)) == sorted(set(names))
     both, _ = read_images(str(SAMPLE), per_class=5)
     assert set(both) == set(gallery) | set(held_out)
+
+
+def test_a_service_that_is_not_up_is_named_in_one_line_without_a_traceback():
+    from typer.testing import CliRunner
+
+    from byorl.cli import app
+    from tests.live import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = CliRunner().invoke(app, ["demo-gallery", "--api", url, "--per-class", "1"])
+    assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
+    assert f"cannot reach the service at {url}" in out.output and "make run" in out.output
+    assert "Traceback" not in out.output

@@ -73,7 +73,8 @@ print(json.dumps({"light": light, "names": names}))
     assert got["names"] == {
         "read_card": "byorl.model_dir", "load_onnx_session": "byorl.model_dir",
         "embed": "byorl.model_dir", "TrainConfig": "byorl.training.config",
-        "train": "byorl.training.train", "evaluate_checkpoint": "byorl.training.evaluate"}
+        "train": "byorl.training.train", "evaluate_checkpoint": "byorl.training.evaluate",
+        "Client": "byorl.client", "AsyncClient": "byorl.client"}
 
 
 def test_every_module_loads_once_under_its_byorl_name():

@@ -23,6 +23,7 @@ from byorl.service.api.routes import (
     health,
     jobs,
     models,
+    openai_compat,
     search,
 )
 from byorl.service.api.state import load_state
@@ -57,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)
-    for module in (embed, galleries, search, heads, audits, jobs, models, demo):
+    for module in (embed, openai_compat, galleries, search, heads, audits, jobs, models,
+                   demo):
         app.include_router(module.router)
     upload = settings.max_model_bytes + 2**20  # the ONNX file, its card and multipart framing
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,

@@ -25,16 +25,26 @@ def open_paths(app: FastAPI, routers) -> frozenset[str]:
                      + [p for p in docs if p])
 
 
+def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key a request presents: its X-API-Key header, else `Authorization: Bearer KEY`
+    (what OpenAI clients send)."""
+    if (key := headers.get(HEADER.lower().encode())) is not None:
+        return key
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+
+
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, key: str, open_paths: frozenset[str]):
         self.app, self.key, self.open_paths = app, key.encode(), open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
-            given = dict(scope["headers"]).get(HEADER.lower().encode())
+            given = presented_key(dict(scope["headers"]))
             if given is None or not hmac.compare_digest(given, self.key):
                 response = error_response(401, "unauthorized",
-                                          f"missing or invalid {HEADER} header")
+                                          f"missing or invalid {HEADER} header (or "
+                                          "Authorization: Bearer)")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

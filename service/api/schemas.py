@@ -65,6 +65,56 @@ class Embeddings(BaseModel):
     embeddings: list[list[float]]
 
 
+class OpenAIEmbeddingsRequest(Strict):
+    """POST /v1/embeddings, as the OpenAI embeddings API (and Infinity for images) takes it."""
+
+    model: Name = Field(description="A served model's id (GET /v1/models)")
+    input: Base64Image | list[Base64Image] = Field(
+        description="One image or a list: base64 data URLs (data:image/png;base64,...) or raw "
+        "base64")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes, base64")
+    dimensions: int | None = Field(None, ge=1, description="Only the model's own dimension "
+                                   "(no truncation): anything else is a 422")
+    user: str | None = Field(None, max_length=256, description="Accepted and ignored")
+
+    @model_validator(mode="after")
+    def _bounded_list(self):
+        if isinstance(self.input, list) and not self.input:
+            raise ValueError("input: at least one image")
+        return self
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = Field(description="Images embedded (an image counts as one token)")
+    total_tokens: int
+
+
+class OpenAIEmbeddings(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModels(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
 class GalleryCreate(Strict):
     name: Name
     model: ModelName = None

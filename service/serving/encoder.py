@@ -14,6 +14,8 @@ weights are held twice; on a GPU one session serves both.
 """
 
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import onnxruntime as ort
 from anyio.to_thread import run_sync
 
 from byorl import model_dir
-from byorl.service.exceptions import Invalid
+from byorl.service.exceptions import Busy, Invalid
 from byorl.service.serving.batcher import Batcher
 from byorl.service.serving.images import decode_images
 from byorl.service.settings import Settings
@@ -41,6 +43,7 @@ class Encoder:
     session: ort.InferenceSession = field(repr=False)  # large batches (no spinning on the CPU)
     latency_session: ort.InferenceSession = field(repr=False)  # batches of < SMALL_BATCH
     batcher: Batcher = field(init=False, repr=False)
+    _probed: tuple[float, bool] = field(init=False, repr=False, default=(-math.inf, False))
 
     def __post_init__(self):
         s = self.settings
@@ -80,6 +83,25 @@ class Encoder:
             raise Invalid("invalid_vector", f"model {self.model_id!r} returned NaN or infinity "
                           f"for images[{int(np.argmin(finite))}]")
         return vectors
+
+    async def probe(self) -> bool:
+        """Whether the model embeds right now: one grey image through its whole path (batcher,
+        ONNX Runtime, the finite check), at most once per READY_PROBE_S (readiness calls this
+        every few seconds; a full queue means busy, not broken)."""
+        checked, ok = self._probed
+        if time.monotonic() - checked < self.settings.ready_probe_s:
+            return ok
+        grey = np.full((1, 3, self.input_size, self.input_size), 128, np.uint8)
+        try:
+            ok = (await self.embed(grey)).shape == (1, self.dim)
+        except Busy:
+            ok = True
+        except Exception:  # any failure of the model is what the probe reports
+            logging.getLogger("uvicorn.error").exception("model %s failed its probe",
+                                                         self.model_id)
+            ok = False
+        self._probed = (time.monotonic(), ok)
+        return ok
 
     async def embed_images(self, images: list[str] | list[bytes], limit: int) -> np.ndarray:
         """Decode and embed: what a request that keeps no pixels needs."""

@@ -20,10 +20,16 @@ def check_health() -> Health:
 
 @router.get("/readyz", responses={503: {"model": Health}})
 async def check_readiness(svc: Service, response: Response) -> Health:
-    """Model and indexes loaded, and the broker reachable when one is configured."""
+    """Ready to serve: the bundled models embed an image now (each probed at most every
+    READY_PROBE_S), the galleries are open and the broker answers when one is configured.
+    Users' models are probed too and reported (`inference:<id>`), but a broken one does not
+    take the service out of rotation."""
+    probes = [(m.model_id, m.bundled, await m.probe()) for m in svc.models]
     checks = {"model": len(svc.models) > 0, "indexes": svc.galleries is not None,
-              "broker": await run_in_threadpool(svc.queue.ping)}
-    ready = all(checks.values())
+              "broker": await run_in_threadpool(svc.queue.ping),
+              **{f"inference:{model_id}": ok for model_id, _, ok in probes}}
+    ready = checks["model"] and checks["indexes"] and checks["broker"] and all(
+        ok for _, bundled, ok in probes if bundled)
     response.status_code = 200 if ready else 503
     device = model_dir.session_device(svc.models.default.session) if len(svc.models) else None
     return Health(status="ready" if ready else "not ready", checks=checks, device=device)

@@ -55,3 +55,10 @@ def test_openapi_declares_no_key_when_none_is_configured(client):
     text = client.get("/openapi.json").text
     assert "X-API-Key" not in text and '"security"' not in text
     assert client.get("/indexes").status_code == 200
+
+
+@pytest.mark.parametrize("authorization", ["Bearer s3cret", "bearer   s3cret"])
+def test_a_bearer_token_is_the_key_as_openai_clients_send_it(keyed, authorization):
+    assert keyed.get("/indexes", headers={"Authorization": authorization}).status_code == 200
+    for wrong in ("Bearer nope", "Basic s3cret", "Bearer", "s3cret"):
+        assert keyed.get("/indexes", headers={"Authorization": wrong}).status_code == 401

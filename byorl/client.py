@@ -1,0 +1,481 @@
+"""A Python client of the service: `Client` (blocking) and `AsyncClient` (asyncio), on httpx.
+
+    from byorl import Client
+
+    with Client("http://127.0.0.1:8000") as c:
+        vectors = c.embed(["cat.jpg"]).vectors              # (1, D) float32, unit length
+        c.create_gallery("pets")
+        c.add("pets", {"cat": "cat.jpg", "dog": "dog.png"}, metadata={"cat": {"kind": "cat"}})
+        hits = c.search("pets", ["query.jpg"], k=5)[0]       # [Hit(key, score, metadata)]
+
+Images are paths, bytes of a PNG/JPEG/WebP file, PIL images or uint8 arrays (H, W, 3) or
+(3, H, W). A refused request raises `ServiceError` carrying the service's status, error code
+and message; 429 (queue full) and 503 (job queue unreachable) are retried with exponential
+backoff that honours Retry-After. Lists page automatically; jobs return a `JobHandle` whose
+`wait` polls until the job ends.
+
+Every operation is written once, as a plan: a generator that yields the requests it needs (and
+pauses) and returns the typed result. `Client` runs plans with blocking httpx, `AsyncClient`
+with asyncio, so the two expose the same methods with the same behaviour.
+"""
+
+import asyncio
+import base64
+import functools
+import io
+import json
+import time
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+RETRY_STATUSES = (429, 503)
+PAGE = 1000  # the service's largest page
+ADD_BATCH = 256  # images per add request (within MAX_BULK_IMAGES and the body limit)
+
+
+class ServiceError(Exception):
+    """A request the service refused: `status`, its stable `code` and the `message`."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class JobFailed(Exception):
+    """A job that ended in the `failed` state (`job.error` says why)."""
+
+    def __init__(self, job: "Job"):
+        super().__init__(f"job {job.id} ({job.kind}) failed: {job.error}")
+        self.job = job
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    model_id: str
+    normalized: bool
+    vectors: np.ndarray  # (N, D) float32
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    score: float  # cosine similarity
+    metadata: Any = None
+
+
+@dataclass(frozen=True)
+class Gallery:
+    name: str
+    model_id: str
+    dim: int
+    factory: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    metadata: Any = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    state: str
+    progress: float
+    stage: str
+    attempts: int
+    result: dict | None
+    error: str | None
+    params: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("succeeded", "failed")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    head_id: str
+    labels: list[int]
+    classes: list[str]
+    probabilities: np.ndarray  # (N, classes)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request of a plan; a non-2xx answer raises ServiceError (after retries)."""
+
+    method: str
+    path: str
+    json: Any = None
+    params: dict | None = None
+    files: Any = None
+    data: dict | None = None
+
+
+@dataclass(frozen=True)
+class Pause:
+    """A plan waiting (between polls of a job)."""
+
+    seconds: float
+
+
+Plan = Generator[Request | Pause, Any, Any]
+
+
+def encode_image(image) -> str:
+    """An image as the base64 text the service takes: a path or file bytes as they are, a PIL
+    image or a uint8 array (H, W, 3) or (3, H, W) as PNG."""
+    if isinstance(image, str | Path):
+        data = Path(image).read_bytes()
+    elif isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+    else:
+        from PIL import Image
+
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or 3 not in (image.shape[0],
+                                                                        image.shape[-1]):
+                raise ValueError(f"an image array must be uint8 (H, W, 3) or (3, H, W), not "
+                                 f"{image.dtype} {image.shape}")
+            image = Image.fromarray(image.transpose(1, 2, 0) if image.shape[0] == 3
+                                    and image.shape[-1] != 3 else image)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+    return base64.b64encode(data).decode()
+
+
+def _job(body: dict) -> Job:
+    return Job(**{k: body.get(k) for k in ("id", "kind", "state", "progress", "stage",
+                                            "attempts", "result", "error")},
+               params=body.get("params") or {})
+
+
+def _paged(path: str, build: Callable[[dict], Any]) -> Plan:
+    """Every item of a paged listing, following next_offset."""
+    out, offset = [], 0
+    while offset is not None:
+        page = yield Request("GET", path, params={"offset": offset, "limit": PAGE})
+        out += [build(item) for item in page["items"]]
+        offset = page["next_offset"]
+    return out
+
+
+# -- the operations, each a plan ------------------------------------------------------------------
+
+
+def embed(images: Iterable, *, model: str | None = None, normalize: bool = True) -> Plan:
+    """Embeddings of images (unit length unless `normalize` is false)."""
+    body = yield Request("POST", "/embed", {"images": [encode_image(i) for i in images],
+                                            "model": model, "normalize": normalize})
+    return Embeddings(body["model_id"], body["normalized"],
+                      np.asarray(body["embeddings"], np.float32))
+
+
+def search(gallery: str, images: Iterable | None = None, *, embeddings=None, k: int = 10,
+           model: str | None = None) -> Plan:
+    """The k nearest items of each query (images, or vectors in `embeddings`), best first."""
+    query = ({"images": [encode_image(i) for i in images]} if images is not None else
+             {"embeddings": np.asarray(embeddings, np.float32).tolist()})
+    body = yield Request("POST", "/search", {"index": gallery, "k": k, "model": model, **query})
+    return [[Hit(**hit) for hit in row] for row in body["results"]]
+
+
+def create_gallery(name: str, *, model: str | None = None, factory: str = "Flat") -> Plan:
+    """An empty gallery for the named model's embeddings (default: the service's first)."""
+    body = yield Request("POST", "/indexes", {"name": name, "model": model, "factory": factory})
+    return Gallery(**body)
+
+
+def gallery(name: str) -> Plan:
+    return Gallery(**(yield Request("GET", f"/indexes/{name}")))
+
+
+def galleries() -> Plan:
+    """Every gallery, by name."""
+    return (yield from _paged("/indexes", lambda g: Gallery(**g)))
+
+
+def delete_gallery(name: str) -> Plan:
+    yield Request("DELETE", f"/indexes/{name}")
+
+
+def add(gallery: str, images: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
+        model: str | None = None, batch: int = ADD_BATCH) -> Plan:
+    """Add images under their keys (a mapping key -> image), with optional JSON metadata per
+    key, in requests of `batch` images; each request is stored whole or not at all. Returns
+    the gallery's item count."""
+    keys, count = list(images), None
+    for start in range(0, len(keys), batch):
+        part = keys[start:start + batch]
+        meta = None if metadata is None else [metadata.get(key) for key in part]
+        body = yield Request("POST", f"/indexes/{gallery}/items", {
+            "keys": part, "images": [encode_image(images[key]) for key in part],
+            "metadata": meta, "model": model})
+        count = body["count"]
+    return count
+
+
+def items(gallery: str) -> Plan:
+    """Every item of a gallery (key and metadata), in insertion order."""
+    return (yield from _paged(f"/indexes/{gallery}/items", lambda i: Item(**i)))
+
+
+def remove(gallery: str, key: str) -> Plan:
+    """Remove one item; returns the gallery's item count."""
+    return (yield Request("DELETE", f"/indexes/{gallery}/items/{key}"))["count"]
+
+
+def fit_head(classes: list[str], labels: list[int], images: Iterable | None = None, *,
+             gallery: str | None = None, keys: list[str] | None = None, **options) -> Plan:
+    """Start fitting a linear head on labeled images (or on keys of a gallery); `options`
+    are the request's (robust, threat, epochs, ...). Returns the job's handle."""
+    body = {"classes": classes, "labels": labels, **options}
+    if images is not None:
+        body["images"] = [encode_image(i) for i in images]
+    else:
+        body |= {"index": gallery, "keys": keys}
+    return (yield Request("POST", "/linear-head", body))
+
+
+def head(head_id: str) -> Plan:
+    return (yield Request("GET", f"/heads/{head_id}"))
+
+
+def heads() -> Plan:
+    return (yield from _paged("/heads", dict))
+
+
+def delete_head(head_id: str) -> Plan:
+    yield Request("DELETE", f"/heads/{head_id}")
+
+
+def predict(head_id: str, images: Iterable) -> Plan:
+    body = yield Request("POST", f"/heads/{head_id}/predict",
+                         {"images": [encode_image(i) for i in images]})
+    return Predictions(body["head_id"], body["labels"], body["classes"],
+                       np.asarray(body["probabilities"], np.float32))
+
+
+def audit(kind: str, images: Iterable, **options) -> Plan:
+    """Start an audit: "robustness" (head_id, labels, threat, mode, method) or "retrieval"
+    (gallery, threat, k, steps, method, queries). Returns the job's handle."""
+    if "gallery" in options:
+        options["index"] = options.pop("gallery")
+    return (yield Request("POST", "/audits", {"kind": kind,
+                                              "images": [encode_image(i) for i in images],
+                                              **options}))
+
+
+def report(audit_id: str) -> Plan:
+    return (yield Request("GET", f"/audits/{audit_id}"))
+
+
+def job(job_id: str) -> Plan:
+    return _job((yield Request("GET", f"/jobs/{job_id}")))
+
+
+def jobs() -> Plan:
+    return (yield from _paged("/jobs", _job))
+
+
+def wait(job_id: str, *, timeout: float | None = None, poll: float = 1.0,
+         progress: Callable[[Job], None] | None = None) -> Plan:
+    """Poll a job until it ends: the finished job (JobFailed when it failed, TimeoutError
+    past `timeout` seconds); `progress` sees every poll."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        current = _job((yield Request("GET", f"/jobs/{job_id}")))
+        if progress is not None:
+            progress(current)
+        if current.state == "failed":
+            raise JobFailed(current)
+        if current.state == "succeeded":
+            return current
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} is still {current.state} after {timeout} s")
+        yield Pause(poll)
+
+
+def models() -> Plan:
+    """The served models' cards, the default first."""
+    return (yield Request("GET", "/models"))
+
+
+def upload_model(onnx: str | Path | bytes, card: dict) -> Plan:
+    """Register an ONNX encoder (card: name, input_size, optional threat_model,
+    description); returns its served card."""
+    data = Path(onnx).read_bytes() if isinstance(onnx, str | Path) else bytes(onnx)
+    return (yield Request("POST", "/models", files={"file": ("encoder.onnx", data)},
+                          data={"card": json.dumps(card)}))
+
+
+def delete_model(model_id: str) -> Plan:
+    yield Request("DELETE", f"/models/{model_id}")
+
+
+OPERATIONS = [embed, search, create_gallery, gallery, galleries, delete_gallery, add, items,
+              remove, fit_head, head, heads, delete_head, predict, audit, report, job, jobs,
+              wait, models, upload_model, delete_model]
+STARTS_A_JOB = {fit_head, audit}
+
+
+# -- running plans --------------------------------------------------------------------------------
+
+
+def _error(response: httpx.Response) -> ServiceError:
+    try:
+        error = response.json()["error"]
+        return ServiceError(response.status_code, error["code"], error["message"])
+    except (ValueError, KeyError, TypeError):
+        return ServiceError(response.status_code, "http_error", response.text[:500])
+
+
+def _retry_delay(response: httpx.Response, attempt: int, backoff: float) -> float:
+    """Seconds to wait before retrying: Retry-After when the service says, else exponential."""
+    try:
+        return max(float(response.headers["Retry-After"]), 0.0)
+    except (KeyError, ValueError):
+        return backoff * 2**attempt
+
+
+def _body(response: httpx.Response) -> Any:
+    return response.json() if response.content else None
+
+
+def _headers(api_key: str | None) -> dict:
+    return {"X-API-Key": api_key} if api_key else {}
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """A job the service accepted: its id, where it is polled and where its product lands."""
+
+    client: Any = field(repr=False)
+    job_id: str
+    kind: str
+    status_url: str
+    result_url: str
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0, progress=None):
+        """The finished job (awaitable with AsyncClient)."""
+        return self.client.wait(self.job_id, timeout=timeout, poll=poll, progress=progress)
+
+
+def _handle(client, accepted: dict) -> JobHandle:
+    return JobHandle(client, accepted["job_id"], accepted["kind"], accepted["status_url"],
+                     accepted["result_url"])
+
+
+class Client:
+    """The service over blocking HTTP. `retries` tries again on 429/503 (Retry-After, else
+    `backoff` × 2^attempt seconds)."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 600, retries: int = 5, backoff: float = 0.5):
+        self.http = httpx.Client(base_url=url, timeout=timeout, headers=_headers(api_key))
+        self.retries, self.backoff = retries, backoff
+
+    def _send(self, r: Request) -> Any:
+        for attempt in range(self.retries + 1):
+            response = self.http.request(r.method, r.path, json=r.json, params=r.params,
+                                         files=r.files, data=r.data)
+            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                break
+            time.sleep(_retry_delay(response, attempt, self.backoff))
+        if response.is_error:
+            raise _error(response)
+        return _body(response)
+
+    def _run(self, plan: Plan) -> Any:
+        try:
+            step = next(plan)
+            while True:
+                if isinstance(step, Pause):
+                    time.sleep(step.seconds)
+                    step = plan.send(None)
+                else:
+                    step = plan.send(self._send(step))
+        except StopIteration as done:
+            return done.value
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The same methods as `Client`, awaitable (asyncio)."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 600, retries: int = 5, backoff: float = 0.5):
+        self.http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=_headers(api_key))
+        self.retries, self.backoff = retries, backoff
+
+    async def _send(self, r: Request) -> Any:
+        for attempt in range(self.retries + 1):
+            response = await self.http.request(r.method, r.path, json=r.json, params=r.params,
+                                               files=r.files, data=r.data)
+            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                break
+            await asyncio.sleep(_retry_delay(response, attempt, self.backoff))
+        if response.is_error:
+            raise _error(response)
+        return _body(response)
+
+    async def _run(self, plan: Plan) -> Any:
+        try:
+            step = next(plan)
+            while True:
+                if isinstance(step, Pause):
+                    await asyncio.sleep(step.seconds)
+                    step = plan.send(None)
+                else:
+                    step = plan.send(await self._send(step))
+        except StopIteration as done:
+            return done.value
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _sync_method(operation):
+    @functools.wraps(operation)
+    def method(self, *args, **kwargs):
+        result = self._run(operation(*args, **kwargs))
+        return _handle(self, result) if operation in STARTS_A_JOB else result
+
+    return method
+
+
+def _async_method(operation):
+    @functools.wraps(operation)
+    async def method(self, *args, **kwargs):
+        result = await self._run(operation(*args, **kwargs))
+        return _handle(self, result) if operation in STARTS_A_JOB else result
+
+    return method
+
+
+for _op in OPERATIONS:
+    setattr(Client, _op.__name__, _sync_method(_op))
+    setattr(AsyncClient, _op.__name__, _async_method(_op))
