@@ -34,3 +34,7 @@ experiment byorl-pgd3,byol,byorl-pgd1,at,uat_ft
 train_export byorl-apgd5 --attack apgd --steps 5
 experiment byorl-pgd3,byol,byorl-pgd1,at,uat_ft,byorl-apgd5
 python "$STUDY/claims.py" "$STUDY"
+# The paper's headline threat model (issue 33): the same recipe with the inner attack in l2
+# 128/255 (PGD-3). Its cells (and the linf encoder under l2, this one under linf) follow once
+# study.json lists the l2 threat.
+train_export byorl-l2 --norm l2 --eps 128/255

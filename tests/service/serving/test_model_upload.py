@@ -4,8 +4,8 @@ memory and time limits (each problem a 422 naming it), its card."""
 import numpy as np
 import pytest
 
-from byorl.service.exceptions import Invalid
-from byorl.service.serving.model_upload import trial_in_child, user_card
+from byorl.service.exceptions import Conflict, Invalid
+from byorl.service.serving.model_upload import move_into_place, trial_in_child, user_card
 from byorl.service.settings import Settings
 from tests import hostile_models
 from tests.conftest import flatten_onnx
@@ -39,3 +39,18 @@ def test_the_trial_runs_in_a_child_under_limits(tmp_path, monkeypatch):
     with pytest.raises(Invalid) as info:
         trial_in_child(flatten_onnx(), 8, slow)
     assert info.value.code == "trial_timeout" and "MODEL_TRIAL_TIMEOUT_S" in str(info.value)
+
+
+def test_an_upload_that_loses_the_rename_race_is_a_conflict(tmp_path):
+    """Two uploads of one model both pass the 'already registered?' check; the second to
+    rename its finished dot-folder finds the first's folder in place: a 409, never an
+    OSError (ENOTEMPTY was a 500), and the winner's files stay as they were. (The live test of
+    six concurrent uploads in test_models_route.py does not reliably hit this window.)"""
+    final, late = tmp_path / "m-1234abcd", tmp_path / ".creating-late"
+    for folder, content in ((final, b"winner"), (late, b"loser")):
+        folder.mkdir()
+        (folder / "encoder.onnx").write_bytes(content)
+    with pytest.raises(Conflict) as lost:
+        move_into_place(late, final, "m-1234abcd")
+    assert lost.value.code == "model_exists"
+    assert (final / "encoder.onnx").read_bytes() == b"winner"
