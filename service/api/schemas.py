@@ -235,7 +235,11 @@ class RobustnessAudit(Strict):
     labels: list[int] = Field(min_length=1, **FAIL_FAST)
     images: list[Base64Image] = Field(min_length=1, **FAIL_FAST)
     threat: ThreatModel = ThreatModel()
-    mode: Literal["quick", "full"] = "quick"
+    mode: Literal["quick", "full"] = Field(
+        "quick", description="quick (the default): a smoke run of the suite (AutoPGD-CE/-DLR "
+        "1x20, MultiTargeted 3x20, Square 300 queries), minutes; its report says upper_bound. "
+        "full: the paper's suite (5x100, 5x100, 20x200, 5000 queries) with its sanity checks, "
+        "hours on a CPU")
     method: AuditMethod = "auto"
     model: ModelName = None
 

@@ -235,6 +235,20 @@ def fit_head(settings: Settings, job_id: str, params: dict, inputs: dict, model,
     return {"head_id": job_id, "metrics": metrics}
 
 
+def upper_bound_reasons(params: dict, white_box: bool) -> list[str]:
+    """Why an audit's robustness is only an upper bound (none: the paper's full suite,
+    white-box, with its sanity checks): what a reader of the number must know."""
+    reasons = []
+    if not white_box:
+        reasons.append("black-box: Square's queries only, no gradients")
+    if params["audit"] == "retrieval":
+        reasons.append("retrieval: one attack on each query, not an attack suite")
+    elif params["mode"] != "full":
+        reasons.append(f"mode {params['mode']!r}: a smoke run of the suite (fewer restarts, "
+                       "steps and queries than the paper's full suite)")
+    return reasons
+
+
 def run_audit(settings: Settings, job_id: str, params: dict, inputs: dict, model, progress) -> dict:
     """The robust accuracy of encoder + head, or the retrieval audit of an index; the report is
     saved under the job's id, with how the model was attacked (`access`)."""
@@ -277,8 +291,9 @@ def run_audit(settings: Settings, job_id: str, params: dict, inputs: dict, model
                 row[kind] = [{"key": keys[j], "score": score,
                               "metadata": index.get(keys[j]).metadata} for j, score in row[kind]]
         report.update(index=params["index"], gallery_size=len(gallery))
+    reasons = upper_bound_reasons(params, white_box)
     report.update(audit=params["audit"], model_id=params["model_id"], audit_id=job_id,
-                  access=access, upper_bound=not white_box)
+                  access=access, upper_bound=bool(reasons), upper_bound_reasons=reasons)
     ReportStore(open_database(settings.database())).save(job_id, report)
     return {"audit_id": job_id, "summary": {k: v for k, v in report.items()
                                             if isinstance(v, int | float | str | bool)}}

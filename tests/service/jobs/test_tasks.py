@@ -152,3 +152,14 @@ def test_a_runner_whose_lease_was_taken_stops_and_records_nothing(model_dir, tmp
     assert job["state"] == "queued" and job["result"] is None and job["attempts"] == 1
     assert job["progress"] < 1
     assert not (tmp_path / "heads" / job_id).exists()
+
+
+def test_an_audit_says_why_its_number_is_an_upper_bound():
+    """Only the paper's full suite, white-box, measures robustness; every other audit says
+    what makes its number an upper bound."""
+    full, quick = {"audit": "robustness", "mode": "full"}, {"audit": "robustness", "mode": "quick"}
+    assert tasks.upper_bound_reasons(full, white_box=True) == []
+    assert [r.split(":")[0] for r in tasks.upper_bound_reasons(quick, white_box=False)] == [
+        "black-box", "mode 'quick'"]
+    assert tasks.upper_bound_reasons({"audit": "retrieval"}, white_box=True) == [
+        "retrieval: one attack on each query, not an attack suite"]

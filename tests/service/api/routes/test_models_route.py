@@ -214,7 +214,8 @@ def test_a_user_encoder_is_audited_white_box_and_black_box(two, stem, image_byte
     white, black = reports["auto"], reports["black-box"]
     assert white["access"]["method"] == "white-box" and white["attack"] == "apgd"
     assert white["access"]["parity"]["max_relative_error"] <= 1e-4
-    assert not white["upper_bound"] and white["steps"] == 10
+    assert white["upper_bound_reasons"] == [  # white-box, yet one attack: an upper bound
+        "retrieval: one attack on each query, not an attack suite"] and white["steps"] == 10
     assert black["access"]["method"] == "black-box" and black["attack"] == "square"
     assert black["upper_bound"] and black["queries"] == 300
     for report in (white, black):
@@ -268,6 +269,7 @@ def test_a_head_on_a_user_encoder_is_audited_white_box_and_black_box(two, stem, 
     assert white["access"]["method"] == "white-box" and "parity" in white["access"]
     assert [a["name"] for a in white["attacks"]] == ["apgd-ce", "multitargeted", "square"]
     assert black["upper_bound"] and [a["name"] for a in black["attacks"]] == ["square"]
+    assert white["upper_bound"] and white["upper_bound_reasons"][0].startswith("mode 'quick'")
     assert black["clean_accuracy"] == white["clean_accuracy"]
     assert white["robust_accuracy"] <= black["robust_accuracy"] <= black["clean_accuracy"]
 
