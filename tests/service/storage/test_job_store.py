@@ -124,9 +124,11 @@ url, data, what, ids = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4].
 jobs = JobStore(Database(url), data, lease_s=60)
 sys.stdin.readline()  # start together
 if what == "claim":
-    print(json.dumps([i for i in ids if jobs.claim(i, runner_identity()) is not None]))
+    print(json.dumps([i for i in ids if jobs.claim(i, runner_identity()) is not None]), flush=True)
 else:
-    print(json.dumps(jobs.sweep(lambda _: None)))
+    print(json.dumps(jobs.sweep(lambda _: None)), flush=True)
+sys.stdin.readline()  # live on until every racer is done: a claimant that exits is a lost
+                      # runner, whose jobs the others may rightly claim again
 """
 
 
@@ -139,7 +141,10 @@ def race(jobs: JobStore, what: str, ids: list[str], processes: int = 4) -> list[
     for p in racers:
         p.stdin.write("go\n")
         p.stdin.flush()
-    return [json.loads(p.communicate(timeout=120)[0]) for p in racers]
+    got = [json.loads(p.stdout.readline()) for p in racers]
+    for p in racers:
+        p.communicate("done\n", timeout=120)
+    return got
 
 
 def test_racing_claims_start_each_job_once(jobs):
