@@ -9,6 +9,7 @@ format (service/gallery_migration.py).
 """
 
 import logging
+import math
 import re
 import shutil
 import threading
@@ -19,11 +20,16 @@ from typing import Any
 import numpy as np
 
 from byorl.index.faiss_index import EmbeddingIndex
-from byorl.service.exceptions import Conflict, Invalid, NotFound
+from byorl.service.exceptions import Conflict, Invalid, NotFound, TooLarge
 from byorl.service.names import NAME, check_name
 from byorl.service.settings import Settings
 from byorl.service.storage.gallery_migration import is_old_format, migrate
-from byorl.service.storage.gallery_store import DB_FILE, GalleryStore, create_store
+from byorl.service.storage.gallery_store import (
+    DB_FILE,
+    ExportPage,
+    GalleryStore,
+    create_store,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_S = 1.0
@@ -127,6 +133,30 @@ class Galleries:
     def add(self, name: str, keys: list[str], vectors: np.ndarray, pixels: np.ndarray,
             metadata: list[Any] | None, model_id: str) -> None:
         self.store(name).add(keys, vectors, pixels, metadata, model_id)
+
+    def add_vectors(self, name: str, keys: list[str], vectors: bytes, pixels: bytes,
+                    metadata: list[Any] | None, model_id: str, pixel_shape: tuple[int, ...],
+                    limit: int) -> None:
+        """Store items from their vectors and pixels as an export holds them (no embedding):
+        `vectors` little-endian float32 rows of the gallery's dimension, `pixels` uint8 rows of
+        `pixel_shape` (the model's input), at most `limit` items; all or nothing, as `add`."""
+        store = self.store(name)
+        n, dim = len(keys), store.index.dim
+        if n > limit:
+            raise TooLarge("too_many_items", f"{n} items in one request; the limit is {limit}")
+        if len(vectors) != n * dim * 4:
+            raise Invalid("invalid_vectors", f"vectors hold {len(vectors)} bytes; {n} keys of "
+                          f"dimension {dim} need {n * dim * 4} (float32, little-endian)")
+        row = math.prod(pixel_shape)
+        if len(pixels) != n * row:
+            raise Invalid("invalid_pixels", f"pixels hold {len(pixels)} bytes; {n} keys of "
+                          f"shape {list(pixel_shape)} need {n * row} (uint8)")
+        store.add(keys, np.frombuffer(vectors, "<f4").reshape(n, dim),
+                  np.frombuffer(pixels, np.uint8).reshape(n, *pixel_shape), metadata, model_id)
+
+    def export_page(self, name: str, offset: int, limit: int, max_bytes: int) -> ExportPage:
+        """A page of items with their vectors and pixels (GalleryStore.export_page)."""
+        return self.store(name).export_page(offset, limit, max_bytes)
 
     def remove(self, name: str, keys: list[str]) -> int:
         return self.store(name).remove(keys)

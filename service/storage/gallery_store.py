@@ -25,6 +25,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from byorl.files import atomic_write, fsync_dir
 from byorl.index.faiss_index import CorruptIndexError, EmbeddingIndex, UnknownKeyError
-from byorl.service.exceptions import NotFound
+from byorl.service.exceptions import NotFound, TooLarge
 
 DB_FILE, TRAINED_FILE = "gallery.db", "trained.faiss"
 VECTOR_FILE, ID_FILE = "vectors.f32", "vector-ids.i64"  # row i: the vector of id i
@@ -111,6 +112,20 @@ def create_store(root: Path, dim: int, model_id: str, factory: str) -> "GalleryS
     os.rename(tmp, root)
     fsync_dir(root.parent)
     return GalleryStore(root)
+
+
+@dataclass(frozen=True)
+class ExportPage:
+    """Items offset.. of a gallery in insertion order, read at one instant, with everything a
+    restore needs: keys, stored metadata (JSON text), normalised vectors and pixels."""
+
+    count: int  # items in the whole gallery at that instant
+    offset: int
+    keys: list[str]
+    metadata: list[str | None]
+    vectors: np.ndarray  # float32 (n, dim)
+    pixels: np.ndarray  # uint8 (n, *pixel_shape)
+    pixel_shape: list[int] | None  # None while the gallery has never held an item
 
 
 class GalleryStore:
@@ -193,6 +208,42 @@ class GalleryStore:
             raise UnknownKeyError(f"unknown keys: {gone[:5]}")
         shape = self._info["pixel_shape"]
         return np.stack([np.frombuffer(rows[i], np.uint8).reshape(shape) for i in ids])
+
+    def export_page(self, offset: int, limit: int, max_bytes: int) -> ExportPage:
+        """At most `limit` items from `offset` (insertion order) with their vectors and pixels,
+        read from the database in one read transaction, and fewer when their stored bytes (key,
+        metadata, vector, pixels) would pass `max_bytes` (at least one: an item alone over it
+        is TooLarge). Memory stays within `max_bytes` whatever the gallery's size."""
+        dim = self._info["dim"]
+        keys, metadata, vectors, pixels, size = [], [], [], [], 0
+        with self._read_lock:
+            self._check_open()
+            self._reader.execute("BEGIN")
+            try:
+                count = self._reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+                shape = json.loads(self._reader.execute(
+                    "SELECT value FROM info WHERE name = 'pixel_shape'").fetchone()[0])
+                rows = self._reader.execute(
+                    "SELECT i.key, i.metadata, b.vector, b.pixels FROM items i JOIN blobs b "
+                    "ON b.id = i.id ORDER BY i.id LIMIT ? OFFSET ?", (limit, offset))
+                for key, meta, vector, pix in rows:
+                    size += len(key.encode()) + len(meta or "") + len(vector) + len(pix)
+                    if size > max_bytes:
+                        if not keys:
+                            raise TooLarge("response_too_large", f"item {key[:100]!r} alone "
+                                           f"holds {size} bytes; the page limit is {max_bytes}")
+                        break
+                    keys.append(key)
+                    metadata.append(meta)
+                    vectors.append(vector)
+                    pixels.append(pix)
+            finally:
+                self._reader.execute("COMMIT")
+        return ExportPage(
+            count, offset, keys, metadata,
+            np.frombuffer(b"".join(vectors), np.float32).reshape(len(keys), dim),
+            np.frombuffer(b"".join(pixels), np.uint8).reshape(len(keys), *(shape or [0])),
+            shape)
 
     # -- background work and closing -----------------------------------------------------------
 

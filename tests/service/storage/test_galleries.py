@@ -4,8 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from byorl.index.faiss_index import DuplicateKeyError, UnknownKeyError
-from byorl.service.exceptions import Conflict, Invalid, NotFound
+from byorl.index.faiss_index import DuplicateKeyError, ModelMismatchError, UnknownKeyError
+from byorl.service.exceptions import Conflict, Invalid, NotFound, TooLarge
 from byorl.service.settings import Settings
 from byorl.service.storage.galleries import Galleries, check_factory, load_index
 
@@ -148,3 +148,41 @@ def test_factory_strings_beyond_their_bounds_are_refused(factory, code, named):
                                      "IVF1024,SQ8", "PQ16", "HNSW128"])
 def test_factory_strings_within_bounds_pass(factory):
     check_factory(factory, Settings())
+
+
+def test_an_export_page_adds_to_another_data_directory_as_it_was(tmp_path):
+    src = Galleries(tmp_path / "a")
+    src.create("g", 8, "m")
+    keys, vectors, pixels = items(6)
+    src.add("g", keys, vectors, pixels, [{"i": i} for i in range(6)], "m")
+    page = src.export_page("g", 0, 100, 10**6)
+    dst = Galleries(tmp_path / "b")
+    dst.create("h", 8, "m")
+    dst.add_vectors("h", page.keys, page.vectors.tobytes(), page.pixels.tobytes(),
+                    [{"i": i} for i in range(6)], "m", (3, 4, 4), limit=10)
+    again = Galleries(tmp_path / "b").export_page("h", 0, 100, 10**6)
+    assert again.keys == keys and again.metadata == page.metadata
+    np.testing.assert_array_equal(again.pixels, pixels)
+    np.testing.assert_allclose(again.vectors, page.vectors, rtol=1e-6)
+    q = page.vectors[:2]
+    assert [[(h.key, round(h.score, 5)) for h in row] for row in src.get("g").search(q, 3)] == \
+        [[(h.key, round(h.score, 5)) for h in row] for row in dst.get("h").search(q, 3)]
+
+
+def test_add_vectors_refuses_wrong_sizes_and_counts_whole(tmp_path):
+    g = Galleries(tmp_path)
+    g.create("g", 8, "m")
+    keys, vectors, pixels = items(3)
+    args = ("g", keys, vectors.tobytes(), pixels.tobytes(), None, "m", (3, 4, 4))
+    with pytest.raises(Invalid, match="need 96") as bad:
+        g.add_vectors("g", keys, vectors[:2].tobytes(), *args[3:], limit=10)
+    assert bad.value.code == "invalid_vectors"
+    with pytest.raises(Invalid) as bad:
+        g.add_vectors(*args[:3], pixels[:, :2].tobytes(), *args[4:], limit=10)
+    assert bad.value.code == "invalid_pixels"
+    with pytest.raises(TooLarge) as over:
+        g.add_vectors(*args, limit=2)
+    assert over.value.code == "too_many_items"
+    with pytest.raises(ModelMismatchError):
+        g.add_vectors(*args[:5], "other", args[6], limit=10)
+    assert len(g.get("g")) == 0

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from byorl.index.faiss_index import DuplicateKeyError, TrainingError, UnknownKeyError
+from byorl.service.exceptions import TooLarge
 from byorl.service.storage.gallery_store import (
     DB_FILE,
     ID_FILE,
@@ -239,3 +240,28 @@ def test_a_writer_killed_at_any_moment_keeps_every_answered_write(tmp_path):
         if trial >= 3 and torn_checkpoints:
             break
     assert torn_checkpoints >= 1, "no kill landed inside a checkpoint"
+
+
+def test_an_export_page_holds_the_stored_items_within_its_byte_budget(store):
+    keys = keys_of(10)
+    add(store, keys)
+    store.remove(keys[2:3])
+    live = keys[:2] + keys[3:]
+    vectors, pixels, meta = items(live)
+    page = store.export_page(0, 100, 10**6)
+    assert page.count == 9 and page.keys == live and page.pixel_shape == [3, 4, 4]
+    assert [json.loads(m) for m in page.metadata] == meta
+    np.testing.assert_allclose(page.vectors, unit(vectors), rtol=1e-6)
+    np.testing.assert_array_equal(page.pixels, pixels)
+    assert store.export_page(4, 3, 10**6).keys == live[4:7]
+    # each item: key 10 + metadata 21 + vector 32 + pixels 48 bytes = 111
+    assert store.export_page(0, 100, 3 * 111 + 110).keys == live[:3]
+    with pytest.raises(TooLarge, match="alone"):
+        store.export_page(0, 100, 100)
+    assert store.export_page(50, 10, 10**6).keys == []
+
+
+def test_an_empty_gallery_exports_an_empty_page(store):
+    page = store.export_page(0, 10, 1000)
+    assert (page.count, page.keys, page.pixel_shape) == (0, [], None)
+    assert page.vectors.shape == (0, DIM)
