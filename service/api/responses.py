@@ -7,6 +7,7 @@ pass the response limit, so memory stays within that limit whatever a gallery ho
 with 30 MiB of metadata found by 256 queries x k=1000 once took the api to 23 GB.
 """
 
+import base64
 import json
 from collections.abc import Iterable
 
@@ -80,5 +81,21 @@ def items_response(index: str, shown: dict, limit: int) -> Response:
     fields = {"index": index, **{k: shown[k] for k in ("count", "offset", "limit", "next_offset")}}
     out.add(json.dumps(fields, separators=(",", ":"))[:-1] + ',"items":')
     out.array(_item(key, metadata) for key, metadata in shown["items"])
+    out.add("}")
+    return out.response()
+
+
+def export_response(index: str, fields: dict, shown: dict, page, limit: int) -> Response:
+    """An `ExportPage` body: the page's fields, its (key, raw JSON metadata) items, and its
+    vectors and pixels as base64 (`page`: a storage ExportPage)."""
+    out = BoundedJSON(limit, "ask for a smaller page (limit)")
+    head = {"index": index, **fields, "pixel_shape": page.pixel_shape,
+            **{k: shown[k] for k in ("count", "offset", "limit", "next_offset")}}
+    out.add(json.dumps(head, separators=(",", ":"))[:-1] + ',"items":')
+    out.array(_item(key, metadata) for key, metadata in shown["items"])
+    for name, array in (("vectors", page.vectors.astype("<f4")), ("pixels", page.pixels)):
+        out.add(f',"{name}":"')
+        out.add(base64.b64encode(array.tobytes()).decode())
+        out.add('"')
     out.add("}")
     return out.response()

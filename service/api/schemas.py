@@ -158,6 +158,49 @@ class ItemsPage(Page[Item]):
     index: str
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class VectorsAdd(Strict):
+    """Items as an export holds them, stored without embedding (a restore)."""
+
+    keys: list[Key] = Field(min_length=1, **FAIL_FAST)
+    vectors: str = Field(description="base64 of little-endian float32 rows (keys x dim)")
+    pixels: str = Field(description="base64 of uint8 rows (keys x 3 x S x S, the model's input)")
+    metadata: list[Any] | None = Field(None, description="One JSON value per key")
+    model_id: Name = Field(description="The model that made the vectors: the gallery's")
+    onnx_sha256: Sha256 = Field(description="That model's card hash (onnx_sha256): the "
+                                "served model must be the same file")
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if self.metadata is not None and len(self.metadata) != len(self.keys):
+            raise ValueError("keys and metadata must have the same length")
+        return self
+
+
+class ExportItem(BaseModel):
+    key: str
+    metadata: Any = None
+
+
+class ExportPage(Page[ExportItem]):
+    """A page of a gallery's items with their vectors and pixels: row i of `vectors` and
+    `pixels` is items[i]. Fewer items than `limit` when more would pass MAX_RESPONSE_BYTES
+    (next_offset says where to go on)."""
+
+    index: str
+    model_id: str
+    onnx_sha256: str | None = Field(description="The card hash of the gallery's model; null when "
+                                    "the service no longer serves it")
+    dim: int
+    factory: str
+    pixel_shape: list[int] | None = Field(description="(3, S, S); null for a gallery never "
+                                          "added to")
+    vectors: str = Field(description="base64 of little-endian float32 rows (items x dim)")
+    pixels: str = Field(description="base64 of uint8 rows (items x pixel_shape)")
+
+
 class Removed(BaseModel):
     index: str
     removed: int

@@ -48,6 +48,22 @@ class AppState:
         embedded by that model (404 for an unknown index, 409 as `model_of`)."""
         return self.model_of(self.galleries.get(name).model_id, asked, f"index {name!r}")
 
+    def restore_model(self, name: str, model_id: str, onnx_sha256: str) -> Encoder:
+        """The model of an index that vectors made elsewhere are added to: the index's own
+        (409 `model_mismatch` as `index_model`), served from the very file that made them (409
+        `model_hash_mismatch` when the card hashes differ: same id, other weights)."""
+        model = self.index_model(name, model_id)
+        if model.card["onnx_sha256"] != onnx_sha256:
+            raise Conflict(f"the vectors were made by model {model_id!r} with card hash "
+                           f"{onnx_sha256[:12]}..., but this service serves it with "
+                           f"{model.card['onnx_sha256'][:12]}...: other weights",
+                           "model_hash_mismatch")
+        return model
+
+    def card_hash(self, model_id: str) -> str | None:
+        """The card hash (onnx_sha256) of a served model; None when it is not served."""
+        return self.models.get(model_id).card["onnx_sha256"] if model_id in self.models else None
+
     def head_model(self, head_id: str, asked: str | None = None) -> tuple[dict, Encoder]:
         """A head's card and the model it was fitted on (409 as `model_of`)."""
         card = self.heads.card(head_id)

@@ -1,5 +1,7 @@
 """Galleries: named indexes of embedded images under user keys, with JSON metadata."""
 
+import base64
+import binascii
 import io
 import json
 from typing import Any
@@ -13,15 +15,18 @@ from byorl.service.api.deps import Service
 from byorl.service.api.errors import QUEUE_FULL, APIError, error_responses
 from byorl.service.api.json_body import JsonFirstRoute
 from byorl.service.api.pagination import Page, Paging, page, page_of
-from byorl.service.api.responses import items_response
+from byorl.service.api.responses import export_response, items_response
 from byorl.service.api.schemas import (
+    ExportPage,
     GalleryCreate,
     GalleryInfo,
     ItemsAdd,
     ItemsAdded,
     ItemsPage,
     Removed,
+    VectorsAdd,
 )
+from byorl.service.exceptions import Invalid
 from byorl.service.storage.galleries import check_factory
 
 router = APIRouter(prefix="/indexes", tags=["galleries"], route_class=JsonFirstRoute)
@@ -117,3 +122,41 @@ def get_item_pixels(name: str, key: str, svc: Service) -> Response:
 def remove_item(name: str, key: str, svc: Service) -> Removed:
     removed = svc.galleries.remove(name, [key])
     return Removed(index=name, removed=removed, count=len(svc.galleries.get(name)))
+
+
+def decode_field(body: VectorsAdd, name: str) -> bytes:
+    try:
+        return base64.b64decode(getattr(body, name), validate=True)
+    except (binascii.Error, ValueError):
+        raise Invalid("invalid_base64", f"{name} is not valid base64") from None
+
+
+@router.get("/{name}/export", response_model=ExportPage,
+            responses=error_responses(404, 413, 422))
+def export_items(name: str, svc: Service, paging: Paging) -> Response:
+    """A page of items (insertion order) with their stored vectors and pixels, for a backup or
+    a move (`byorl gallery export`): fewer than `limit` when more would pass the response
+    limit. Pages are consistent while the gallery is not written to."""
+    index = svc.galleries.get(name)
+    # raw bytes at most half the limit: base64 adds a third, JSON escapes the keys
+    page = svc.galleries.export_page(name, paging.offset, paging.limit,
+                                     svc.settings.max_response_bytes // 2)
+    shown = page_of(list(zip(page.keys, page.metadata, strict=True)), page.count, paging)
+    fields = {"model_id": index.model_id, "onnx_sha256": svc.card_hash(index.model_id),
+              "dim": index.dim, "factory": index.factory}
+    return export_response(name, fields, shown, page, svc.settings.max_response_bytes)
+
+
+@router.post("/{name}/vectors", status_code=201, responses=error_responses(400, 404, 409, 413,
+                                                                           422))
+def add_vectors(name: str, body: VectorsAdd, svc: Service) -> ItemsAdded:
+    """Store items from the vectors and pixels of an export (`byorl gallery restore`), without
+    embedding: only into a gallery of the same model, served from the same file (409
+    `model_mismatch` / `model_hash_mismatch`); an existing key is a 409, as for images."""
+    model = svc.restore_model(name, body.model_id, body.onnx_sha256)
+    check_metadata(body.metadata, svc.settings.max_metadata_bytes)
+    svc.galleries.add_vectors(name, body.keys, decode_field(body, "vectors"),
+                              decode_field(body, "pixels"), body.metadata, model.model_id,
+                              (3, model.input_size, model.input_size),
+                              svc.settings.max_bulk_images)
+    return ItemsAdded(index=name, added=len(body.keys), count=len(svc.galleries.get(name)))

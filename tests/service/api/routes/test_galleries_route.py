@@ -1,7 +1,11 @@
+import base64
+import io
 import threading
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from byorl.service.main import create_app
 
@@ -118,3 +122,137 @@ def test_an_items_pixels_come_back_as_the_png_it_was_embedded_from(client, image
     r = client.get("/indexes/thumbs/pixels/missing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "key_not_found"
     assert client.get("/indexes/nope/pixels/a").json()["error"]["code"] == "index_not_found"
+
+
+def export_all(client, name: str, limit: int = 1000) -> tuple[list[dict], np.ndarray, np.ndarray,
+                                                              dict]:
+    """Every item of a gallery with its vectors and pixels, page by page."""
+    items, vectors, pixels, offset, page = [], [], [], 0, None
+    while offset is not None:
+        r = client.get(f"/indexes/{name}/export", params={"offset": offset, "limit": limit})
+        assert r.status_code == 200, r.text[:300]
+        page = r.json()
+        n = len(page["items"])
+        items += page["items"]
+        vectors.append(np.frombuffer(base64.b64decode(page["vectors"]), "<f4").reshape(
+            n, page["dim"]))
+        pixels.append(np.frombuffer(base64.b64decode(page["pixels"]), np.uint8).reshape(
+            n, *page["pixel_shape"]))
+        offset = page["next_offset"]
+    return items, np.concatenate(vectors), np.concatenate(pixels), page
+
+
+def vectors_body(keys, vectors, pixels, card, metadata=None, **changes) -> dict:
+    return {"keys": keys, "metadata": metadata, "model_id": card["model_id"],
+            "onnx_sha256": card["onnx_sha256"],
+            "vectors": base64.b64encode(np.asarray(vectors, "<f4").tobytes()).decode(),
+            "pixels": base64.b64encode(np.asarray(pixels, np.uint8).tobytes()).decode(),
+            **changes}
+
+
+@pytest.fixture(scope="module")
+def exported(client, labeled):
+    """A gallery of 12 images with metadata, exported: (items, vectors, pixels, last page)."""
+    images = labeled[0][:12]
+    assert client.post("/indexes", json={"name": "to-export"}).status_code == 201
+    r = client.post("/indexes/to-export/items", json={
+        "keys": [f"k/{i}" for i in range(12)], "images": images,
+        "metadata": [{"i": i, "s": "é"} if i % 3 else None for i in range(12)]})
+    assert r.status_code == 201, r.text
+    return export_all(client, "to-export", limit=5)
+
+
+def test_an_export_added_as_vectors_searches_as_the_original(client, exported, labeled):
+    items, vectors, pixels, page = exported
+    card = client.get("/models").json()[0]
+    assert [i["key"] for i in items] == [f"k/{i}" for i in range(12)]
+    assert items[1]["metadata"] == {"i": 1, "s": "é"} and items[3]["metadata"] is None
+    assert (page["model_id"], page["onnx_sha256"], page["factory"]) == (
+        card["model_id"], card["onnx_sha256"], "Flat")
+    assert pixels.shape == (12, 3, 32, 32) and vectors.shape == (12, page["dim"])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(pixels[4], client.app.state.byorl.galleries.pixels(
+        "to-export", ["k/4"])[0])
+
+    assert client.post("/indexes", json={"name": "restored"}).status_code == 201
+    for start in (0, 7):  # two requests
+        part = slice(start, start + 7)
+        r = client.post("/indexes/restored/vectors", json=vectors_body(
+            [i["key"] for i in items[part]], vectors[part], pixels[part], card,
+            [i["metadata"] for i in items[part]]))
+        assert r.status_code == 201, r.text
+    assert r.json() == {"index": "restored", "added": 5, "count": 12}
+    queries = labeled[0][20:23]
+    found = [client.post("/search", json={"index": name, "images": queries, "k": 4}).json()
+             ["results"] for name in ("to-export", "restored")]
+    assert [[h["key"] for h in row] for row in found[0]] == \
+        [[h["key"] for h in row] for row in found[1]]
+    np.testing.assert_allclose([[h["score"] for h in row] for row in found[0]],
+                               [[h["score"] for h in row] for row in found[1]], atol=1e-5)
+    assert export_all(client, "restored")[0] == items
+
+
+def test_add_vectors_refusals(client, exported, settings):
+    items, vectors, pixels, _ = exported
+    card = client.get("/models").json()[0]
+    keys = ["new/0", "new/1"]
+    assert client.post("/indexes", json={"name": "refusing"}).status_code == 201
+
+    def refused(body: dict, name: str = "refusing") -> tuple[int, str]:
+        r = client.post(f"/indexes/{name}/vectors", json=body)
+        return r.status_code, r.json()["error"]["code"]
+
+    good = vectors_body(keys, vectors[:2], pixels[:2], card)
+    assert refused(good, "nowhere") == (404, "index_not_found")
+    assert refused({**good, "model_id": "other-model"}) == (409, "model_mismatch")
+    assert refused({**good, "onnx_sha256": "0" * 64}) == (409, "model_hash_mismatch")
+    assert refused({**good, "onnx_sha256": "not-a-hash"}) == (422, "validation_error")
+    assert refused({**good, "vectors": "@@@"}) == (422, "invalid_base64")
+    assert refused(vectors_body(keys, vectors[:1], pixels[:2], card)) == (422, "invalid_vectors")
+    assert refused(vectors_body(keys, vectors[:2], pixels[:2, :, :16], card)) == (
+        422, "invalid_pixels")
+    assert refused({**good, "metadata": [1]}) == (422, "validation_error")
+    assert refused({**good, "metadata": [{"s": "x" * settings.max_metadata_bytes}, None]}) == (
+        413, "metadata_too_large")
+    n = settings.max_bulk_images + 1
+    many = vectors_body([f"m/{i}" for i in range(n)], np.repeat(vectors[:1], n, 0),
+                        np.repeat(pixels[:1, :, :8, :8], n, 0), card)  # within the body limit
+    assert refused(many) == (413, "too_many_items")
+    zero = vectors_body(keys, np.zeros_like(vectors[:2]), pixels[:2], card)
+    assert refused(zero) == (422, "invalid_vector")
+    assert client.post("/indexes/refusing/vectors", json=good).status_code == 201
+    assert refused(good) == (409, "duplicate_key")
+    assert client.get("/indexes/refusing").json()["count"] == 2
+
+
+def test_export_refusals_and_pages_bounded_by_the_response_limit(client, exported, settings,
+                                                                 tmp_path):
+    assert client.get("/indexes/nowhere/export").status_code == 404
+    assert client.get("/indexes/to-export/export", params={"limit": 1001}).status_code == 422
+    assert client.get("/indexes/to-export/export", params={"offset": 99}).json()["items"] == []
+    small = settings.model_copy(update={"data_dir": tmp_path, "max_response_bytes": 20_000})
+    with TestClient(create_app(small)) as c:
+        c.post("/indexes", json={"name": "g"})
+        c.post("/indexes/g/items", json={"keys": list("abcde"),
+                                         "images": exported_images(client, 5)})
+        page = c.get("/indexes/g/export", params={"limit": 100}).json()
+        assert len(page["items"]) == 2 and page["next_offset"] == 2  # 4 KiB an item: 2 fit
+        items = export_all(c, "g")[0]
+        assert [i["key"] for i in items] == list("abcde")
+    tiny = settings.model_copy(update={"data_dir": tmp_path / "t", "max_response_bytes": 4096})
+    with TestClient(create_app(tiny)) as c:
+        c.post("/indexes", json={"name": "g"})
+        c.post("/indexes/g/items", json={"keys": ["a"], "images": exported_images(client, 1)})
+        r = c.get("/indexes/g/export")
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "response_too_large")
+
+
+def exported_images(client, n: int) -> list[str]:
+    """n images as base64 PNGs of the exported gallery's pixels."""
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        pixels = client.app.state.byorl.galleries.pixels("to-export", [f"k/{i}"])[0]
+        Image.fromarray(pixels.transpose(1, 2, 0)).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
