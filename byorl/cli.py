@@ -1,4 +1,4 @@
-"""The `byorl` command line: train, evaluate, export, index, experiments."""
+"""The `byorl` command line: train, evaluate, export, experiments, galleries."""
 
 import contextlib
 import inspect
@@ -197,33 +197,88 @@ def knn(
     typer.echo(text)
 
 
-index_app = typer.Typer(no_args_is_help=True, help="Embedding indexes (FAISS).")
-app.add_typer(index_app, name="index")
+gallery_app = typer.Typer(no_args_is_help=True, help="Galleries of a running service: import "
+                          "a folder of images, export, restore.")
+app.add_typer(gallery_app, name="gallery")
+URL = typer.Option("http://127.0.0.1:8000", "--url", "--api", help="The running service.")
+API_KEY = typer.Option(None, envvar="BYORL_API_KEY", help="X-API-Key, if any.")
+SHOWN_FAILURES = 10
 
 
-@index_app.command("build")
-def index_build(
-    model: Path = typer.Option(..., help="An exported model directory."),
-    images: str = typer.Option(..., help="cifar10, cifar100, an ImageFolder dir or .tar.gz"),
-    out: Path = typer.Option(..., help="The index file to write."),
-    split: str = typer.Option("train", help="train or test (a folder without them: all)."),
-    factory: str = typer.Option("Flat", help="FAISS factory: Flat, IVF1024,Flat, HNSW32, ..."),
-    batch_size: int = typer.Option(256),
-    threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)."),
+@gallery_app.command("import")
+def gallery_import(
+    source: Path = typer.Argument(..., help="A folder (read recursively) or a .tar/.tar.gz of "
+                                  "PNG/JPEG/WebP images."),
+    index: str = typer.Option(..., help="The gallery to add to."),
+    url: str = URL,
+    api_key: str | None = API_KEY,
+    batch: int = typer.Option(64, min=1, help="Images per add request."),
+    create: bool = typer.Option(False, help="Create the gallery when it does not exist."),
+    model: str | None = typer.Option(None, help="The model of a gallery --create makes "
+                                     "(default: the service's first)."),
+    factory: str = typer.Option("Flat", help="FAISS factory of a gallery --create makes."),
 ):
-    """Embed every image of a split and save a FAISS index of them, keyed SPLIT/N, with the
-    class name as metadata."""
-    from byorl.index.build import build_index
-    from byorl.model_dir import read_card
-    from byorl.training.data import load_images
+    """Add every image of SOURCE to a gallery, keyed by its path relative to SOURCE (e.g.
+    cats/0001.jpg; in an archive, its member name). Resumable: keys already in the gallery
+    are skipped, so running it again after an interruption adds only the rest. A file that
+    fails (corrupt, unsupported format, too large, refused) is skipped with its reason. Exits
+    1 only when nothing could be imported (no image found, or every one failed)."""
+    from byorl.client import Client
+    from byorl.gallery_io import is_archive
+    from byorl.training.progress import Bars
 
-    data = load_images(images, split, read_card(model)["input_size"][1])
-    keys = [f"{split}/{i}" for i in range(len(data))]
-    metadata = [{"class": data.classes[y]} for y in data.labels.tolist()]
-    index = build_index(model, data.images.numpy(), keys, metadata, factory, batch_size,
-                        threads or None, progress=True)
-    index.save(out)
-    typer.echo(f"{len(index)} images of {images} ({split}) by {index.model_id} -> {out}")
+    if not (source.is_dir() or is_archive(source)):
+        raise typer.BadParameter(f"{source} is neither a folder nor a tar archive",
+                                 param_hint="SOURCE")
+    with Client(url, api_key=api_key) as client, service_errors(url), Bars() as bar:
+        summary = client.import_images(index, source, batch=batch, create=create, model=model,
+                                       factory=factory, progress=bar)
+    typer.echo(f"{index}: {summary.added} added, {summary.present} already present (skipped), "
+               f"{len(summary.failed)} failed, of {summary.files} files in {source}")
+    for key, reason in summary.failed[:SHOWN_FAILURES]:
+        typer.echo(f"  failed {key}: {reason}")
+    if len(summary.failed) > SHOWN_FAILURES:
+        typer.echo(f"  ... and {len(summary.failed) - SHOWN_FAILURES} more failed")
+    if summary.nothing_done:
+        raise typer.Exit(_fail(f"nothing imported from {source}"))
+
+
+@gallery_app.command("export")
+def gallery_export(
+    name: str = typer.Argument(..., help="The gallery."),
+    out: Path = typer.Argument(..., help="The folder to write (new or empty)."),
+    url: str = URL,
+    api_key: str | None = API_KEY,
+):
+    """Write a gallery to OUT: manifest.json (model id, card hash, factory, dim, count),
+    items.jsonl (key and metadata per line), vectors.npy (float32) and pixels.npy (uint8),
+    page by page. Nothing may write to the gallery meanwhile."""
+    from byorl.client import Client
+    from byorl.training.progress import Bars
+
+    with Client(url, api_key=api_key) as client, service_errors(url), Bars() as bar:
+        m = client.export_gallery(name, out, progress=bar)
+    typer.echo(f"{m['count']} items of {name} ({m['model_id']}, card hash "
+               f"{(m['onnx_sha256'] or 'unknown')[:12]}) -> {out}")
+
+
+@gallery_app.command("restore")
+def gallery_restore(
+    source: Path = typer.Argument(..., help="A folder written by `byorl gallery export`."),
+    index: str = typer.Option(..., help="The gallery to restore into (created when missing)."),
+    url: str = URL,
+    api_key: str | None = API_KEY,
+    batch: int = typer.Option(256, min=1, help="Items per request (halved on a 413)."),
+):
+    """Store an export's items (vectors, pixels, metadata; nothing embedded again) in a
+    gallery. Refused when the service does not serve the export's model from the same file
+    (model id and card hash). Resumable: keys already in the gallery are skipped."""
+    from byorl.client import Client
+    from byorl.training.progress import Bars
+
+    with Client(url, api_key=api_key) as client, service_errors(url), Bars() as bar:
+        count = client.restore_gallery(source, index, batch=batch, progress=bar)
+    typer.echo(f"{source} -> {index} ({count} items)")
 
 
 def parse_threat(text: str):
@@ -385,6 +440,7 @@ def service_errors(url: str) -> Iterator[None]:
     import httpx
 
     from byorl.client import JobFailed, ServiceError
+    from byorl.gallery_io import ExportError
 
     try:
         yield
@@ -394,6 +450,8 @@ def service_errors(url: str) -> Iterator[None]:
     except (ServiceError, JobFailed) as exc:
         hint = " (set --api-key or BYORL_API_KEY)" if getattr(exc, "status", 0) == 401 else ""
         raise typer.Exit(_fail(f"the service at {url} refused: {exc}{hint}")) from None
+    except ExportError as exc:
+        raise typer.Exit(_fail(str(exc))) from None
 
 
 def _fail(message: str) -> int:

@@ -33,9 +33,17 @@ from typing import Any
 import httpx
 import numpy as np
 
+from byorl import gallery_io
+from byorl.gallery_io import ExportError, ImportSummary
+
 RETRY_STATUSES = (429, 503)
 PAGE = 1000  # the service's largest page
 ADD_BATCH = 256  # images per add request (within MAX_BULK_IMAGES and the body limit)
+IMPORT_BATCH = 64  # files per add request of an import
+IMPORT_BATCH_BYTES = 4 * 2**20  # and at most these bytes of files (base64 adds a third)
+RESTORE_BATCH = 256  # items per POST /indexes/{name}/vectors (halved on a 413)
+# A refusal of a whole batch that splitting cannot help: the gallery, the key or the model.
+FATAL = (401, 403, 404, 429, 503)
 
 
 class ServiceError(Exception):
@@ -229,6 +237,195 @@ def items(gallery: str) -> Plan:
     return (yield from _paged(f"/indexes/{gallery}/items", lambda i: Item(**i)))
 
 
+def keys(gallery: str) -> Plan:
+    """Every key of a gallery (a set)."""
+    return set((yield from _paged(f"/indexes/{gallery}/items", lambda i: i["key"])))
+
+
+def export_page(gallery: str, offset: int = 0, limit: int = PAGE) -> Plan:
+    """One page of a gallery's items with their stored vectors and pixels: the page's fields,
+    `vectors` (n, dim) float32 and `pixels` (n, 3, S, S) uint8 decoded (fewer than `limit`
+    items when more would pass the service's response limit: follow `next_offset`)."""
+    body = yield Request("GET", f"/indexes/{gallery}/export",
+                         params={"offset": offset, "limit": limit})
+    n = len(body["items"])
+    body["vectors"] = np.frombuffer(base64.b64decode(body["vectors"]), "<f4").reshape(
+        n, body["dim"])
+    body["pixels"] = np.frombuffer(base64.b64decode(body["pixels"]), np.uint8).reshape(
+        n, *(body["pixel_shape"] or []))
+    return body
+
+
+def add_vectors(gallery: str, keys: list[str], vectors, pixels, *, model_id: str,
+                onnx_sha256: str, metadata: list | None = None) -> Plan:
+    """Store items from vectors and pixels (an export's) without embedding them: the gallery
+    must hold vectors of `model_id`, served from the file of card hash `onnx_sha256` (409
+    otherwise). Returns the gallery's item count."""
+    body = yield Request("POST", f"/indexes/{gallery}/vectors", {
+        "keys": list(keys), "metadata": None if metadata is None else list(metadata),
+        "vectors": base64.b64encode(np.ascontiguousarray(vectors, "<f4").tobytes()).decode(),
+        "pixels": base64.b64encode(np.ascontiguousarray(pixels, np.uint8).tobytes()).decode(),
+        "model_id": model_id, "onnx_sha256": onnx_sha256})
+    return body["count"]
+
+
+def _gallery_for(name: str, create: bool, model: str | None, factory: str) -> Plan:
+    """The gallery, created first when it does not exist and `create` says so."""
+    try:
+        return Gallery(**(yield Request("GET", f"/indexes/{name}")))
+    except ServiceError as exc:
+        if exc.code != "index_not_found" or not create:
+            raise
+    return (yield from create_gallery(name, model=model, factory=factory))
+
+
+def _add_isolating(gallery: str, batch: list[tuple[str, bytes]], summary: ImportSummary,
+                   model: str | None) -> Plan:
+    """Add a batch of files; a batch the service refuses (all or nothing) is split in halves
+    until the files it refuses are alone, each then recorded with the service's reason (a key
+    already present, added since the import began, counts as present)."""
+    try:
+        yield Request("POST", f"/indexes/{gallery}/items", {
+            "keys": [k for k, _ in batch], "images": [encode_image(d) for _, d in batch],
+            "model": model})
+        summary.added += len(batch)
+        return
+    except ServiceError as exc:
+        if exc.status in FATAL or exc.code == "model_mismatch" or exc.status >= 500:
+            raise
+        if len(batch) == 1:
+            if exc.code == "duplicate_key":
+                summary.present += 1
+            else:
+                summary.failed.append((batch[0][0], f"{exc.code}: {exc.message}"))
+            return
+    half = len(batch) // 2
+    yield from _add_isolating(gallery, batch[:half], summary, model)
+    yield from _add_isolating(gallery, batch[half:], summary, model)
+
+
+def import_images(gallery: str, source: str | Path, *, batch: int = IMPORT_BATCH,
+                  create: bool = False, model: str | None = None, factory: str = "Flat",
+                  max_file_bytes: int = gallery_io.MAX_FILE_BYTES,
+                  progress: Callable[[int, int, str], None] | None = None) -> Plan:
+    """Add every image of a folder (recursively) or tar archive under its relative path
+    (`byorl.gallery_io`), in requests of `batch` files. Resumable: keys already in the gallery
+    are skipped. A file that fails (corrupt, unsupported format, too large, refused by the
+    service) is recorded with its reason and the rest go on. Returns an ImportSummary."""
+    yield from _gallery_for(gallery, create, model, factory)
+    present = yield from keys(gallery)
+    with gallery_io.open_source(source) as files:
+        summary, pending, size, shown = ImportSummary(files=len(files)), [], 0, 0
+
+        def flush() -> Plan:
+            nonlocal pending, size, shown
+            if pending:
+                yield from _add_isolating(gallery, pending, summary, model)
+            pending, size = [], 0
+            settled = summary.added + summary.present + len(summary.failed)
+            if progress is not None and settled > shown:  # files whose fate is known
+                progress(settled, len(files), "importing")
+                shown = settled
+
+        for f in files:
+            problem = None
+            if f.key in present:
+                summary.present += 1
+            elif f.size > max_file_bytes:
+                problem = f"too large: {f.size} bytes (the limit is {max_file_bytes})"
+            else:
+                data = f.read()
+                problem = gallery_io.image_problem(f.key, data, max_file_bytes)
+                if problem is None:
+                    if pending and size + len(data) > IMPORT_BATCH_BYTES:
+                        yield from flush()
+                    pending.append((f.key, data))
+                    size += len(data)
+            if problem is not None:
+                summary.failed.append((f.key, problem))
+            if len(pending) >= batch or not pending:
+                yield from flush()
+        yield from flush()
+    return summary
+
+
+def export_gallery(gallery: str, out: str | Path, *, page: int = PAGE,
+                   progress: Callable[[int, int, str], None] | None = None) -> Plan:
+    """Write a gallery to the folder `out` (new or empty), page by page (memory holds one
+    page): its items, vectors, pixels and a manifest naming the model and its card hash
+    (`byorl.gallery_io`). The gallery must not be written to meanwhile (ExportError when its
+    count changed). Returns the manifest."""
+    writer, offset, first, body = gallery_io.ExportWriter(Path(out)), 0, None, None
+    try:
+        while offset is not None:
+            body = yield from export_page(gallery, offset, page)
+            first = first or body
+            writer.write(body["items"], body["vectors"], body["pixels"])
+            offset = body["next_offset"]
+            if progress is not None:
+                progress(writer.rows, body["count"], "exporting")
+        if body["count"] != writer.rows or body["count"] != first["count"]:
+            raise ExportError(f"gallery {gallery!r} changed during the export ({first['count']} "
+                              f"items, then {body['count']}; {writer.rows} read): export again "
+                              "while nothing writes to it")
+    except BaseException:
+        writer.abort()
+        raise
+    manifest = {"format": gallery_io.FORMAT, "version": gallery_io.VERSION, "name": gallery,
+                "model_id": body["model_id"], "onnx_sha256": body["onnx_sha256"],
+                "factory": body["factory"], "dim": body["dim"], "count": writer.rows,
+                "pixel_shape": first["pixel_shape"] or body["pixel_shape"],
+                "items": gallery_io.ITEMS, "vectors": gallery_io.VECTORS,
+                "pixels": gallery_io.PIXELS}
+    writer.finish(manifest)
+    return manifest
+
+
+def restore_gallery(source: str | Path, gallery: str, *, batch: int = RESTORE_BATCH,
+                    progress: Callable[[int, int, str], None] | None = None) -> Plan:
+    """Store an export's items in a gallery (created with the export's model and factory when
+    missing) without embedding them. Refused (ExportError, before anything is created) unless
+    the service serves the export's model from the same file (same card hash). Resumable: keys
+    already there are skipped. Requests of `batch` items, halved on a 413. Returns the
+    gallery's item count."""
+    export = gallery_io.read_export(source)
+    m = export.manifest
+    cards = {c["model_id"]: c for c in (yield Request("GET", "/models"))}
+    card = cards.get(m["model_id"])
+    if card is None or not card.get("available", True):
+        raise ExportError(f"the export holds vectors of model {m['model_id']!r}, which the "
+                          "service does not serve: register that model first")
+    if m["onnx_sha256"] is None or card.get("onnx_sha256") != m["onnx_sha256"]:
+        raise ExportError(f"the export's model {m['model_id']!r} has card hash "
+                          f"{m['onnx_sha256']}, the served one {card.get('onnx_sha256')}: "
+                          "other weights, whose vectors would not match")
+    target = yield from _gallery_for(gallery, True, m["model_id"], m["factory"])
+    if target.model_id != m["model_id"]:
+        raise ExportError(f"gallery {gallery!r} holds vectors of model {target.model_id!r}, "
+                          f"the export of {m['model_id']!r}")
+    present = yield from keys(gallery)
+    todo = [i for i, k in enumerate(export.keys) if k not in present]
+    count, done, step = target.count, len(export.keys) - len(todo), batch
+    start = 0
+    while start < len(todo):
+        rows = todo[start:start + step]
+        try:
+            count = yield from add_vectors(
+                gallery, [export.keys[i] for i in rows], export.vectors[rows],
+                export.pixels[rows], model_id=m["model_id"], onnx_sha256=m["onnx_sha256"],
+                metadata=[export.metadata[i] for i in rows])
+        except ServiceError as exc:
+            if exc.status != 413 or step == 1:
+                raise
+            step = max(1, step // 2)  # over the body or item limit: smaller requests
+            continue
+        start += len(rows)
+        done += len(rows)
+        if progress is not None:
+            progress(done, len(export.keys), "restoring")
+    return count
+
+
 def remove(gallery: str, key: str) -> Plan:
     """Remove one item; returns the gallery's item count."""
     return (yield Request("DELETE", f"/indexes/{gallery}/items/{key}"))["count"]
@@ -323,6 +520,7 @@ def delete_model(model_id: str) -> Plan:
 
 
 OPERATIONS = [embed, search, create_gallery, gallery, galleries, delete_gallery, add, items,
+              keys, export_page, add_vectors, import_images, export_gallery, restore_gallery,
               remove, fit_head, head, heads, delete_head, predict, audit, report, job, jobs,
               wait, models, upload_model, delete_model]
 STARTS_A_JOB = {fit_head, audit}
@@ -403,7 +601,12 @@ class Client:
                     time.sleep(step.seconds)
                     step = plan.send(None)
                 else:
-                    step = plan.send(self._send(step))
+                    try:
+                        answer = self._send(step)
+                    except ServiceError as exc:  # the plan may handle a refusal
+                        step = plan.throw(exc)
+                        continue
+                    step = plan.send(answer)
         except StopIteration as done:
             return done.value
 
@@ -444,7 +647,12 @@ class AsyncClient:
                     await asyncio.sleep(step.seconds)
                     step = plan.send(None)
                 else:
-                    step = plan.send(await self._send(step))
+                    try:
+                        answer = await self._send(step)
+                    except ServiceError as exc:  # the plan may handle a refusal
+                        step = plan.throw(exc)
+                        continue
+                    step = plan.send(answer)
         except StopIteration as done:
             return done.value
 
