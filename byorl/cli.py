@@ -200,7 +200,8 @@ def knn(
 gallery_app = typer.Typer(no_args_is_help=True, help="Galleries of a running service: import "
                           "a folder of images, export, restore.")
 app.add_typer(gallery_app, name="gallery")
-URL = typer.Option("http://127.0.0.1:8000", "--url", "--api", help="The running service.")
+URL = typer.Option("http://127.0.0.1:8000", "--url", "--api", envvar="BYORL_URL",
+                   help="The running service.")
 API_KEY = typer.Option(None, envvar="BYORL_API_KEY", help="X-API-Key, if any.")
 SHOWN_FAILURES = 10
 
@@ -407,13 +408,13 @@ def retrieval_demo(
 
 @app.command("demo-gallery")
 def demo_gallery(
-    api: str = typer.Option("http://127.0.0.1:8000", help="The running service."),
+    api: str = URL,
     data: str = typer.Option("tests/data/cifar10-test-sample.npz", help="CIFAR-10 test images: "
                              "the shipped sample (.npz), a CIFAR-10 .tar.gz or ImageFolder."),
     per_class: int = typer.Option(100, help="Test images of each class in the gallery."),
     group: str = typer.Option("cifar10", help="Galleries are named GROUP--MODEL_ID."),
     replace: bool = typer.Option(False, help="Delete the group's galleries first."),
-    api_key: str | None = typer.Option(None, envvar="BYORL_API_KEY", help="X-API-Key, if any."),
+    api_key: str | None = API_KEY,
     audit: int = typer.Option(0, help="Then audit each gallery with this many held-out test "
                               "images as queries (the page's attack, measured)."),
     k: int = typer.Option(8, help="Neighbours compared by --audit."),
