@@ -76,7 +76,7 @@ def test_every_image_form_embeds_as_the_model_does(client, model_dir, images, tm
         encode_image(np.zeros((4, 4), np.float32))
 
 
-def test_a_gallery_from_creation_to_deletion(client, images, monkeypatch):
+def test_a_gallery_from_creation_to_deletion(client, service, images, monkeypatch):
     blobs, labels = images
     gallery = client.create_gallery("pets")
     assert (gallery.name, gallery.count, gallery.factory) == ("pets", 0, "Flat")
@@ -92,6 +92,20 @@ def test_a_gallery_from_creation_to_deletion(client, images, monkeypatch):
     assert hits[0].metadata == {"label": 0} and len(hits) == 3
     vector = client.embed([blobs[9]]).vectors
     assert client.search("pets", embeddings=vector, k=1)[0][0].key == "img-09"
+    # a filter applies before k: img-09's label is 1, the nearest label-0 item is another
+    hits = client.search("pets", embeddings=vector, k=20, filter={"label": 0})[0]
+    assert len(hits) == 8 and {h.metadata["label"] for h in hits} == {0}
+
+    async def filtered():  # the same plan under asyncio
+        async with AsyncClient(service, api_key=KEY) as c:
+            return await c.search("pets", embeddings=vector, k=20, filter={"label": 0})
+
+    assert asyncio.run(filtered()) == [hits]
+    assert client.search("pets", [blobs[9]], k=2, filter={"label": {"in": [1]}})[0][0].key == \
+        "img-09"
+    with pytest.raises(ServiceError) as refused:
+        client.search("pets", embeddings=vector, filter={"label": [0]})
+    assert (refused.value.status, refused.value.code) == (422, "validation_error")
     assert client.remove("pets", "img-00") == 15
     assert "pets" in [g.name for g in client.galleries()]
     client.delete_gallery("pets")
