@@ -7,6 +7,7 @@
         c.create_gallery("pets")
         c.add("pets", {"cat": "cat.jpg", "dog": "dog.png"}, metadata={"cat": {"kind": "cat"}})
         hits = c.search("pets", ["query.jpg"], k=5)[0]       # [Hit(key, score, metadata)]
+        cats = c.search("pets", ["query.jpg"], k=5, filter={"kind": "cat"})[0]
 
 Images are paths, bytes of a PNG/JPEG/WebP file, PIL images or uint8 arrays (H, W, 3) or
 (3, H, W). A refused request raises `ServiceError` carrying the service's status, error code
@@ -189,10 +190,15 @@ def embed(images: Iterable, *, model: str | None = None, normalize: bool = True)
 
 
 def search(gallery: str, images: Iterable | None = None, *, embeddings=None, k: int = 10,
-           model: str | None = None) -> Plan:
-    """The k nearest items of each query (images, or vectors in `embeddings`), best first."""
+           model: str | None = None, filter: Mapping[str, Any] | None = None) -> Plan:
+    """The k nearest items of each query (images, or vectors in `embeddings`), best first.
+    `filter`: only items whose metadata matches, e.g. {"source": "web", "label": {"in": [1, 2]}}
+    (equality, or membership with "in", on top-level fields; all must hold); the k hits are the
+    k nearest of those."""
     query = ({"images": [encode_image(i) for i in images]} if images is not None else
              {"embeddings": np.asarray(embeddings, np.float32).tolist()})
+    if filter is not None:  # sent only when given (a server without filters refuses the field)
+        query["filter"] = dict(filter)
     body = yield Request("POST", "/search", {"index": gallery, "k": k, "model": model, **query})
     return [[Hit(**hit) for hit in row] for row in body["results"]]
 

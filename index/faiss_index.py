@@ -16,6 +16,13 @@ The index type is a FAISS factory string ("Flat" exact by default; "IVF1024,Flat
 So flat and graph types first turn removed ids into tombstones, which searches skip (a FAISS
 ID selector), and remove them for good once MAX_TOMBSTONES have piled up (or before a save).
 
+Searches may take a metadata filter (`parse_filter`: equality and "in" on top-level fields): the
+matching ids come from an in-memory field index (field -> value -> ids), built by the first
+filtered search and kept current by writes; up to MAX_EXACT_FILTERED matches are scored exactly
+against their stored vectors, more go through FAISS with an ID selector. IndexPQ ("PQ16") takes
+no search parameters at all, so it has no tombstones (a removal compacts it) and its filtered
+searches are always exact.
+
 Writes (add, update, remove) hold an exclusive lock, searches a shared one: FAISS crashes when
 one thread adds while another searches. With faiss-gpu and a GPU, searches run on a GPU replica
 (flat and IVF types) rebuilt after writes; GPU indexes are unsafe even for concurrent searches,
@@ -25,7 +32,7 @@ so there searches are exclusive too.
 import hashlib
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -41,6 +48,10 @@ FORMAT = 1
 MAGIC = b"BYORLIDX"
 GPU_MAX_K = 2048  # FAISS GPU kernels return at most this many neighbours
 MAX_TOMBSTONES = 1024  # removed ids that searches skip before they are purged from FAISS
+# A filtered search scores up to this many matching items exactly (their stored vectors, in
+# numpy); more go through FAISS with an ID selector. EXACT_CHUNK: vectors reconstructed at once.
+MAX_EXACT_FILTERED = 16_384
+EXACT_CHUNK = 16_384
 
 # Recent FAISS switches flat search to BLAS only when n_queries * dim >= 128000, a rule tuned
 # for many-core servers (faiss PR #5022); with 1-2 threads BLAS wins from about 1000 (measured
@@ -78,6 +89,14 @@ class InvalidVectorError(EmbeddingIndexError, ValueError):
 
 class InvalidMetadataError(EmbeddingIndexError, ValueError):
     """Metadata that JSON cannot represent."""
+
+
+class InvalidFilterError(EmbeddingIndexError, ValueError):
+    """A metadata filter of the wrong shape (see `parse_filter`)."""
+
+
+class FilterTooLargeError(InvalidFilterError):
+    """A filter with more fields or values than the caller allows."""
 
 
 class TrainingError(EmbeddingIndexError, ValueError):
@@ -166,6 +185,9 @@ def _make_index(dim: int, factory: str) -> faiss.Index:
         raise ValueError(f"invalid FAISS factory {factory!r} for dimension {dim}: {e}") from None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
+        flat = faiss.downcast_index(index)
+        if isinstance(flat, faiss.IndexPQ):  # as for IVF-PQ below (53 s for 2000 vectors)
+            flat.do_polysemous_training = False
         return faiss.IndexIDMap2(index)
     ivf = faiss.downcast_index(ivf)
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -202,14 +224,22 @@ class EmbeddingIndex:
         inner = None if self._ivf else faiss.downcast_index(self._index.index)
         self._hnsw = isinstance(inner, faiss.IndexHNSW)
         self._rebuild_on_remove = inner is not None and not isinstance(inner, faiss.IndexFlatCodes)
+        # IndexPQ (the "PQ16" factory) refuses any SearchParameters, so it takes no ID selector:
+        # no tombstones (a removal compacts it), and filtered searches score exactly instead.
+        self._selectors = not isinstance(inner, faiss.IndexPQ)
         self._on_gpu = ((gpu_available() if use_gpu is None else use_gpu)
                         and not self._rebuild_on_remove)
         self._gpu_index = None
         # Flat codes compact on removal (O(n)) and graphs rebuild: removed ids become tombstones
         # that searches skip, purged together. IVF removes in O(1); GPU copies take no filter.
-        self._tombstones = not self._ivf and not self._on_gpu
+        self._tombstones = not self._ivf and not self._on_gpu and self._selectors
         self._dead: set[int] = set()
         self._skip: tuple | None = None  # (IDSelectorNot, IDSelectorBatch) of the tombstones
+        # Metadata filters: field -> value -> ids, built by the first filtered search (under the
+        # read lock, so no write runs meanwhile: `_fields_lock` keeps two readers from building
+        # it twice), then kept up to date by writes.
+        self._fields: _FieldIndex | None = None
+        self._fields_lock = threading.Lock()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -252,25 +282,36 @@ class EmbeddingIndex:
 
     def search(self, queries, k: int = 10, *, model_id: str | None = None,
                nprobe: int | None = None, ef_search: int | None = None,
-               raw_metadata: bool = False) -> list[list[Hit]]:
+               raw_metadata: bool = False, filter: Mapping[str, Any] | None = None
+               ) -> list[list[Hit]]:
         """The k most cosine-similar items of each query (a vector or an (n, dim) batch), best
         first; fewer than k when the index holds fewer items. `raw_metadata`: metadata as its
         stored JSON text (shared, not copied), for a server that writes it into a response
-        without building Python objects of every hit's metadata."""
+        without building Python objects of every hit's metadata.
+
+        `filter` (see `parse_filter`): only items whose metadata matches it are candidates, and
+        the k hits are the k most similar of those (never top-k, then filtered). When at most
+        MAX_EXACT_FILTERED items match, or the type takes no ID selector, they are scored
+        exactly against their stored vectors; more go through FAISS with an ID selector (exact
+        for Flat, as approximate as the index otherwise)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        where = parse_filter(filter)
         q = self._normalised(queries, model_id)
         lock = self._lock.write if self._on_gpu else self._lock.read
         with lock():
-            params = self._search_params(nprobe, ef_search)
             if not self._ids:
                 return [[] for _ in range(len(q))]
-            index = self._gpu() if k <= GPU_MAX_K else self._index
-            scores, ids = index.search(q, min(k, len(self._ids)), params=params)
+            if where is not None:
+                scores, ids = self._search_filtered(q, k, where, nprobe, ef_search)
+            else:
+                params = self._search_params(nprobe, ef_search)
+                index = self._gpu() if k <= GPU_MAX_K else self._index
+                scores, ids = index.search(q, min(k, len(self._ids)), params=params)
             return [
                 [Hit(self._keys[i], float(s), self._metadata(i, raw_metadata))
                  for s, i in zip(srow, irow, strict=True) if i >= 0]
-                for srow, irow in zip(scores, ids, strict=True)
+                for srow, irow in zip(scores, ids.tolist(), strict=True)
             ]
 
     # -- writing -------------------------------------------------------------------------------
@@ -335,6 +376,8 @@ class EmbeddingIndex:
             self._ids[key], self._keys[i] = i, key
             if m is not None:
                 self._meta[i] = m
+                if self._fields is not None:
+                    self._fields.add(i, m)
 
     def update(self, key: str, vector=None, metadata: Any = None, *,
                model_id: str | None = None) -> None:
@@ -351,7 +394,11 @@ class EmbeddingIndex:
                 self._index.add_with_ids(x, np.array([i], dtype=np.int64))
                 self._gpu_index = None
             if meta is not None:
-                self._meta[self._ids[key]] = meta
+                i = self._ids[key]
+                if self._fields is not None:
+                    self._fields.remove(i, self._meta.get(i))
+                    self._fields.add(i, meta)
+                self._meta[i] = meta
 
     def remove(self, keys: Sequence[str], *, missing_ok: bool = False) -> int:
         """Remove keys; returns how many were removed. Unknown keys raise unless missing_ok."""
@@ -364,7 +411,9 @@ class EmbeddingIndex:
             ids = [self._ids[k] for k in present]
             for i, key in zip(ids, present, strict=True):
                 del self._ids[key], self._keys[i]
-                self._meta.pop(i, None)
+                text = self._meta.pop(i, None)
+                if self._fields is not None:
+                    self._fields.remove(i, text)
             if not self._tombstones:
                 self._remove_ids(np.array(ids, dtype=np.int64))
             elif ids:
@@ -485,14 +534,57 @@ class EmbeddingIndex:
         text = self._meta.get(i)
         return text if raw or text is None else json.loads(text)
 
-    def _search_params(self, nprobe: int | None, ef_search: int | None):
-        """FAISS search parameters, skipping tombstones (under the lock: they change)."""
-        skip = {} if self._skip is None else {"sel": self._skip[0]}
+    def _search_params(self, nprobe: int | None, ef_search: int | None, sel=None):
+        """FAISS search parameters, skipping tombstones (under the lock: they change), or
+        searching only the ids of `sel` (which the caller keeps alive; it holds no tombstone)."""
+        skip = {"sel": sel} if sel is not None else \
+            {} if self._skip is None else {"sel": self._skip[0]}
         if self._ivf:
-            return faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
+            return faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe, **skip)
         if self._hnsw:
             return faiss.SearchParametersHNSW(efSearch=ef_search or self.ef_search, **skip)
         return faiss.SearchParameters(**skip) if skip else None
+
+    def _search_filtered(self, q: np.ndarray, k: int, where: dict[str, set],
+                         nprobe: int | None, ef_search: int | None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k best items matching `where`, rows padded with id -1."""
+        ids = self._field_index().matching(where)
+        if not len(ids):
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        k = min(k, len(ids))
+        if len(ids) <= MAX_EXACT_FILTERED or not self._selectors:
+            return self._exact(q, ids, k)
+        sel = faiss.IDSelectorBatch(ids)  # live ids only: the tombstones are not in it
+        return self._index.search(q, k, params=self._search_params(nprobe, ef_search, sel))
+
+    def _exact(self, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of `ids` by inner product with their stored (reconstructed) vectors, in
+        chunks (memory: queries x (chunk + k) scores); ties by id."""
+        best_s = np.empty((len(q), 0), np.float32)
+        best_i = np.empty((len(q), 0), np.int64)
+        for start in range(0, len(ids), EXACT_CHUNK):
+            chunk = ids[start:start + EXACT_CHUNK]
+            scores = q @ self._index.reconstruct_batch(chunk).T
+            s = np.concatenate([best_s, scores], axis=1)
+            i = np.concatenate([best_i, np.broadcast_to(chunk, scores.shape)], axis=1)
+            if s.shape[1] > k:
+                part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+                s, i = np.take_along_axis(s, part, 1), np.take_along_axis(i, part, 1)
+            order = np.lexsort((i, -s), axis=1)
+            best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+        return best_s, best_i
+
+    def _field_index(self) -> "_FieldIndex":
+        """The field index, built on first use (under the read or the write lock)."""
+        if self._fields is None:
+            with self._fields_lock:
+                if self._fields is None:
+                    fields = _FieldIndex()
+                    for i, text in self._meta.items():
+                        fields.add(i, text)
+                    self._fields = fields
+        return self._fields
 
     def _purge(self) -> None:
         """Remove the tombstoned vectors for good (O(n) once per MAX_TOMBSTONES removals)."""
@@ -546,3 +638,138 @@ def _metadata_texts(metadata: Sequence[Any] | None, n: int) -> list[str | None]:
         return [None if m is None else json.dumps(m, allow_nan=False) for m in metadata]
     except (TypeError, ValueError) as e:
         raise InvalidMetadataError(f"metadata must be JSON-serialisable: {e}") from None
+
+
+# -- metadata filters ------------------------------------------------------------------------------
+
+# Index terms of the JSON scalars that Python would confuse: True == 1 and False == 0 in Python
+# (and hash alike), never in JSON. Numbers stay numbers, so 1 and 1.0 are one term (JSON has one
+# number type); strings stay strings, so "1" is another.
+_TRUE, _FALSE, _NULL = object(), object(), object()
+_SCALARS = (str, int, float)  # bool is an int
+
+
+def _term(value: Any) -> Any:
+    if value is True:
+        return _TRUE
+    if value is False:
+        return _FALSE
+    return _NULL if value is None else value
+
+
+def _terms(text: str | None) -> list[tuple[str, Any]]:
+    """(field, term) of each top-level scalar field of a JSON object's text; nothing for other
+    metadata (arrays, strings, ...) or for fields whose value is an array or object."""
+    if text is None or not text.startswith("{"):
+        return []
+    return [(f, _term(v)) for f, v in json.loads(text).items()
+            if v is None or isinstance(v, _SCALARS)]
+
+
+def parse_filter(spec: Mapping[str, Any] | None, *, max_fields: int | None = None,
+                 max_values: int | None = None) -> dict[str, set] | None:
+    """A filter as {field: the set of terms it may take} (None: no condition), or
+    InvalidFilterError naming what is wrong.
+
+    A filter is a JSON object over top-level metadata fields, all of which must match: a JSON
+    scalar (string, number, true/false, null) means equality, `{"in": [scalars]}` membership.
+    Equality is JSON's: 1 matches 1 and 1.0, never "1" or true. Items whose metadata is not an
+    object, or lacks the field, or holds an array or object there, never match. `max_fields` /
+    `max_values` bound the conditions and the values of all of them together
+    (FilterTooLargeError)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise InvalidFilterError(f"a filter is a JSON object of field conditions, e.g. "
+                                 f'{{"source": "web", "label": {{"in": [1, 2]}}}}, not '
+                                 f"{type(spec).__name__}")
+    if max_fields is not None and len(spec) > max_fields:
+        raise FilterTooLargeError(f"the filter has {len(spec)} fields; the limit is {max_fields}")
+    out, count = {}, 0
+    for field, condition in spec.items():
+        if not isinstance(field, str) or not field:
+            raise InvalidFilterError(f"filter field names are non-empty strings, got {field!r}")
+        name = f"filter field {field[:100]!r}"
+        if isinstance(condition, Mapping):
+            if list(condition) != ["in"]:
+                extra = [str(op)[:50] for op in condition if op != "in"][:5]
+                raise InvalidFilterError(
+                    f"{name}: an object condition is {{\"in\": [values]}}"
+                    + (f"; unknown operator(s) {extra}" if extra else ""))
+            values = condition["in"]
+            if not isinstance(values, list | tuple):
+                raise InvalidFilterError(f"{name}: \"in\" takes a list of JSON scalars, got "
+                                         f"{type(values).__name__}")
+        elif isinstance(condition, list | tuple):
+            raise InvalidFilterError(f"{name}: a list is not a value; for membership write "
+                                     f'{{"in": [...]}}')
+        else:
+            values = [condition]
+        count += len(values)
+        if max_values is not None and count > max_values:
+            raise FilterTooLargeError(f"the filter has more than {max_values} values (equalities "
+                                      f"and \"in\" values together); the limit is {max_values}")
+        for v in values:
+            if not (v is None or isinstance(v, _SCALARS)):
+                raise InvalidFilterError(f"{name}: values are JSON scalars (string, number, "
+                                         f"true, false, null), got {type(v).__name__}")
+            if isinstance(v, float) and not np.isfinite(v):
+                raise InvalidFilterError(f"{name}: {v} is not a JSON number")
+        out[field] = {_term(v) for v in values}
+    return out or None  # {}: no condition
+
+
+class _FieldIndex:
+    """field -> term -> ids holding it, of the top-level scalar fields of every item's metadata
+    (a single id is kept as an int: most values of a field like a URL belong to one item)."""
+
+    def __init__(self):
+        self._map: dict[str, dict[Any, int | set[int]]] = {}
+
+    def add(self, i: int, text: str | None) -> None:
+        for field, term in _terms(text):
+            terms = self._map.setdefault(field, {})
+            ids = terms.get(term)
+            if ids is None:
+                terms[term] = i
+            elif isinstance(ids, int):
+                terms[term] = {ids, i}
+            else:
+                ids.add(i)
+
+    def remove(self, i: int, text: str | None) -> None:
+        for field, term in _terms(text):
+            terms = self._map[field]
+            ids = terms[term]
+            if isinstance(ids, int):
+                del terms[term]
+                if not terms:
+                    del self._map[field]
+            else:
+                ids.discard(i)
+                if len(ids) == 1:
+                    terms[term] = next(iter(ids))
+
+    def matching(self, where: dict[str, set]) -> np.ndarray:
+        """The ids (sorted int64) that match every field's terms."""
+        groups = []
+        for field, wanted in where.items():
+            terms = self._map.get(field, {})
+            group = [terms[t] for t in wanted if t in terms]
+            if not group:
+                return np.empty(0, np.int64)
+            groups.append(group)
+        sets = []
+        for group in groups:  # the union of each field's terms (shared when it is one set)
+            if len(group) == 1:
+                sets.append({group[0]} if isinstance(group[0], int) else group[0])
+            else:
+                union: set[int] = set()
+                for ids in group:
+                    union.update((ids,) if isinstance(ids, int) else ids)
+                sets.append(union)
+        sets.sort(key=len)
+        found = sets[0].intersection(*sets[1:]) if len(sets) > 1 else sets[0]
+        out = np.fromiter(found, np.int64, len(found))
+        out.sort()
+        return out

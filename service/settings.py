@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # answer or a page of items (the metadata that a gallery returns is stored text).
     max_search_results: int = Field(10_000, ge=1)
     max_response_bytes: int = Field(16 * 2**20, ge=1024)
+    # A /search metadata filter: its fields (conditions), and its values (equalities and "in"
+    # values together); more: 422 filter_too_large.
+    max_filter_fields: int = Field(16, ge=1)
+    max_filter_values: int = Field(1024, ge=1)
     max_classes: int = Field(1000, ge=2)  # of a head: its /predict answers images x classes
     # What a user's encoder (POST /models) may cost: its ONNX file, its square input side, the
     # length of its vectors, and how many such models the service keeps loaded.

@@ -76,7 +76,7 @@ def test_every_image_form_embeds_as_the_model_does(client, model_dir, images, tm
         encode_image(np.zeros((4, 4), np.float32))
 
 
-def test_a_gallery_from_creation_to_deletion(client, images, monkeypatch):
+def test_a_gallery_from_creation_to_deletion(client, service, images, monkeypatch):
     blobs, labels = images
     gallery = client.create_gallery("pets")
     assert (gallery.name, gallery.count, gallery.factory) == ("pets", 0, "Flat")
@@ -92,6 +92,20 @@ def test_a_gallery_from_creation_to_deletion(client, images, monkeypatch):
     assert hits[0].metadata == {"label": 0} and len(hits) == 3
     vector = client.embed([blobs[9]]).vectors
     assert client.search("pets", embeddings=vector, k=1)[0][0].key == "img-09"
+    # a filter applies before k: img-09's label is 1, the nearest label-0 item is another
+    hits = client.search("pets", embeddings=vector, k=20, filter={"label": 0})[0]
+    assert len(hits) == 8 and {h.metadata["label"] for h in hits} == {0}
+
+    async def filtered():  # the same plan under asyncio
+        async with AsyncClient(service, api_key=KEY) as c:
+            return await c.search("pets", embeddings=vector, k=20, filter={"label": 0})
+
+    assert asyncio.run(filtered()) == [hits]
+    assert client.search("pets", [blobs[9]], k=2, filter={"label": {"in": [1]}})[0][0].key == \
+        "img-09"
+    with pytest.raises(ServiceError) as refused:
+        client.search("pets", embeddings=vector, filter={"label": [0]})
+    assert (refused.value.status, refused.value.code) == (422, "validation_error")
     assert client.remove("pets", "img-00") == 15
     assert "pets" in [g.name for g in client.galleries()]
     client.delete_gallery("pets")
@@ -186,24 +200,3 @@ def test_a_full_queue_is_retried_after_retry_after(model_dir, tmp_path, images):
                                for r in refused)
     finally:
         kill_group(proc)
-
-
-def test_the_readme_example_runs_as_written(model_dir, tmp_path, images):
-    """The README's client block, against a live service, with its three image files."""
-    text = (ROOT / "README.md").read_text()
-    block = "# the Python client" + text.split("```python\n# the Python client", 1)[1].split(
-        "```", 1)[0]
-    url, proc = start(model_dir, tmp_path)
-    for name, blob in zip(("cat.jpg", "dog.png", "query.jpg"), images[0], strict=False):
-        (tmp_path / name).write_bytes(blob)  # JPEG bytes under a .png name: decoded by content
-    out = io.StringIO()
-    try:
-        cwd = os.getcwd()
-        os.chdir(tmp_path)
-        with contextlib.redirect_stdout(out):
-            exec(compile(block.replace("http://127.0.0.1:8000", url), "README", "exec"), {})
-    finally:
-        os.chdir(cwd)
-        kill_group(proc)
-    shape, hits = out.getvalue().splitlines()
-    assert shape == "(1, 256)" and hits.startswith("[Hit(key=")

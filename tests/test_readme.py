@@ -34,9 +34,10 @@ def block(first_line: str) -> str:
 QUICK_START = "make run\n"
 CLIENT = "# the Python client"
 CURL = "# or plain HTTP"
+FILTER = "# a filtered search"
 GALLERY = "# the running service (--url, or BYORL_URL"
 CI = "make test\n"
-RUN_HERE = (QUICK_START, CLIENT, CURL, GALLERY, CI)
+RUN_HERE = (QUICK_START, CLIENT, CURL, FILTER, GALLERY, CI)
 
 
 def test_every_block_runs_here_or_says_what_it_needs():
@@ -104,18 +105,26 @@ def test_quick_start_demo_gallery(service, tmp_path):
     assert len(galleries) == 2 and all(g["count"] == 1000 for g in galleries), out
 
 
-def test_client_block(service, files):
-    out = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(files)
+def python(text: str, url: str, cwd) -> list[str]:
+    """A Python block, as written, with the service at `url`; the lines it printed."""
+    out, here = io.StringIO(), os.getcwd()
+    os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out):
-            exec(compile(block(CLIENT).replace(DEFAULT_URL, service), "README", "exec"), {})
+            exec(compile(text.replace(DEFAULT_URL, url), "README", "exec"), {})
     finally:
-        os.chdir(cwd)
-    shape, summary, hits = out.getvalue().splitlines()
-    assert shape == "(1, 256)"
-    assert "added=6" in summary and hits.startswith("[Hit(key=")
+        os.chdir(here)
+    return out.getvalue().splitlines()
+
+
+def test_client_and_filter_blocks(service, files):
+    """The client's block (embed, import a folder, add with metadata, search), then the filtered
+    search, which finds only the item whose metadata matches."""
+    shape, summary, hits = python(block(CLIENT), service, files)
+    assert shape == "(1, 256)" and hits.startswith("[Hit(key=")
+    assert "files=6" in summary and "failed=[]" in summary, summary
+    (filtered,) = python(block(FILTER), service, files)
+    assert filtered.startswith("[Hit(key='cat'") and filtered.count("Hit(") == 1, filtered
 
 
 def test_curl_block(service, files):

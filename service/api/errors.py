@@ -133,6 +133,8 @@ INDEX_ERRORS: list[tuple[type[Exception], int, str]] = [
     (fi.DimensionMismatchError, 422, "dimension_mismatch"),
     (fi.InvalidVectorError, 422, "invalid_vector"),
     (fi.InvalidMetadataError, 422, "invalid_metadata"),
+    (fi.FilterTooLargeError, 422, "filter_too_large"),
+    (fi.InvalidFilterError, 422, "invalid_filter"),
     (fi.TrainingError, 422, "index_training_failed"),
 ]
 

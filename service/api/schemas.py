@@ -2,8 +2,9 @@
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from byorl.index.faiss_index import InvalidFilterError, parse_filter
 from byorl.service.api.pagination import Page
 from byorl.service.jobs.head_rule import (
     AUTO_VALIDATION_FRACTION,
@@ -213,6 +214,21 @@ class SearchRequest(Strict):
     embeddings: list[Vector] | None = Field(None, min_length=1, **FAIL_FAST)
     k: int = Field(10, ge=1, le=1000)
     model: ModelName = None
+    filter: dict[str, Any] | None = Field(
+        None, description="Only items whose metadata matches every condition: {field: value} "
+        "(equality with a JSON scalar: 1 matches 1 and 1.0, never \"1\" or true) or {field: "
+        "{\"in\": [values]}}, on top-level fields of object metadata. The k hits are the k "
+        "most similar matching items (fewer when fewer match)",
+        examples=[{"source": "web", "label": {"in": [1, 2]}}])
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_shape(cls, v):
+        try:
+            parse_filter(v)
+        except InvalidFilterError as e:
+            raise ValueError(str(e)) from None
+        return v
 
     @model_validator(mode="after")
     def _one_query_kind(self):

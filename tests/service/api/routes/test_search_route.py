@@ -99,3 +99,110 @@ def test_answers_within_the_limits_are_whole(legacy_gallery):
     assert page == {"index": "g", "count": 3, "offset": 1, "limit": 100, "next_offset": None,
                     "items": [{"key": "a", "metadata": {"n": 1}},
                               {"key": "b", "metadata": {"n": 2}}]}
+
+
+@pytest.fixture(scope="module")
+def filtered(client, labeled):
+    """Galleries "filter-<type>" of 32 images with metadata, and the embeddings of the items."""
+    images = labeled[0][:32]
+    keys = [f"f{i}" for i in range(32)]
+    metadata = [{"source": ["web", "scan"][i % 2], "label": i % 4, "n": i} for i in range(32)]
+    metadata[5] = {"source": "web", "label": "1", "n": 5}  # a string, never the number 1
+    metadata[7] = {"source": "web", "label": True, "n": 7}  # true, never 1
+    metadata[9] = [{"label": 1}]  # not an object: never matches
+    vectors = np.concatenate([client.post("/embed", json={"images": images[s:s + 16]}).json()[
+        "embeddings"] for s in (0, 16)])
+    for factory in ("Flat", "IVF4,Flat", "HNSW16"):
+        name = f"filter-{factory.split(',')[0].lower()}"
+        assert client.post("/indexes", json={"name": name, "factory": factory}).status_code == 201
+        for s in (0, 16):
+            r = client.post(f"/indexes/{name}/items", json={
+                "keys": keys[s:s + 16], "images": images[s:s + 16],
+                "metadata": metadata[s:s + 16]})
+            assert r.status_code == 201, r.text
+    return keys, metadata, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def brute_force(vectors, queries, matching, k):
+    """Keys and cosine scores of the k items in `matching` most similar to each query."""
+    q = np.asarray(queries) / np.linalg.norm(queries, axis=1, keepdims=True)
+    cosine = q @ vectors[matching].T
+    return [([f"f{matching[j]}" for j in np.argsort(-row)[:k]], np.sort(row)[::-1][:k])
+            for row in cosine]
+
+
+def test_a_filter_applies_before_k(client, filtered):
+    keys, metadata, vectors = filtered
+    queries = (vectors[[0, 13]] + 0.3 * vectors[[21, 2]]).tolist()
+    for spec, want in [
+        ({"source": "web"}, lambda m: m["source"] == "web"),
+        ({"label": {"in": [1, 3]}}, lambda m: m["label"] in (1, 3) and m["label"] is not True),
+        ({"source": "scan", "label": 1.0}, lambda m: m["source"] == "scan" and m["label"] == 1),
+        ({"label": "1"}, lambda m: m["label"] == "1"),
+        ({"label": True}, lambda m: m["label"] is True),
+    ]:
+        matching = [i for i, m in enumerate(metadata) if isinstance(m, dict) and want(m)]
+        r = client.post("/search", json={"index": "filter-flat", "embeddings": queries, "k": 5,
+                                         "filter": spec})
+        assert r.status_code == 200, r.text
+        for row, (want_keys, scores) in zip(r.json()["results"],
+                                            brute_force(vectors, queries, matching, 5),
+                                            strict=True):
+            assert [h["key"] for h in row] == want_keys, spec
+            np.testing.assert_allclose([h["score"] for h in row], scores, atol=1e-5)
+            assert all(h["metadata"] == metadata[int(h["key"][1:])] for h in row)
+    # fewer matches than k: those that match; none: empty lists
+    few = client.post("/search", json={"index": "filter-flat", "embeddings": queries, "k": 10,
+                                       "filter": {"n": {"in": [3, 4, 9, 99]}}}).json()
+    assert [sorted(h["key"] for h in row) for row in few["results"]] == [["f3", "f4"]] * 2
+    none = client.post("/search", json={"index": "filter-flat", "embeddings": queries,
+                                        "filter": {"source": "fax"}}).json()
+    assert none["results"] == [[], []]
+
+
+def test_filters_by_image_and_after_removals(client, filtered, labeled):
+    keys, metadata, vectors = filtered
+    spec = {"source": "web", "label": 0}  # f0, f4, f8, ... (f0 and f16 removed below)
+    by_image = client.post("/search", json={"index": "filter-flat", "images": [labeled[0][4]],
+                                            "k": 3, "filter": spec}).json()["results"][0]
+    assert by_image[0]["key"] == "f4" and abs(by_image[0]["score"] - 1) < 1e-5
+    for name in ("filter-flat", "filter-hnsw16"):
+        for key in ("f0", "f16"):
+            assert client.delete(f"/indexes/{name}/items/{key}").status_code == 200
+        r = client.post("/search", json={"index": name, "embeddings": vectors[[0, 16]].tolist(),
+                                         "k": 10, "filter": spec}).json()
+        assert [sorted(h["key"] for h in row) for row in r["results"]] == [
+            ["f12", "f20", "f24", "f28", "f4", "f8"]] * 2
+
+
+@pytest.mark.parametrize("name", ["filter-ivf4", "filter-hnsw16"])
+def test_approximate_galleries_honour_the_filter(client, filtered, name):
+    keys, metadata, vectors = filtered
+    spec = {"source": "scan", "label": {"in": [1, 3]}}
+    matching = [i for i, m in enumerate(metadata)
+                if isinstance(m, dict) and m["source"] == "scan" and m["label"] in (1, 3)]
+    queries = vectors[[2, 11, 30]].tolist()
+    r = client.post("/search", json={"index": name, "embeddings": queries, "k": 4,
+                                     "filter": spec})
+    assert r.status_code == 200, r.text
+    for row, (want_keys, _) in zip(r.json()["results"],
+                                   brute_force(vectors, queries, matching, 4), strict=True):
+        assert all(int(h["key"][1:]) in matching for h in row)
+        assert [h["key"] for h in row] == want_keys  # few matches: scored exactly
+
+
+@pytest.mark.parametrize("spec, code, message", [
+    ({"label": [1, 2]}, "validation_error", "filter: Value error, filter field 'label': a list "
+     "is not a value; for membership write {\"in\": [...]}"),
+    ({"label": {"eq": 1}}, "validation_error", "unknown operator(s) ['eq']"),
+    ({"label": {"in": [{"a": 1}]}}, "validation_error", "values are JSON scalars"),
+    ({"label": {"in": 3}}, "validation_error", "\"in\" takes a list"),
+    ([["label", 1]], "validation_error", "filter: Input should be an object"),
+    ({f"f{i}": 1 for i in range(17)}, "filter_too_large", "17 fields; the limit is 16"),
+    ({"n": {"in": list(range(1025))}}, "filter_too_large", "the limit is 1024"),
+])
+def test_invalid_filters_are_refused(client, filtered, spec, code, message):
+    r = client.post("/search", json={"index": "filter-flat", "embeddings": [[1.0] * 8],
+                                     "filter": spec})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == code and message in r.json()["error"]["message"], r.text
