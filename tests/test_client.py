@@ -3,7 +3,6 @@ embedded jobs): every operation, errors as the service's codes, automatic paging
 and retries on 429 that honour Retry-After."""
 
 import asyncio
-import contextlib
 import io
 import os
 
@@ -15,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 import byorl.client
 from byorl.client import AsyncClient, Client, JobFailed, ServiceError, encode_image
 from byorl.model_dir import embed, load_onnx_session
-from tests.conftest import ROOT
 from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
 
 KEY = "client-test-key"
