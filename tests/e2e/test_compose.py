@@ -14,6 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
+SCALE = {"postgres", "etcd", "minio", "milvus", "api-scale", "worker-scale", "nginx"}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,10 @@ def config() -> dict:
 
 def test_compose_file_is_valid_and_complete(config):
     services = config["services"]
-    assert set(services) == {"redis", "api", "worker", "api-gpu", "worker-gpu"}
+    assert set(services) == {"redis", "api", "worker", "api-gpu", "worker-gpu", *SCALE}
     assert {n for n, s in services.items() if "gpu" in s.get("profiles", [])} == {
         "api-gpu", "worker-gpu"}  # started only with --profile gpu
+    assert {n for n, s in services.items() if "scale" in s.get("profiles", [])} == SCALE
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
     for name in ("api", "worker"):
@@ -42,6 +44,35 @@ def test_compose_file_is_valid_and_complete(config):
         assert s["depends_on"]["redis"]["condition"] == "service_healthy"
         assert (ROOT / s["build"]["dockerfile"]).is_file()
     assert "data" in config["volumes"]
+
+
+def test_scale_profile_shares_state_and_balances_the_replicas(config):
+    """`--profile scale`: api and worker replicas on one PostgreSQL, one Milvus (on its etcd and
+    MinIO), one Redis and the data volume (write-once files), each waiting for all of them to
+    be healthy; nginx in front of the api replicas, re-resolving them as they are scaled."""
+    services = config["services"]
+    for name in ("api-scale", "worker-scale"):
+        s = services[name]
+        env = s["environment"]
+        assert env["BYORL_DATABASE_URL"].startswith("postgresql://byorl:")
+        assert env["BYORL_DATABASE_URL"].endswith("@postgres:5432/byorl")
+        assert env["BYORL_MILVUS_URI"] == "http://milvus:19530"
+        assert env["BYORL_REDIS_URL"] == "redis://redis:6379/0"
+        assert f"data:{env['BYORL_DATA_DIR']}:rw" in s["volumes"]
+        assert {n: d["condition"] for n, d in s["depends_on"].items()} == {
+            "redis": "service_healthy", "postgres": "service_healthy",
+            "milvus": "service_healthy"}
+        assert "ports" not in s  # reached through nginx only: replicas share no host port
+    assert services["milvus"]["image"] == "milvusdb/milvus:v2.3.5"
+    assert set(services["milvus"]["depends_on"]) == {"etcd", "minio"}
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == "byorl"
+    nginx = services["nginx"]
+    conf_mount = next(v for v in nginx["volumes"] if v.endswith("default.conf:ro"))
+    conf = (DOCKER / "nginx.conf").read_text()
+    assert conf_mount.startswith(str(DOCKER / "nginx.conf"))
+    assert "resolver 127.0.0.11" in conf and "set $api http://api-scale:8000;" in conf
+    assert "proxy_pass $api;" in conf  # a variable: resolved again, so new replicas are seen
+    assert nginx["ports"] == [{"published": 8000, "target": 8000}]
 
 
 def test_gpu_profile_reserves_a_gpu(config):
