@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # All images of one request, from their headers before any is decoded: a 57 KB body of
     # 60 tiny lossless WebPs decodes to 1 Gpixel (a minute of CPU).
     max_request_pixels: int = Field(64 * 2**20, ge=1)
+    # Requests decoding images at once, per process (each image ~200 MiB at 4096x4096 while it
+    # is decoded): memory stays bounded however many requests arrive together.
+    decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     max_image_side: int = Field(8192, ge=1)
     min_image_side: int = Field(8, ge=1)
     max_metadata_bytes: int = Field(16 * 2**10, ge=4)  # one item's metadata, as JSON text

@@ -13,14 +13,17 @@ run on a spinning session, larger ones (many clients) on one that sleeps between
 weights are held twice; on a GPU one session serves both.
 """
 
+import asyncio
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
 
 from byorl import model_dir
@@ -30,6 +33,18 @@ from byorl.service.serving.images import decode_images
 from byorl.service.settings import Settings
 
 SMALL_BATCH = 4
+_decoders: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CapacityLimiter]" = (
+    weakref.WeakKeyDictionary())
+
+
+def decode_limiter(threads: int) -> CapacityLimiter:
+    """The threads that decode request images in this process (its event loop), shared by all
+    models: concurrent requests decode at most `threads` images at once (a 4096x4096 image
+    takes ~200 MiB while it is decoded), not one per worker thread of the pool (40)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _decoders:
+        _decoders[loop] = CapacityLimiter(threads)
+    return _decoders[loop]
 
 
 @dataclass
@@ -71,7 +86,8 @@ class Encoder:
         """Base64 strings or image bytes -> uint8 (N, 3, S, S) at this model's input size, at
         most `limit` images, decoded off the event loop whatever the body's size (a 944-byte
         WebP can decode to 4096x4096: a second of CPU)."""
-        return await run_sync(decode_images, images, self.input_size, self.settings, limit)
+        return await run_sync(decode_images, images, self.input_size, self.settings, limit,
+                              limiter=decode_limiter(self.settings.decode_threads))
 
     async def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Embeddings of uint8 pixels through the dynamic batcher (`QueueFull` when its queue is

@@ -86,3 +86,39 @@ def test_the_image_limit_is_counted_before_anything_is_decoded(encoder):
     with pytest.raises(TooLarge) as exc:
         asyncio.run(encoder.pixels(not_even_base64, 2))
     assert exc.value.code == "too_many_images"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_concurrent_requests_decode_at_most_decode_threads_images_at_once(
+        encoder, image_bytes, monkeypatch, threads):
+    """Eight requests at once, each decoding in a worker thread: never more than
+    DECODE_THREADS of them decode together (the memory bound), and all are served."""
+    import threading
+    import time
+
+    from byorl.service.serving import encoder as module
+
+    blob = next(iter(image_bytes.values()))[0]
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def counting_decode(*args):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.05)  # long enough for every request to have asked for a thread
+        try:
+            return decode_images(*args)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(module, "decode_images", counting_decode)
+    limited = replace(encoder, settings=encoder.settings.model_copy(
+        update={"decode_threads": threads}))
+
+    async def go():
+        return await asyncio.gather(*(limited.pixels([blob], 1) for _ in range(8)))
+
+    results = asyncio.run(go())
+    assert peak[0] == threads
+    assert all(r.shape == (1, 3, encoder.input_size, encoder.input_size) for r in results)
