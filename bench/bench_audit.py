@@ -1,7 +1,7 @@
 """How long each kind of audit takes through the API, end to end (submit -> report), on the
 bundled default model: a real uvicorn on loopback, jobs in the api's own processes (no Redis),
-a fresh data directory, the CIFAR-10 sample of tests/data/. One head (non-robust, fitted on
-500 images) is audited in each robustness mode, white-box and black-box; a gallery of 500
+a fresh data directory, the CIFAR-10 sample of tests/data/ in a seeded random order. One head
+(non-robust, fitted on 500 images) is audited in each robustness mode, white-box and black-box; a gallery of 500
 images gets one retrieval audit. The README's audit section quotes this table.
 
     python bench/bench_audit.py               # 100 audited images (quick + full: minutes)
@@ -47,10 +47,13 @@ def main() -> None:
     args = parser.parse_args()
 
     files, labels, classes = sample()
+    order = np.random.default_rng(0).permutation(len(files))  # the sample is sorted by class
+    files, labels = [files[i] for i in order], labels[order]
     fit, audited = slice(0, 500), slice(500, 500 + args.images)
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        env = {**os.environ, "BYORL_DATA_DIR": str(Path(tmp) / "data"), "BYORL_REDIS_URL": ""}
+        env = {**os.environ, "BYORL_DATA_DIR": str(Path(tmp) / "data"), "BYORL_REDIS_URL": "",
+               "BYORL_MODEL_DIR": str(ROOT / "models" / "default")}
         proc = start_process(uvicorn_argv(port), env, Path(tmp) / "api.log", Path(tmp))
         url = f"http://127.0.0.1:{port}"
         rows = []
@@ -58,14 +61,14 @@ def main() -> None:
             wait_ready(url)
             with Client(url) as c:
                 seconds, job = timed(c.fit_head(classes, labels[fit].tolist(), files[fit]))
-                head_id = job["job_id"]
+                head_id = job.id
                 rows.append(("fit a non-robust head (500 images)", "", seconds, ""))
                 for mode, method in (("quick", "white-box"), ("full", "white-box"),
                                      ("quick", "black-box"), ("full", "black-box")):
                     seconds, job = timed(c.audit(
                         "robustness", files[audited], head_id=head_id,
                         labels=labels[audited].tolist(), mode=mode, method=method))
-                    report = c.report(job["job_id"])
+                    report = c.report(job.id)
                     rows.append((f"robustness, {method}, mode {mode}", args.images, seconds,
                                  f"clean {report['clean_accuracy']:.3f}, robust "
                                  f"{report['robust_accuracy']:.3f}, upper_bound "
@@ -74,7 +77,7 @@ def main() -> None:
                 c.add("bench", {f"img{i}": f for i, f in enumerate(files[fit])})
                 queries = files[audited][:args.queries]
                 seconds, job = timed(c.audit("retrieval", queries, gallery="bench"))
-                report = c.report(job["job_id"])
+                report = c.report(job.id)
                 rows.append(("retrieval, white-box (defaults)", len(queries), seconds,
                              f"top-k overlap {report['topk_overlap_adversarial']:.3f}, upper_bound "
                              f"{report['upper_bound']}"))
