@@ -201,7 +201,8 @@ class ModelRegistry:
 
     async def refresh(self) -> None:
         """Follow the registry: serve the models registered elsewhere, drop the ones deleted
-        elsewhere (and models that failed here and were deleted since)."""
+        elsewhere (and models that failed here and were deleted since); a model id deleted and
+        registered again with another file is served from the new one."""
         started = time.monotonic()
         records = await run_sync(self.store.available)
         live = {r["model_id"]: r for r in records}
@@ -209,9 +210,11 @@ class ModelRegistry:
             if model_id not in live and model_id not in self._unregistered:
                 self.unavailable.pop(model_id, None)
         for model in list(self._models.values()):
-            if (not model.bundled and model.model_id not in live
-                    and self._loaded_at.get(model.model_id, 0) < started):
-                await self._drop(model.model_id)
+            record = live.get(model.model_id)
+            if model.bundled or self._loaded_at.get(model.model_id, 0) >= started:
+                continue
+            if record is None or record["onnx_sha256"] != model.card["onnx_sha256"]:
+                await self._drop(model.model_id)  # deleted (and maybe registered again since)
         for model_id, record in live.items():
             if model_id not in self._models and model_id not in self.unavailable:
                 if await run_sync(self._load, record) is not None:

@@ -50,7 +50,7 @@ class ModelStore:
         when it raises, nothing is registered. 409 `model_exists` when the model id is
         registered already (also for a concurrent registration of it that committed first);
         413 `too_many_models` past `max_models` available models. A deleted model's row is
-        taken over by the new registration."""
+        taken over by a registration of the same file (another file under its id: 409)."""
         model_id = card["model_id"]
         try:
             with self.db.transaction() as conn:
@@ -64,14 +64,19 @@ class ModelStore:
                           "onnx_sha256": card["onnx_sha256"], "state": AVAILABLE,
                           "created_at": card.get("created_at", time.time()), "path": path,
                           "deleted_at": None}
-                state = conn.execute(select(MODELS.c.state).where(MODELS.c.id == model_id)
-                                     .with_for_update()).scalar()
-                if state is None:
+                row = conn.execute(select(MODELS.c.state, MODELS.c.onnx_sha256)
+                                   .where(MODELS.c.id == model_id).with_for_update()).first()
+                if row is None:
                     conn.execute(insert(MODELS).values(id=model_id, **values))
-                elif state == DELETED:
-                    conn.execute(update(MODELS).where(MODELS.c.id == model_id).values(**values))
-                else:
+                elif row.state != DELETED:
                     raise exists(model_id)
+                elif row.onnx_sha256 != card["onnx_sha256"]:
+                    # the id (name + 8 hex digits of the sha256) of a deleted model, another
+                    # file: refused, so that a cache keyed by the id never serves the old one
+                    raise Conflict(f"model id {model_id!r} belonged to another file (deleted): "
+                                   "choose another name", "model_exists")
+                else:
+                    conn.execute(update(MODELS).where(MODELS.c.id == model_id).values(**values))
                 if place is not None:
                     place()
         except IntegrityError:  # a concurrent registration inserted the same id first

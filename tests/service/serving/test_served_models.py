@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from sqlalchemy import update
 
 from byorl.model_dir import read_card
 from byorl.service.exceptions import NotFound
@@ -19,6 +20,7 @@ from byorl.service.serving.served_models import (
     user_models_root,
 )
 from byorl.service.settings import BUNDLED_MODELS, Settings
+from byorl.service.storage.database import MODELS
 from tests.conftest import ROOT, flatten_onnx
 
 SECOND = ROOT / "models" / "byol-reference"
@@ -137,13 +139,34 @@ def test_two_processes_follow_one_registry(model_dir, tmp_path):
     asyncio.run(steps())
     c = ModelRegistry(settings)
     second = c.add(register_model(data, {"name": "again", "input_size": 8}, settings, c))
-    asyncio.run(c.stop())
-    other = flatten_onnx()  # other weights, with a card that matches them, but not the registry
-    (second.model_dir / "encoder.onnx").write_bytes(other)
-    (second.model_dir / "card.json").write_text(json.dumps(
-        {**second.card, "onnx_sha256": hashlib.sha256(other).hexdigest()}))
+    folder, model_id = second.model_dir, second.model_id
+
+    def store_files(onnx: bytes) -> dict:
+        """Other weights in the model's folder, with a card that matches them."""
+        folder.mkdir(exist_ok=True)
+        (folder / "encoder.onnx").write_bytes(onnx)
+        card = {**second.card, "onnx_sha256": hashlib.sha256(onnx).hexdigest()}
+        (folder / "card.json").write_text(json.dumps(card))
+        return card
+
+    async def replaced():
+        """Another file registered under a served id (which the registry refuses since: a
+        defence in depth): the next refresh serves the new file."""
+        d = ModelRegistry(settings)
+        assert d.get(model_id).card["onnx_sha256"] == second.card["onnx_sha256"]
+        card = store_files(flatten_onnx("LpNormalization", axis=1, p=1))
+        with c.store.db.transaction() as conn:  # (the API refuses another file under an id)
+            conn.execute(update(MODELS).where(MODELS.c.id == model_id).values(
+                card=json.dumps(card), onnx_sha256=card["onnx_sha256"]))
+        await d.refresh()
+        assert d.get(model_id).card["onnx_sha256"] == card["onnx_sha256"]
+        await d.stop()
+        await c.stop()
+
+    asyncio.run(replaced())
+    store_files(flatten_onnx())  # changed behind the registry's back
     d = ModelRegistry(settings)
-    assert second.model_id not in d
-    assert "is not the registry's" in d.unavailable[second.model_id]["error"]
+    assert model_id not in d
+    assert "is not the registry's" in d.unavailable[model_id]["error"]
     with pytest.raises(RuntimeError, match="model registry"):  # what a worker finds
-        find_model_dir(settings, second.model_id)
+        find_model_dir(settings, model_id)

@@ -39,6 +39,8 @@ def test_registered_models_are_listed_found_and_deleted(service_db):
         with pytest.raises(NotFound) as info:
             store.delete(missing)
         assert info.value.code == "model_not_found"
+    with pytest.raises(Conflict, match="another file"):  # the id of a deleted model, other bytes
+        store.register(card("b-2", sha="cd" * 32), "models/b-2")
     store.register(card("b-2", created_at=3.0), "models/b-2")  # the same model, again
     assert [r["model_id"] for r in other.available()] == ["a-1", "b-2"]
 
