@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     # beyond the runtime's own, wall clock); a served user model's session has no memory arena.
     model_trial_memory_bytes: int = Field(512 * 2**20, ge=2**20)
     model_trial_timeout_s: float = Field(60, gt=0)
+    # How often each api process reads the model registry (the database) to serve the user
+    # models registered, and drop the ones deleted, through other replicas: the bound on how
+    # long a listing (and a deleted model) lags; a request naming a model not yet served here
+    # finds it in the registry at once.
+    model_refresh_s: float = Field(5.0, gt=0)
     # What a gallery's FAISS factory string may ask for (each allocated at creation and start).
     max_factory_lists: int = Field(65_536, ge=1)  # IVF lists: lists x dim floats of centroids
     max_factory_pq_bits: int = Field(12, ge=1)  # bits per PQ code: 2**bits x dim floats

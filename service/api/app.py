@@ -2,8 +2,9 @@
 lifespan.
 
 The lifespan handler loads the models and the galleries once, starts each model's dynamic
-batcher, the job queue and the lease sweep; nothing heavy happens at import. The api process
-never imports PyTorch.
+batcher, the job queue, the lease sweep and the model refresh (user models registered or
+deleted through other replicas, every MODEL_REFRESH_S); nothing heavy happens at import. The
+api process never imports PyTorch.
 """
 
 import asyncio
@@ -29,6 +30,7 @@ from byorl.service.api.routes import (
 from byorl.service.api.state import load_state
 from byorl.service.jobs.queue import sweep_forever
 from byorl.service.metrics import JOB_QUEUE
+from byorl.service.serving.served_models import refresh_forever
 from byorl.service.settings import Settings
 
 
@@ -43,8 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.byorl = state
         sweeper = asyncio.create_task(sweep_forever(state.jobs, state.queue,
                                                     settings.job_sweep_s))
+        refresher = asyncio.create_task(refresh_forever(state.models, settings.model_refresh_s))
         yield
         sweeper.cancel()
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
         await state.models.stop()
         state.queue.close()
         state.galleries.close()

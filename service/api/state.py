@@ -15,6 +15,7 @@ from byorl.service.storage.database import open_database
 from byorl.service.storage.galleries import Galleries
 from byorl.service.storage.head_store import HeadStore
 from byorl.service.storage.job_store import JobStore
+from byorl.service.storage.model_store import ModelStore
 from byorl.service.storage.report_store import ReportStore
 
 
@@ -86,6 +87,7 @@ class AppState:
 
 def load_state(settings: Settings) -> AppState:
     db = open_database(settings.database())
-    return AppState(settings, ModelRegistry(settings), Galleries(settings.data_dir),
+    return AppState(settings, ModelRegistry(settings, ModelStore(db)),
+                    Galleries(settings.data_dir),
                     JobStore.from_settings(settings), HeadStore(db), ReportStore(db),
                     make_queue(settings))

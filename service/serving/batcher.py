@@ -44,11 +44,16 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batcher")
         self._task: asyncio.Task | None = None
         self._concurrent = False  # did the last batch hold more than one request?
+        self.closed = False  # stopped: takes no more requests
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        """Start the batching loop on the running event loop (once; the first call does it
+        too, for a model loaded later in a worker thread)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        self.closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -58,6 +63,9 @@ class Batcher:
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
         """Model outputs for the rows of x, computed together with concurrent requests."""
+        if self.closed:
+            raise RuntimeError("the batcher is stopped")
+        self.start()
         queued = self._queued()
         if self.max_queued is not None and queued and queued + len(x) > self.max_queued:
             raise QueueFull(queued, self.max_queued, self._retry_after(queued))

@@ -27,7 +27,7 @@ from anyio import CapacityLimiter
 from anyio.to_thread import run_sync
 
 from byorl import model_dir
-from byorl.service.exceptions import Busy, Invalid
+from byorl.service.exceptions import Busy, Invalid, NotFound
 from byorl.service.serving.batcher import Batcher
 from byorl.service.serving.images import decode_images
 from byorl.service.settings import Settings
@@ -92,7 +92,10 @@ class Encoder:
     async def embed(self, pixels: np.ndarray) -> np.ndarray:
         """Embeddings of uint8 pixels through the dynamic batcher (`QueueFull` when its queue is
         at its bound); 422 `invalid_vector` when the model returns NaN or infinity for an image
-        (a user's model can), which no route may answer or store."""
+        (a user's model can), which no route may answer or store; 404 `model_not_found` once
+        the model is no longer served (deleted)."""
+        if self.batcher.closed:
+            raise NotFound("model", self.model_id)
         vectors = await self.batcher(pixels)
         finite = np.isfinite(vectors).all(axis=1)
         if not finite.all():

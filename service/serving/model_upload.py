@@ -4,12 +4,12 @@ Each check is a clear 4xx: the file's size (MAX_MODEL_BYTES, checked while it st
 declared input side (MAX_MODEL_INPUT_SIZE), then the trial in a child process with memory and
 time limits (`model_trial.py`: ONNX Runtime opens it without external data, its signature, runs
 at batch sizes 1, 2 and 4). The stored directory has the bundled layout (encoder.onnx + a valid
-card.json with the file's sha256), written in a dot-folder and renamed into place: a crash
-never leaves half a model, and of concurrent uploads of the same model one wins, the others
-get 409.
+card.json with the file's sha256), written in a dot-folder and renamed into place inside the
+model registry's transaction (`storage/model_store.py`): a crash never leaves half a model, and
+of concurrent uploads of the same model, on any replicas, the database's key lets one win; the
+others get 409.
 """
 
-import errno
 import json
 import os
 import shutil
@@ -22,10 +22,15 @@ from pathlib import Path
 
 from byorl import model_dir
 from byorl.files import atomic_write, fsync_dir, sha256_file, write_json
-from byorl.service.exceptions import Conflict, Invalid, TooLarge
+from byorl.service.exceptions import Invalid, TooLarge
 from byorl.service.serving.encoder import Encoder, load_encoder
-from byorl.service.serving.served_models import ModelRegistry, user_models_root
+from byorl.service.serving.served_models import (
+    ModelRegistry,
+    user_model_path,
+    user_models_root,
+)
 from byorl.service.settings import Settings
+from byorl.service.storage.model_store import exists
 
 TRIAL = [sys.executable, "-m", "byorl.service.serving.model_trial"]
 
@@ -81,8 +86,9 @@ def user_card(upload: dict, sha256: str, dim: int) -> dict:
 
 def register_model(data: bytes, upload: dict, settings: Settings,
                    registry: ModelRegistry) -> Encoder:
-    """Validate an uploaded encoder, store it under the data directory and load it (not yet
-    serving: `ModelRegistry.add` does that on the event loop)."""
+    """Validate an uploaded encoder, load it, then register it in the model registry and move
+    its folder into the data directory in one step (`ModelStore.register`): every replica can
+    serve it from then on. The encoder is returned not yet serving (`ModelRegistry.add`)."""
     size = upload["input_size"]
     if size > settings.max_model_input_size:
         raise TooLarge("input_too_large", f"input_size {size} exceeds "
@@ -94,32 +100,30 @@ def register_model(data: bytes, upload: dict, settings: Settings,
     try:
         atomic_write(tmp / model_dir.ONNX, [data])
         card = user_card(upload, sha256_file(tmp / model_dir.ONNX), dim)
-        final = root / card["model_id"]
-        if card["model_id"] in registry or final.exists():
-            raise exists(card["model_id"])
+        model_id = card["model_id"]
+        if registry.store.get(model_id) is not None:  # early: no load for a known model
+            raise exists(model_id)
         write_json(tmp / model_dir.CARD, card)
-        move_into_place(tmp, final, card["model_id"])
+        try:
+            model = load_encoder(tmp, settings, bundled=False)
+        except Exception as exc:  # what the trial missed is never registered
+            raise Invalid("onnx_run_failed",
+                          f"the encoder failed to load: {str(exc)[:300]}") from None
+        final = root / model_id
+        registry.store.register(card, user_model_path(model_id),
+                                lambda: move_into_place(tmp, final),
+                                max_models=settings.max_user_models)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless it was refused
     fsync_dir(root)
-    try:
-        return load_encoder(final, settings, bundled=False)
-    except Exception as exc:  # what the trial missed must not stay stored (nor stop a restart)
-        shutil.rmtree(final, ignore_errors=True)
-        raise Invalid("onnx_run_failed", f"the encoder failed to load: {str(exc)[:300]}") from None
+    model.model_dir = final
+    return model
 
 
-def exists(model_id: str) -> Conflict:
-    return Conflict(f"model {model_id!r} (the same name and file) is already registered",
-                    "model_exists")
-
-
-def move_into_place(tmp: Path, final: Path, model_id: str) -> None:
-    """Rename the finished dot-folder to the model's; a concurrent upload of the same model
-    that renamed first makes this one a 409 (the rename fails on a non-empty folder)."""
-    try:
-        os.rename(tmp, final)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise exists(model_id) from None
-        raise
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished dot-folder to the model's, while the registry's transaction holds
+    the model's row: a folder already there has no registered model (a crash's or an older
+    version's leftover) and is replaced."""
+    if final.exists():
+        final.rename(final.with_name(f".orphan-{final.name}-{uuid.uuid4().hex[:8]}"))
+    os.rename(tmp, final)

@@ -1,5 +1,6 @@
 """The records that several processes change (jobs with their claims and leases, fitted heads,
-audit reports) in one SQL database, through one code path (SQLAlchemy Core) for both dialects:
+audit reports, the registry of users' models) in one SQL database, through one code path
+(SQLAlchemy Core) for both dialects:
 
 - embedded (default): SQLite, `byorl.db` in the data directory (WAL, so the api and its job
   processes read while one writes; a write transaction takes the write lock at its start);
@@ -61,6 +62,20 @@ REPORTS = Table(
     Column("id", String(64), primary_key=True),
     Column("report", Text, nullable=False),
 )
+# Users' ONNX encoders (POST /models), the registry every replica and worker reads
+# (`model_store.py`): the card and sha256 here, the write-once files in the shared data
+# directory (`path`, relative to DATA_DIR). A deleted model keeps its row (state "deleted").
+MODELS = Table(
+    "models", METADATA,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("card", Text, nullable=False),
+    Column("onnx_sha256", String(64), nullable=False),
+    Column("created_at", Float, nullable=False, index=True),
+    Column("state", String(16), nullable=False, index=True),  # available | deleted
+    Column("path", String(512), nullable=False),
+    Column("deleted_at", Float),
+)
 SCHEMA_VERSION = Table("schema_version", METADATA, Column("version", Integer, nullable=False))
 
 
@@ -69,8 +84,12 @@ def _v1(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v2(conn: Connection) -> None:
+    MODELS.create(conn, checkfirst=True)
+
+
 # Every schema change, in order; never edit a step that has shipped, append one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 
 
 class Database:

@@ -1,10 +1,12 @@
 """Beyond one api process: two uvicorn replicas and two Celery workers share one PostgreSQL (its
-own server, started here with initdb), one Redis and one data directory. Jobs, heads and
-reports are the database's: what one replica accepts the other serves, and a job outlives the
-replica that accepted it and the worker that ran it. Nothing is mocked.
+own server, started here with initdb), one Redis and one data directory. Jobs, heads, reports
+and the registry of users' models are the database's: what one replica accepts the other
+serves, and a job outlives the replica that accepted it and the worker that ran it. Nothing is
+mocked.
 """
 
 import base64
+import json
 import os
 
 import httpx
@@ -13,16 +15,17 @@ import pytest
 from byorl.service.settings import Settings
 from byorl.service.storage.database import Database
 from byorl.service.storage.job_store import JobStore
-from tests.conftest import fresh_database
+from tests.conftest import flatten_onnx, fresh_database
 from tests.live import Stack, wait_for
 
 SWEEP_S = "2"  # replicas sweep for lost jobs every 2 s (default 15) to keep the test short
+REFRESH_S = "1"  # replicas follow the model registry every second (default 5)
 
 
 @pytest.fixture(scope="module")
 def stack(model_dir, postgres, tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("scale"), model_dir, fresh_database(postgres),
-              job_sweep_s=SWEEP_S)
+              job_sweep_s=SWEEP_S, model_refresh_s=REFRESH_S)
     try:
         s.start_redis()
         s.start_worker("worker1")
@@ -72,6 +75,33 @@ def test_a_head_fitted_through_one_replica_is_used_through_the_other(stack, labe
         assert b.get(audit.json()["result_url"]).json()["n"] == 2  # the report, through B
         assert b.delete(f"/heads/{job_id}").status_code == 204
         assert a.get(f"/heads/{job_id}").status_code == 404  # deleted through B, gone on A
+
+
+def test_a_user_model_uploaded_on_one_replica_is_served_by_the_other(stack, labeled):
+    """The model registry (PostgreSQL) and the shared data directory: B serves what A
+    registered, a worker fits a head on it (found through the registry), A's delete reaches B."""
+    images, labels = labeled
+    card = json.dumps({"name": "shared", "input_size": 8})
+    with client(stack, "a") as a, client(stack, "b") as b:
+        r = a.post("/models", data={"card": card}, timeout=120,
+                   files={"file": ("m.onnx", flatten_onnx(), "application/octet-stream")})
+        assert r.status_code == 201, r.text
+        model_id = r.json()["model_id"]
+        on_a = a.post("/embed", json={"images": images[:2], "model": model_id}).json()
+        on_b = b.post("/embed", json={"images": images[:2], "model": model_id}).json()
+        assert on_b["model_id"] == model_id and on_b["embeddings"] == on_a["embeddings"]
+        r = b.post("/linear-head", json={"classes": ["cat", "ship"], "labels": labels,
+                                         "images": images, "model": model_id, "epochs": 2,
+                                         "min_steps": 5})
+        assert r.status_code == 202, r.text
+        job = finished(a, r.json()["job_id"])
+        assert job["state"] == "succeeded", job["error"]
+        assert a.delete(f"/models/{model_id}").json()["error"]["code"] == "model_in_use"
+        assert b.delete(f"/heads/{job['id']}").status_code == 204
+        assert a.delete(f"/models/{model_id}").status_code == 204
+        wait_for(lambda: b.post("/embed", json={"images": images[:1], "model": model_id}
+                                ).status_code == 404, 5 * float(REFRESH_S) + 10,
+                 "B to refuse the deleted model")
 
 
 def records(stack) -> JobStore:

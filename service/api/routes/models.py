@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from byorl.service.api.deps import Service
 from byorl.service.api.errors import APIError, error_responses
 from byorl.service.api.schemas import UploadedModelCard
+from byorl.service.exceptions import NotFound
 from byorl.service.serving.model_upload import register_model
 
 UPLOAD_BODY = {
@@ -77,35 +78,33 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, Uploaded
              responses=error_responses(400, 409, 413, 415, 422))
 async def create_model(request: Request, svc: Service) -> dict:
     """Register an ONNX encoder (float32 NCHW pixels in [0, 1], normalisation inside, a fixed
-    square input size, one vector per image): validated, stored in the data directory, served
-    at once and after restarts."""
+    square input size, one vector per image): validated, stored in the data directory and the
+    model registry, served at once (by every replica, see MODEL_REFRESH_S) and after restarts."""
     s = svc.settings
-    if svc.models.user_count() >= s.max_user_models:
+    if await run_in_threadpool(svc.models.user_count) >= s.max_user_models:
         raise APIError(413, "too_many_models", f"{s.max_user_models} user models are "
                        "registered (MAX_USER_MODELS): delete one first")
     data, card = await read_upload(request, s.max_model_bytes)
     model = await run_in_threadpool(register_model, data, card.model_dump(), s, svc.models)
-    svc.models.add(model)
-    return model.describe(default=False)
+    return svc.models.add(model).describe(default=False)
 
 
 @router.delete("/{model_id}", status_code=204, responses=error_responses(403, 404, 409))
 async def delete_model(model_id: str, svc: Service) -> Response:
-    """Delete a user model (an unavailable one too); 409 while an index or a head uses it, 403
-    for a bundled one."""
-    if model_id in svc.models.unavailable:
-        await svc.models.remove(model_id)
-        return Response(status_code=204)
-    model = svc.model(model_id)
-    if model.bundled:
+    """Delete a user model (an unavailable one too), for every replica (within
+    MODEL_REFRESH_S); 409 while an index or a head uses it, 403 for a bundled one."""
+    if model_id in svc.models.bundled_ids():
         raise APIError(403, "bundled_model", f"model {model_id!r} is bundled with the service "
                        "(MODEL_DIRS); only user models can be deleted")
-    users = [f"index {name!r}" for name, index in svc.galleries.indexes()
-             if index.model_id == model_id]
-    users += [f"head {c['id']!r}" for c in svc.heads.list() if c["model_id"] == model_id]
-    if users:
-        raise APIError(409, "model_in_use", f"model {model_id!r} is used by "
-                       f"{', '.join(users[:5])}{' and more' if len(users) > 5 else ''}: "
-                       "delete them first")
+    if model_id not in svc.models.unavailable:
+        if await run_in_threadpool(svc.models.store.get, model_id) is None:
+            raise NotFound("model", model_id)
+        users = [f"index {name!r}" for name, index in svc.galleries.indexes()
+                 if index.model_id == model_id]
+        users += [f"head {c['id']!r}" for c in svc.heads.list() if c["model_id"] == model_id]
+        if users:
+            raise APIError(409, "model_in_use", f"model {model_id!r} is used by "
+                           f"{', '.join(users[:5])}{' and more' if len(users) > 5 else ''}: "
+                           "delete them first")
     await svc.models.remove(model_id)
     return Response(status_code=204)

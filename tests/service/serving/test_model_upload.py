@@ -1,11 +1,14 @@
 """Validating an uploaded ONNX encoder before it is stored: its trial in a child process with
 memory and time limits (each problem a 422 naming it), its card."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
 from byorl.service.exceptions import Conflict, Invalid
-from byorl.service.serving.model_upload import move_into_place, trial_in_child, user_card
+from byorl.service.serving.model_upload import register_model, trial_in_child, user_card
+from byorl.service.serving.served_models import ModelRegistry, user_models_root
 from byorl.service.settings import Settings
 from tests import hostile_models
 from tests.conftest import flatten_onnx
@@ -41,16 +44,25 @@ def test_the_trial_runs_in_a_child_under_limits(tmp_path, monkeypatch):
     assert info.value.code == "trial_timeout" and "MODEL_TRIAL_TIMEOUT_S" in str(info.value)
 
 
-def test_an_upload_that_loses_the_rename_race_is_a_conflict(tmp_path):
-    """Two uploads of one model both pass the 'already registered?' check; the second to
-    rename its finished dot-folder finds the first's folder in place: a 409, never an
-    OSError (ENOTEMPTY was a 500), and the winner's files stay as they were. (The live test of
-    six concurrent uploads in test_models_route.py does not reliably hit this window.)"""
-    final, late = tmp_path / "m-1234abcd", tmp_path / ".creating-late"
-    for folder, content in ((final, b"winner"), (late, b"loser")):
-        folder.mkdir()
-        (folder / "encoder.onnx").write_bytes(content)
+def test_the_registry_decides_an_upload_not_the_folder(model_dir, tmp_path):
+    """Two uploads of one model (on two replicas) are decided by the model registry's key
+    (tests/service/storage/test_model_store.py), not by the rename: a folder already in the
+    model's place with no registered model (a crash's leftover) is replaced; a registered
+    model is a 409, its files left as they were."""
+    settings = Settings(model_dirs=[model_dir], data_dir=tmp_path, threads=1)
+    registry = ModelRegistry(settings)
+    data = flatten_onnx("LpNormalization", axis=1, p=2)
+    model_id = user_card({"name": "m", "input_size": 8}, hashlib.sha256(data).hexdigest(),
+                         192)["model_id"]
+    leftover = user_models_root(settings) / model_id
+    leftover.mkdir()
+    (leftover / "encoder.onnx").write_bytes(b"half a model")
+    model = register_model(data, {"name": "m", "input_size": 8}, settings, registry)
+    assert model.model_dir == leftover and (leftover / "encoder.onnx").read_bytes() == data
+    assert registry.store.get(model_id)["path"] == f"models/{model_id}"
     with pytest.raises(Conflict) as lost:
-        move_into_place(late, final, "m-1234abcd")
+        register_model(data, {"name": "m", "input_size": 8}, settings, registry)
     assert lost.value.code == "model_exists"
-    assert (final / "encoder.onnx").read_bytes() == b"winner"
+    assert (leftover / "encoder.onnx").read_bytes() == data
+    assert [p.name for p in user_models_root(settings).iterdir()
+            if not p.name.startswith(".orphan")] == [model_id]
