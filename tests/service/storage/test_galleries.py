@@ -345,3 +345,31 @@ def test_factory_strings_within_bounds_pass(factory):
     check_factory(factory, Settings())
 
 
+
+
+def test_milvus_consistency_strong_reads_your_writes_and_bounded_catches_up(milvus, tmp_path):
+    """Strong: an add answered through one replica is found at once by a search through
+    another; Bounded (the default) may miss it for up to Milvus's gracefulTime (5 s), then
+    finds it."""
+    from byorl.service.storage.milvus_galleries import MilvusGalleries
+
+    settings = milvus_settings(milvus, tmp_path)
+    assert settings.milvus_consistency == "bounded"
+    a, b = MilvusGalleries(settings), MilvusGalleries(settings)
+    try:
+        a.create("g", 8, "m")
+        for round in range(3):
+            keys, vectors, pixels = items(5, seed=round)
+            a.add("g", keys, vectors, pixels, None, "m")
+            found = b.search("g", vectors, 1, consistency="strong")
+            assert [row[0].key for row in found] == keys
+        keys, vectors, pixels = items(5, seed=9)
+        a.add("g", keys, vectors, pixels, None, "m")
+        deadline = time.monotonic() + 15
+        while [row[0].key for row in b.search("g", vectors, 1) if row] != keys:
+            assert time.monotonic() < deadline, "a bounded search never saw the add"
+            time.sleep(0.5)
+    finally:
+        a.delete("g")
+        a.close()
+        b.close()
