@@ -342,9 +342,9 @@ class EmbeddingIndex:
             self._apply(pending)
 
     def _validated(self, keys, vectors, metadata, model_id) -> tuple:
-        keys = _key_list(keys)
+        keys = key_list(keys)
         return keys, self._normalised(vectors, model_id, len(keys)), \
-            _metadata_texts(metadata, len(keys))
+            metadata_texts(metadata, len(keys))
 
     def _planned(self, keys: list[str], x: np.ndarray, meta: list[str | None]) -> PendingAdd:
         """Duplicate check and training, under the write lock."""
@@ -384,7 +384,7 @@ class EmbeddingIndex:
         """Replace the vector and/or the metadata of a key (None leaves that part unchanged).
         A new vector is a removal and an add: on HNSW types that rebuilds the graph."""
         x = None if vector is None else self._normalised(vector, model_id, 1)
-        meta = None if metadata is None else _metadata_texts([metadata], 1)[0]
+        meta = None if metadata is None else metadata_texts([metadata], 1)[0]
         with self._lock.write():
             if key not in self._ids:
                 raise UnknownKeyError(f"unknown key {key!r}")
@@ -402,7 +402,7 @@ class EmbeddingIndex:
 
     def remove(self, keys: Sequence[str], *, missing_ok: bool = False) -> int:
         """Remove keys; returns how many were removed. Unknown keys raise unless missing_ok."""
-        keys = list(dict.fromkeys(_key_list(keys)))
+        keys = list(dict.fromkeys(key_list(keys)))
         with self._lock.write():
             missing = [k for k in keys if k not in self._ids]
             if missing and not missing_ok:
@@ -511,24 +511,7 @@ class EmbeddingIndex:
     # -- internals -----------------------------------------------------------------------------
 
     def _normalised(self, vectors, model_id: str | None, n: int | None = None) -> np.ndarray:
-        if model_id is not None and model_id != self.model_id:
-            raise ModelMismatchError(
-                f"vectors of model {model_id!r} given to an index of model {self.model_id!r}")
-        x = np.asarray(vectors, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None]
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise DimensionMismatchError(
-                f"expected vectors of dimension {self.dim}, got an array of shape {x.shape}")
-        if n is not None and len(x) != n:
-            raise ValueError(f"{n} keys but {len(x)} vectors")
-        if not np.isfinite(x).all():
-            raise InvalidVectorError("vectors contain NaN or infinity")
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        if (norms == 0).any():
-            rows = np.flatnonzero(norms[:, 0] == 0)[:5].tolist()
-            raise InvalidVectorError(f"zero vectors have no direction (rows {rows})")
-        return np.ascontiguousarray(x / norms)
+        return normalised(vectors, self.dim, self.model_id, model_id, n)
 
     def _metadata(self, i: int, raw: bool = False) -> Any:
         text = self._meta.get(i)
@@ -618,7 +601,32 @@ class EmbeddingIndex:
         self._index = fresh
 
 
-def _key_list(keys: Sequence[str]) -> list[str]:
+def normalised(vectors, dim: int, model_id: str, given_model_id: str | None = None,
+               n: int | None = None) -> np.ndarray:
+    """Vectors (one or an (n, dim) batch) as unit float32 rows, for a store of `dim`-d vectors of
+    model `model_id`: ModelMismatchError, DimensionMismatchError or InvalidVectorError (and
+    ValueError when `n` rows were expected) for anything else."""
+    if given_model_id is not None and given_model_id != model_id:
+        raise ModelMismatchError(
+            f"vectors of model {given_model_id!r} given to an index of model {model_id!r}")
+    x = np.asarray(vectors, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"expected vectors of dimension {dim}, got an array of shape {x.shape}")
+    if n is not None and len(x) != n:
+        raise ValueError(f"{n} keys but {len(x)} vectors")
+    if not np.isfinite(x).all():
+        raise InvalidVectorError("vectors contain NaN or infinity")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        rows = np.flatnonzero(norms[:, 0] == 0)[:5].tolist()
+        raise InvalidVectorError(f"zero vectors have no direction (rows {rows})")
+    return np.ascontiguousarray(x / norms)
+
+
+def key_list(keys: Sequence[str]) -> list[str]:
     if isinstance(keys, str):
         raise TypeError("keys must be a sequence of strings, not one string")
     keys = list(keys)
@@ -628,7 +636,7 @@ def _key_list(keys: Sequence[str]) -> list[str]:
     return keys
 
 
-def _metadata_texts(metadata: Sequence[Any] | None, n: int) -> list[str | None]:
+def metadata_texts(metadata: Sequence[Any] | None, n: int) -> list[str | None]:
     if metadata is None:
         return [None] * n
     metadata = list(metadata)
@@ -655,6 +663,11 @@ def _term(value: Any) -> Any:
     if value is False:
         return _FALSE
     return _NULL if value is None else value
+
+
+def term_value(term: Any) -> Any:
+    """The JSON scalar of a term of `parse_filter`'s result (True, False, None, or itself)."""
+    return {id(_TRUE): True, id(_FALSE): False, id(_NULL): None}.get(id(term), term)
 
 
 def _terms(text: str | None) -> list[tuple[str, Any]]:

@@ -23,6 +23,16 @@ class Settings(BaseSettings):
     # Jobs, heads and reports: empty = SQLite in the data directory (one machine); a
     # postgresql:// URL = PostgreSQL, shared by every api replica and worker.
     database_url: SecretStr = SecretStr("")
+    # Galleries: empty = FAISS + SQLite in the data directory (one process); an http:// URI =
+    # collections on that Milvus server, their catalog and keys in the database above, so that
+    # every api replica and worker sees the same galleries.
+    milvus_uri: str = ""
+    milvus_token: SecretStr = SecretStr("")  # "user:password" or an API key, when it asks one
+    milvus_prefix: str = Field("byorl_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # collections
+    # A /search's default consistency on Milvus: "bounded" may miss writes of the last
+    # gracefulTime (5 s by default) and answers in milliseconds; "strong" sees every
+    # acknowledged write, at the cost of waiting for the server's timestamps (0.2-0.5 s).
+    milvus_consistency: Literal["bounded", "strong"] = "bounded"
     api_key: SecretStr | None = None  # when set, every route but probes and metrics needs it
     device: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime and jobs: auto = GPU if any
 

@@ -217,3 +217,30 @@ def service_db(database_url, tmp_path):
     db = Database(Settings(data_dir=tmp_path, database_url=database_url).database())
     yield db
     db.close()
+
+
+@pytest.fixture(scope="session")
+def milvus(tmp_path_factory) -> str:
+    """One Milvus standalone server for the session (its URI): each test isolates its galleries
+    by a collection prefix of its own (`milvus_settings`). BYORL_TEST_MILVUS_URI names a server
+    already running instead (one per machine: it binds fixed ports); without it the server is
+    started here, and a server that cannot start fails the test that needs it, saying why."""
+    if uri := os.environ.get("BYORL_TEST_MILVUS_URI"):
+        yield uri
+        return
+    from tests.live import start_milvus
+
+    root = tmp_path_factory.mktemp("milvus")
+    uri, server = start_milvus(root)
+    yield uri
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def milvus_settings(uri: str, data_dir: Path, database_url: str = "", **more):
+    """Settings of a service whose galleries are on the Milvus server at `uri`, under a
+    collection prefix of their own."""
+    from byorl.service.settings import Settings
+
+    return Settings(data_dir=data_dir, milvus_uri=uri, database_url=database_url,
+                    milvus_prefix=f"t{uuid.uuid4().hex[:10]}_", **more)

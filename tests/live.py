@@ -187,3 +187,33 @@ def healthz_during(url: str, request) -> tuple[httpx.Response, float, float]:
         done.set()
         poller.join()
     return answer, took, max(waits)
+
+
+MILVUS_COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord",
+                     "dataNode")
+
+
+def start_milvus(root: Path):
+    """The real Milvus standalone server (the `milvus` package's binary) with its data in
+    `root`, every component listening on 127.0.0.1: (its URI, the server). It binds about 12
+    ports (19530, 2379, 9091, ...): one per machine, shared by a whole test session."""
+    try:
+        from milvus import MilvusServer
+    except ImportError:
+        raise AssertionError("the tests need the Milvus server: pip install -e '.[dev]' "
+                             "(milvus==2.3.5)") from None
+    server = MilvusServer(wait_for_started=False)
+    server.set_base_dir(str(root))
+    for component in MILVUS_COMPONENTS:
+        server.config.extra_configs[f"{component}.ip"] = "127.0.0.1"
+    try:
+        server.start()
+        server.wait_started(timeout=180_000)
+    except Exception as exc:
+        logs = root / "logs" / "milvus-stderr.log"
+        tail = logs.read_text(errors="replace")[-2000:] if logs.exists() else ""
+        server.stop()
+        raise AssertionError(f"the Milvus server did not start ({type(exc).__name__}: {exc}); "
+                             f"is another one running on this machine (ports 19530, 2379, "
+                             f"9091 ...)? Its log ({logs}): {tail}") from None
+    return f"http://127.0.0.1:{server.listen_port}", server

@@ -119,7 +119,10 @@ class OpenAIModels(BaseModel):
 class GalleryCreate(Strict):
     name: Name
     model: ModelName = None
-    factory: str = Field("Flat", description="FAISS factory string, e.g. Flat, HNSW32, IVF256,Flat")
+    factory: str | None = Field(
+        None, description="The index type: a FAISS factory string, e.g. Flat, HNSW32, "
+        "IVF256,Flat (on Milvus: Flat, HNSW<degree> or IVF<lists>,Flat). Default: Flat (exact), "
+        "or HNSW16 on Milvus")
 
 
 class GalleryInfo(BaseModel):
@@ -220,6 +223,14 @@ class SearchRequest(Strict):
         "{\"in\": [values]}}, on top-level fields of object metadata. The k hits are the k "
         "most similar matching items (fewer when fewer match)",
         examples=[{"source": "web", "label": {"in": [1, 2]}}])
+    ef: int | None = Field(None, ge=1, le=4096, description="HNSW indexes: the candidate list "
+                           "of a search (more: better recall, slower); default 64, at least k")
+    nprobe: int | None = Field(None, ge=1, le=65_536, description="IVF indexes: the lists a "
+                               "search visits (more: better recall, slower); default 16")
+    consistency: Literal["bounded", "strong"] | None = Field(
+        None, description="Galleries on Milvus: strong sees every acknowledged write (read your "
+        "writes, ~0.2-0.5 s), bounded may miss the last seconds' writes (milliseconds). Default: "
+        "the MILVUS_CONSISTENCY setting. Embedded galleries always see every answered write")
 
     @field_validator("filter")
     @classmethod

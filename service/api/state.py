@@ -12,7 +12,7 @@ from byorl.service.serving.encoder import Encoder
 from byorl.service.serving.served_models import ModelRegistry
 from byorl.service.settings import Settings
 from byorl.service.storage.database import open_database
-from byorl.service.storage.galleries import Galleries
+from byorl.service.storage.gallery_backends import GalleryBackend, open_galleries
 from byorl.service.storage.head_store import HeadStore
 from byorl.service.storage.job_store import JobStore
 from byorl.service.storage.model_store import ModelStore
@@ -23,7 +23,7 @@ from byorl.service.storage.report_store import ReportStore
 class AppState:
     settings: Settings
     models: ModelRegistry
-    galleries: Galleries
+    galleries: GalleryBackend
     jobs: JobStore
     heads: HeadStore
     reports: ReportStore
@@ -87,7 +87,6 @@ class AppState:
 
 def load_state(settings: Settings) -> AppState:
     db = open_database(settings.database())
-    return AppState(settings, ModelRegistry(settings, ModelStore(db)),
-                    Galleries(settings.data_dir),
+    return AppState(settings, ModelRegistry(settings, ModelStore(db)), open_galleries(settings),
                     JobStore.from_settings(settings), HeadStore(db), ReportStore(db),
                     make_queue(settings))

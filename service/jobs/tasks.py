@@ -24,7 +24,7 @@ from byorl.service.jobs.head_rule import head_rule
 from byorl.service.serving.served_models import find_model_dir
 from byorl.service.settings import Settings
 from byorl.service.storage.database import open_database
-from byorl.service.storage.galleries import load_index
+from byorl.service.storage.gallery_backends import read_gallery
 from byorl.service.storage.head_store import HeadStore
 from byorl.service.storage.job_store import JobStore, LeaseLost
 from byorl.service.storage.leases import Heartbeat, runner_identity
@@ -276,11 +276,10 @@ def run_audit(settings: Settings, job_id: str, params: dict, inputs: dict, model
     else:
         from byorl.training.retrieval import retrieval_audit
 
-        index = load_index(settings.data_dir, params["index"])
-        if not len(index):
+        keys, vectors, metadata = read_gallery(settings, params["index"])
+        if not keys:
             raise ValueError(f"index {params['index']!r} is empty")
-        keys = index.keys()
-        gallery = torch.from_numpy(np.stack([index.get(k).vector for k in keys]))
+        gallery = torch.from_numpy(vectors)
         budget = params["steps"] if white_box else params.get("queries", 1000)
         report = retrieval_audit(encoder, images.to(device).float() / 255, gallery.to(device),
                                  threat, params["k"], budget, progress=progress,
@@ -289,7 +288,7 @@ def run_audit(settings: Settings, job_id: str, params: dict, inputs: dict, model
         for row in report["examples"]:
             for kind in ("neighbours_clean", "neighbours_adversarial"):
                 row[kind] = [{"key": keys[j], "score": score,
-                              "metadata": index.get(keys[j]).metadata} for j, score in row[kind]]
+                              "metadata": metadata[j]} for j, score in row[kind]]
         report.update(index=params["index"], gallery_size=len(gallery))
     reasons = upper_bound_reasons(params, white_box)
     report.update(audit=params["audit"], model_id=params["model_id"], audit_id=job_id,

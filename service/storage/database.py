@@ -8,6 +8,8 @@ audit reports, the registry of users' models) in one SQL database, through one c
   replicas and workers on any machines share them; a claim or a sweep locks the job's row
   (`SELECT ... FOR UPDATE`, `SKIP LOCKED` in the sweep).
 
+Galleries on Milvus keep their catalog and keys here too (`GALLERIES`, `GALLERY_ITEMS`).
+
 The schema is versioned: `MIGRATIONS` holds every step in order, `schema_version` how many
 have run; each process runs the missing ones at start, one process at a time.
 
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Engine,
     Float,
@@ -31,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     insert,
@@ -77,6 +81,28 @@ MODELS = Table(
     Column("deleted_at", Float),
 )
 SCHEMA_VERSION = Table("schema_version", METADATA, Column("version", Integer, nullable=False))
+# Galleries on Milvus (service/storage/milvus_galleries.py): the catalog, and each item's key
+# with its insertion sequence (`id`): duplicate keys are refused here (Milvus takes them), and
+# pages follow insertion order (Milvus pages by primary key).
+GALLERIES = Table(
+    "galleries", METADATA,
+    Column("name", String(128), primary_key=True),
+    Column("model_id", String(256), nullable=False),
+    Column("dim", Integer, nullable=False),
+    Column("factory", String(64), nullable=False),
+    Column("collection", String(255), nullable=False, unique=True),
+    Column("pixel_shape", Text),  # JSON list, set by the first add
+    Column("pixel_fields", Integer, nullable=False),  # VARCHAR fields that hold the pixels
+    Column("created_at", Float, nullable=False),
+)
+GALLERY_ITEMS = Table(
+    "gallery_items", METADATA,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("gallery", String(128), nullable=False),
+    Column("key", String(1024), nullable=False),
+    UniqueConstraint("gallery", "key"),
+)
 
 
 def _v1(conn: Connection) -> None:
@@ -88,8 +114,15 @@ def _v2(conn: Connection) -> None:
     MODELS.create(conn, checkfirst=True)
 
 
+def _v3(conn: Connection) -> None:
+    for table in (GALLERIES, GALLERY_ITEMS):
+        table.create(conn, checkfirst=True)
+    conn.execute(text("CREATE INDEX IF NOT EXISTS gallery_items_order ON gallery_items "
+                      "(gallery, id)"))
+
+
 # Every schema change, in order; never edit a step that has shipped, append one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 
 
 class Database:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from byorl.index.faiss_index import EmbeddingIndex
+from byorl.index.faiss_index import EmbeddingIndex, Hit
 from byorl.service.exceptions import Conflict, Invalid, NotFound, TooLarge
 from byorl.service.names import NAME, check_name
 from byorl.service.settings import Settings
@@ -58,6 +58,23 @@ def check_factory(factory: str, settings: Settings) -> None:
             if match[group] is not None and not 1 <= int(match[group]) <= limit:
                 raise Invalid("factory_out_of_bounds", f"factory {factory[:100]!r}: {what} "
                               f"{int(match[group])} is outside 1..{limit} ({setting})")
+
+
+def decode_export(keys: list[str], vectors: bytes, pixels: bytes, dim: int,
+                  pixel_shape: tuple[int, ...], limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, pixels) of an export's items, their sizes checked (Invalid, TooLarge)."""
+    n = len(keys)
+    if n > limit:
+        raise TooLarge("too_many_items", f"{n} items in one request; the limit is {limit}")
+    if len(vectors) != n * dim * 4:
+        raise Invalid("invalid_vectors", f"vectors hold {len(vectors)} bytes; {n} keys of "
+                      f"dimension {dim} need {n * dim * 4} (float32, little-endian)")
+    row = math.prod(pixel_shape)
+    if len(pixels) != n * row:
+        raise Invalid("invalid_pixels", f"pixels hold {len(pixels)} bytes; {n} keys of "
+                      f"shape {list(pixel_shape)} need {n * row} (uint8)")
+    return (np.frombuffer(vectors, "<f4").reshape(n, dim),
+            np.frombuffer(pixels, np.uint8).reshape(n, *pixel_shape))
 
 
 def load_index(data_dir: str | Path, name: str) -> EmbeddingIndex:
@@ -112,8 +129,10 @@ class Galleries:
     def get(self, name: str) -> EmbeddingIndex:
         return self.store(name).index
 
-    def create(self, name: str, dim: int, model_id: str, factory: str = "Flat") -> EmbeddingIndex:
+    def create(self, name: str, dim: int, model_id: str, factory: str | None = None
+               ) -> EmbeddingIndex:
         check_name(name, "index")
+        factory = factory or "Flat"
         with self._lock:
             if name in self._stores or (self.root / name).exists():
                 raise Conflict(f"index {name!r} already exists")
@@ -141,18 +160,14 @@ class Galleries:
         `vectors` little-endian float32 rows of the gallery's dimension, `pixels` uint8 rows of
         `pixel_shape` (the model's input), at most `limit` items; all or nothing, as `add`."""
         store = self.store(name)
-        n, dim = len(keys), store.index.dim
-        if n > limit:
-            raise TooLarge("too_many_items", f"{n} items in one request; the limit is {limit}")
-        if len(vectors) != n * dim * 4:
-            raise Invalid("invalid_vectors", f"vectors hold {len(vectors)} bytes; {n} keys of "
-                          f"dimension {dim} need {n * dim * 4} (float32, little-endian)")
-        row = math.prod(pixel_shape)
-        if len(pixels) != n * row:
-            raise Invalid("invalid_pixels", f"pixels hold {len(pixels)} bytes; {n} keys of "
-                          f"shape {list(pixel_shape)} need {n * row} (uint8)")
-        store.add(keys, np.frombuffer(vectors, "<f4").reshape(n, dim),
-                  np.frombuffer(pixels, np.uint8).reshape(n, *pixel_shape), metadata, model_id)
+        v, p = decode_export(keys, vectors, pixels, store.index.dim, pixel_shape, limit)
+        store.add(keys, v, p, metadata, model_id)
+
+    def search(self, name: str, queries, k: int = 10, *, consistency: str | None = None,
+               **options) -> list[list[Hit]]:
+        """EmbeddingIndex.search of the gallery; `consistency` is for other back-ends: a
+        gallery in this process always sees every write that was answered."""
+        return self.get(name).search(queries, k, **options)
 
     def export_page(self, name: str, offset: int, limit: int, max_bytes: int) -> ExportPage:
         """A page of items with their vectors and pixels (GalleryStore.export_page)."""

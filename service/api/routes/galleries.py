@@ -10,7 +10,6 @@ from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from byorl.index.faiss_index import EmbeddingIndex
 from byorl.service.api.deps import Service
 from byorl.service.api.errors import QUEUE_FULL, APIError, error_responses
 from byorl.service.api.json_body import JsonFirstRoute
@@ -32,7 +31,8 @@ from byorl.service.storage.galleries import check_factory
 router = APIRouter(prefix="/indexes", tags=["galleries"], route_class=JsonFirstRoute)
 
 
-def gallery_info(svc: Service, name: str, index: EmbeddingIndex | None = None) -> GalleryInfo:
+def gallery_info(svc: Service, name: str, index: Any = None) -> GalleryInfo:
+    """`index`: what the galleries' `get` returns (an EmbeddingIndex or a MilvusGallery)."""
     index = svc.galleries.get(name) if index is None else index
     return GalleryInfo(name=name, model_id=index.model_id, dim=index.dim, factory=index.factory,
                      count=len(index))
@@ -63,7 +63,8 @@ def list_indexes(svc: Service, paging: Paging) -> Page[GalleryInfo]:
 def create_index(body: GalleryCreate, svc: Service) -> GalleryInfo:
     """An empty index for embeddings of the named model (default: the first served)."""
     model = svc.model(body.model)
-    check_factory(body.factory, svc.settings)
+    if not svc.settings.milvus_uri:  # Milvus galleries check theirs (milvus_galleries.py)
+        check_factory(body.factory or "Flat", svc.settings)
     try:
         svc.galleries.create(body.name, model.dim, model.model_id, body.factory)
     except ValueError as exc:

@@ -38,6 +38,7 @@ async def search_index(body: SearchRequest, svc: Service) -> Response:
             bad = next(len(q) for q in queries if len(q) != index.dim)
             raise APIError(422, "dimension_mismatch", f"index {body.index!r} holds embeddings of "
                            f"dimension {index.dim}, got one of dimension {bad}")
-    hits = await run_in_threadpool(index.search, queries, body.k, raw_metadata=True,
-                                   filter=body.filter)
+    hits = await run_in_threadpool(svc.galleries.search, body.index, queries, body.k,
+                                   raw_metadata=True, filter=body.filter, nprobe=body.nprobe,
+                                   ef_search=body.ef, consistency=body.consistency)
     return search_response(body.index, index.model_id, hits, svc.settings.max_response_bytes)
