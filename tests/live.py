@@ -63,6 +63,19 @@ def wait_ready(url: str, timeout: float = 300) -> None:
     wait_for(ready, timeout, f"the api at {url}")
 
 
+def start_service(model_dir, tmp: Path, **settings) -> tuple[str, subprocess.Popen]:
+    """The service on a free port, as a user runs it: uvicorn, jobs in its own processes (no
+    Redis), one inference thread, `tmp/data` as its data directory, `settings` as BYORL_
+    variables. Its URL and process (stop it with `kill_group`)."""
+    env = {**os.environ, "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp / "data"),
+           "BYORL_REDIS_URL": "", "BYORL_THREADS": "1",
+           **{f"BYORL_{k.upper()}": str(v) for k, v in settings.items()}}
+    port = free_port()
+    proc = start_process(uvicorn_argv(port), env, tmp / "api.log", tmp)
+    wait_ready(f"http://127.0.0.1:{port}")
+    return f"http://127.0.0.1:{port}", proc
+
+
 def postgres_binary(name: str) -> str:
     """A PostgreSQL server program: on PATH, or where Debian's `postgresql` package puts it."""
     found = shutil.which(name) or next(iter(sorted(glob.glob(

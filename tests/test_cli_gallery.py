@@ -5,7 +5,6 @@ resumed, and an export restored into a second server's fresh data directory."""
 import asyncio
 import io
 import json
-import os
 import shutil
 import tarfile
 
@@ -17,25 +16,16 @@ from typer.testing import CliRunner
 import byorl.client
 from byorl.cli import app
 from byorl.client import AsyncClient, Client
-from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
+from tests.live import kill_group, start_service
 
-LIMITS = {"threads": 1, "max_bulk_images": 64, "max_body_bytes": 2**20}
-
-
-def start(model_dir, tmp) -> tuple[str, object]:
-    env = {**os.environ, "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp / "data"),
-           "BYORL_REDIS_URL": "", "BYORL_API_KEY": "",
-           **{f"BYORL_{k.upper()}": str(v) for k, v in LIMITS.items()}}
-    port = free_port()
-    proc = start_process(uvicorn_argv(port), env, tmp / "api.log", tmp)
-    wait_ready(f"http://127.0.0.1:{port}")
-    return f"http://127.0.0.1:{port}", proc
+LIMITS = {"max_bulk_images": 64, "max_body_bytes": 2**20}
 
 
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     """Two services, each on its own fresh data directory."""
-    started = [start(model_dir, tmp_path_factory.mktemp(f"server{i}")) for i in range(2)]
+    started = [start_service(model_dir, tmp_path_factory.mktemp(f"server{i}"), api_key="",
+                             **LIMITS) for i in range(2)]
     yield [url for url, _ in started]
     for _, proc in started:
         kill_group(proc)

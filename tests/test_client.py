@@ -4,7 +4,6 @@ and retries on 429 that honour Retry-After."""
 
 import asyncio
 import io
-import os
 
 import numpy as np
 import pytest
@@ -14,25 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 import byorl.client
 from byorl.client import AsyncClient, Client, JobFailed, ServiceError, encode_image
 from byorl.model_dir import embed, load_onnx_session
-from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
+from tests.live import kill_group, start_service
 
 KEY = "client-test-key"
-
-
-def start(model_dir, tmp, **settings) -> tuple[str, object]:
-    env = {**os.environ, "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp / "data"),
-           "BYORL_REDIS_URL": "", "BYORL_THREADS": "1",
-           **{f"BYORL_{k.upper()}": str(v) for k, v in settings.items()}}
-    port = free_port()
-    proc = start_process(uvicorn_argv(port), env, tmp / "api.log", tmp)
-    wait_ready(f"http://127.0.0.1:{port}")
-    return f"http://127.0.0.1:{port}", proc
 
 
 @pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
     """A keyed service."""
-    url, proc = start(model_dir, tmp_path_factory.mktemp("client"), api_key=KEY)
+    url, proc = start_service(model_dir, tmp_path_factory.mktemp("client"), api_key=KEY)
     yield url
     kill_group(proc)
 
@@ -181,7 +170,7 @@ def test_a_full_queue_is_retried_after_retry_after(model_dir, tmp_path, images):
     """The service refuses what would overfill its embedding queue (429, Retry-After): the
     async client waits as told and every request goes through; without retries the refusal
     reaches the caller as `queue_full`."""
-    url, proc = start(model_dir, tmp_path, max_queued_images=1, max_batch=1)
+    url, proc = start_service(model_dir, tmp_path, max_queued_images=1, max_batch=1)
     blobs = images[0][:2]
 
     async def burst(retries: int):
