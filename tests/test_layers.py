@@ -5,8 +5,9 @@ in the api wing.
 Floors, top to bottom: the command line (`byorl/cli.py`, `byorl/demo_gallery.py`); the service;
 training and the index; the model directory and atomic files. Inside the service: the entry
 points (`main.py`, `worker.py`) over `api/`, which may use every wing; `jobs/` uses storage and
-serving; `serving/` and `storage/` use only the base modules beside them (settings, exceptions,
-names, metrics), which use no wing.
+serving; `serving/` uses storage (the served models come from the model registry there);
+`storage/` uses only the base modules beside it (settings, exceptions, names, metrics), which
+use no wing.
 """
 
 import ast
@@ -63,7 +64,7 @@ ALLOWED = {
     "training": {"ground", "index"},
     "service.base": {"ground"},
     "service.storage": {"ground", "index", "service.base"},
-    "service.serving": {"ground", "service.base"},
+    "service.serving": {"ground", "service.base", "service.storage"},
     "service.jobs": {"ground", "index", "training", "service.base", "service.storage",
                      "service.serving"},
     "service.api": {"ground", "index", "service.base", "service.storage", "service.serving",
