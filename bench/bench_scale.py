@@ -36,7 +36,9 @@ import base64
 import http.client
 import json
 import os
+import re
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -138,8 +140,32 @@ def keys_of(answer: dict) -> list[str]:
     return [h["key"] for h in answer["results"][0]]
 
 
-def throughput(urls: list[str], bodies: list[bytes], conns: int, seconds: float) -> float:
-    """Searches per second at `conns` keep-alive connections spread over `urls`."""
+def cpu_s(pid: int | str) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+
+
+def milvus_pid(uri: str) -> str | None:
+    """The pid listening on the Milvus port (ss), to account for its CPU."""
+    port = uri.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True,
+                         text=True).stdout
+    match = re.search(r"pid=(\d+)", out)
+    return match[1] if match else None
+
+
+def throughput(urls: list[str], bodies: list[bytes], conns: int, seconds: float,
+               pids: dict[str, int | str] | None = None) -> float:
+    """Searches per second at `conns` keep-alive connections spread over `urls`; with `pids`
+    (name -> pid), prints the cores each used meanwhile (and the client's, the machine's)."""
     done, stop, errors = [0] * conns, threading.Event(), []
 
     def client(i: int):
@@ -162,9 +188,18 @@ def throughput(urls: list[str], bodies: list[bytes], conns: int, seconds: float)
     for t in threads:
         t.start()
     time.sleep(1)  # warm
+    pids = {"client": "self", **(pids or {})}
+    cpu = {name: cpu_s(pid) for name, pid in pids.items()}
+    busy = machine_busy()
     before, start = sum(done), time.perf_counter()
     time.sleep(seconds)
-    rate = (sum(done) - before) / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    rate = (sum(done) - before) / wall
+    used = {name: (cpu_s(pid) - cpu[name]) / wall for name, pid in pids.items()}
+    after = machine_busy()
+    used["machine"] = (after[0] - busy[0]) / (after[1] - busy[1]) * os.cpu_count()
+    print("    cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
+          + f" of {os.cpu_count()}", flush=True)
     stop.set()
     for t in threads:
         t.join()
@@ -293,15 +328,19 @@ def bench_backend(backend: str, args, vectors, pixels, queries, exact) -> dict:
             found.append([int(k[1:]) for k in keys_of(answer)])
         out["search_ms"], out["recall"] = search_ms, recall(found, exact)
         print(f"  search {pct(search_ms)} ms, recall@10 {out['recall']:.3f}", flush=True)
-        out["qps1"] = throughput([url], bodies, args.conns, args.seconds)
+        pids = {"api1": stack.procs[0].pid}
+        if backend == "milvus" and (server_pid := milvus_pid(args.milvus_uri)):
+            pids["milvus"] = server_pid
+        out["qps1"] = throughput([url], bodies, args.conns, args.seconds, pids)
         print(f"  {out['qps1']:.0f} searches/s through one replica", flush=True)
         fresh = np.random.default_rng(1).standard_normal((args.single + 40, vectors.shape[1]))
         fresh = (fresh / np.linalg.norm(fresh, axis=1, keepdims=True)).astype(np.float32)
         one_pixels = pixels[: len(fresh)]
         if backend == "milvus":
             url2 = stack.replica()
-            out["qps2"] = throughput([url, url2], bodies, args.conns, args.seconds)
-            out["qps1_again"] = throughput([url], bodies, args.conns, args.seconds)
+            pids["api2"] = stack.procs[1].pid
+            out["qps2"] = throughput([url, url2], bodies, args.conns, args.seconds, pids)
+            out["qps1_again"] = throughput([url], bodies, args.conns, args.seconds, pids)
             print(f"  {out['qps2']:.0f} searches/s over two replicas "
                   f"(one again: {out['qps1_again']:.0f})", flush=True)
             out["consistency"] = consistency(a, Api(url2), name, fresh[args.single:],
@@ -331,10 +370,10 @@ def bench_embedded_storage(factory: str, vectors, pixels, queries, exact) -> dic
     root = Path(tempfile.mkdtemp(prefix="byorl-scale-store-"))
     g = Galleries(root)
     g.create("g", vectors.shape[1], "m", factory)
-    start = time.perf_counter()
-    for s in range(0, len(vectors), 10_000):  # the first chunk trains IVF types
-        g.add("g", [f"i{j}" for j in range(s, min(len(vectors), s + 10_000))],
-              vectors[s:s + 10_000], pixels[s:s + 10_000], None, "m")
+    start, bounds = time.perf_counter(), [0, *range(50_000, len(vectors), 10_000), len(vectors)]
+    for s, e in zip(bounds, bounds[1:], strict=False):  # the first 50k train IVF types
+        g.add("g", [f"i{j}" for j in range(s, e)], vectors[s:e], pixels[np.arange(s, e)
+                                                                         % len(pixels)], None, "m")
     build = time.perf_counter() - start
     g.close()
     start = time.perf_counter()
@@ -364,9 +403,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15, help="per throughput measurement")
     p.add_argument("--rounds", type=int, default=5, help="consistency probes of each kind")
     p.add_argument("--factory", default="HNSW16", help="the galleries' index (Milvus default)")
-    p.add_argument("--backends", nargs="+", default=["embedded", "milvus"])
+    p.add_argument("--backends", nargs="*", default=["embedded", "milvus"])
     p.add_argument("--store-factories", nargs="*", default=["Flat", "HNSW16", "IVF256,Flat"],
                    help="embedded store in-process: build, reopen, search")
+    p.add_argument("--store-n", type=int, default=0,
+                   help="items of the in-process embedded store (default --n): beyond the real "
+                        "embeddings, jittered copies of them (noise of norm 0.1, renormalised)")
     p.add_argument("--milvus-uri", default=os.environ.get("BYORL_MILVUS_URI",
                                                           "http://127.0.0.1:19530"))
     p.add_argument("--model", type=Path, default=ROOT / "models" / "default")
@@ -391,39 +433,48 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    store = []
+    store, store_n = [], args.store_n or args.n
+    if store_n > args.n:  # the real embeddings, then jittered copies of them (see --store-n)
+        rng = np.random.default_rng(2)
+        extra = vectors[rng.integers(0, args.n, store_n - args.n)]
+        extra += rng.normal(0, 0.1 / np.sqrt(vectors.shape[1]), extra.shape).astype(np.float32)
+        extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+        vectors = np.concatenate([vectors, extra])
+        del extra
+        exact = exact_top(queries, vectors)
     for factory in args.store_factories:
         store.append(bench_embedded_storage(factory, vectors, pixels, queries, exact))
         r = store[-1]
         print(f"store {factory}: build {r['build_s']:.1f} s, open {r['open_s']:.2f} s, "
               f"search {pct(r['search_ms'])} ms, recall {r['recall']:.3f}", flush=True)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}\n")
-    print(f"| {args.n:,} items, {args.factory}, real embeddings | "
-          + " | ".join(r["backend"] for r in results) + " |")
-    print("|---|" + "---|" * len(results))
-    rows = [
-        (f"batched add ({args.batch} items) p50 / p99 ms", lambda r: pct(r["batch_ms"])),
-        ("bulk load (s)", lambda r: f"{r['load_s']:.0f}" + (
-            f" + {r['index_s']:.0f} indexing" if "index_s" in r else "")),
-        ("one-item add p50 / p99 ms", lambda r: pct(r["single_ms"])),
-        ("search k=10 p50 / p99 ms (one client)", lambda r: pct(r["search_ms"])),
-        ("recall@10 vs exact", lambda r: f"{r['recall']:.3f}"),
-        (f"searches/s, {args.conns} connections, 1 replica", lambda r: f"{r['qps1']:.0f}"),
-        (f"searches/s, {args.conns} connections, 2 replicas", lambda r: (
-            f"{r['qps2']:.0f} ({r['qps2'] / r['qps1_again']:.2f}x; 1 replica again: "
-            f"{r['qps1_again']:.0f})") if "qps2" in r else "n/a: one api process per data dir"),
-        ("add on replica 1, strong search on replica 2", lambda r: (
-            f"found {r['consistency']['strong']}/{r['consistency']['rounds']}, "
-            f"{pct(r['consistency']['strong_ms'])} ms") if "consistency" in r
-            else "n/a (one process: found at once)"),
-        ("same, default (bounded): seen after (s)", lambda r: (
-            ", ".join(f"{d:.2f}" for d in r["consistency"]["delays"])) if "consistency" in r
-            else "n/a"),
-    ]
-    for label, cell in rows:
-        print(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
+    if results:
+        print(f"| {args.n:,} items, {args.factory}, real embeddings | "
+              + " | ".join(r["backend"] for r in results) + " |")
+        print("|---|" + "---|" * len(results))
+        rows = [
+            (f"batched add ({args.batch} items) p50 / p99 ms", lambda r: pct(r["batch_ms"])),
+            ("bulk load (s)", lambda r: f"{r['load_s']:.0f}" + (
+                f" + {r['index_s']:.0f} indexing" if "index_s" in r else "")),
+            ("one-item add p50 / p99 ms", lambda r: pct(r["single_ms"])),
+            ("search k=10 p50 / p99 ms (one client)", lambda r: pct(r["search_ms"])),
+            ("recall@10 vs exact", lambda r: f"{r['recall']:.3f}"),
+            (f"searches/s, {args.conns} connections, 1 replica", lambda r: f"{r['qps1']:.0f}"),
+            (f"searches/s, {args.conns} connections, 2 replicas", lambda r: (
+                f"{r['qps2']:.0f} ({r['qps2'] / r['qps1_again']:.2f}x; 1 replica again: "
+                f"{r['qps1_again']:.0f})") if "qps2" in r else "n/a: one api process per data dir"),
+            ("add on replica 1, strong search on replica 2", lambda r: (
+                f"found {r['consistency']['strong']}/{r['consistency']['rounds']}, "
+                f"{pct(r['consistency']['strong_ms'])} ms") if "consistency" in r
+                else "n/a (one process: found at once)"),
+            ("same, default (bounded): seen after (s)", lambda r: (
+                ", ".join(f"{d:.2f}" for d in r["consistency"]["delays"])) if "consistency" in r
+                else "n/a"),
+        ]
+        for label, cell in rows:
+            print(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
     if store:
-        print(f"\n| embedded store, {args.n:,} items (in-process) | build (s) | open (s) | "
+        print(f"\n| embedded store, {store_n:,} items (in-process) | build (s) | open (s) | "
               "search p50 / p99 ms | recall@10 |")
         print("|---|---|---|---|---|")
         for r in store:
