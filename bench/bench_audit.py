@@ -1,8 +1,9 @@
 """How long each kind of audit takes through the API, end to end (submit -> report), on the
 bundled default model: a real uvicorn on loopback, jobs in the api's own processes (no Redis),
 a fresh data directory, the CIFAR-10 sample of tests/data/ in a seeded random order. One head
-(non-robust, fitted on 500 images) is audited in each robustness mode, white-box and black-box; a gallery of 500
-images gets one retrieval audit. The README's audit section quotes this table.
+(non-robust, fitted on 500 images) is audited in each robustness mode, white-box and
+black-box; a gallery of 500 images gets one retrieval audit. The README's audit section
+quotes this table.
 
     python bench/bench_audit.py               # 100 audited images (quick + full: minutes)
     python bench/bench_audit.py --images 20   # a shorter look
