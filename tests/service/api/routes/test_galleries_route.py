@@ -1,6 +1,7 @@
 import base64
 import io
 import threading
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -54,6 +55,26 @@ def test_delete_index(gallery_client, labeled):
     assert client.delete("/indexes/scratch").status_code == 204
     assert client.get("/indexes/scratch").status_code == 404
     assert client.post("/indexes", json={"name": "scratch"}).json()["count"] == 0  # reusable
+
+
+def test_any_key_but_nul_and_no_impossible_name_reaches_the_store(gallery_client, labeled):
+    """A NUL in a key is refused (422) and one in a path is not found (404) on every back-end:
+    PostgreSQL's text cannot hold it, and on Milvus + PostgreSQL these were 500s; so were keys
+    with ' or \\ removed from a gallery on Milvus."""
+    client, images = gallery_client, labeled[0]
+    assert client.post("/indexes", json={"name": "odd"}).status_code == 201
+    r = client.post("/indexes/odd/items", json={"keys": ["a\x00b"], "images": images[:1]})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error")
+    assert client.get("/indexes/a%00b").json()["error"]["code"] == "index_not_found"
+    assert client.delete("/indexes/a%00b").json()["error"]["code"] == "index_not_found"
+    r = client.delete("/indexes/odd/items/a%00b")
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "key_not_found")
+    keys = ["it's", "back\\slash", "\\"]
+    r = client.post("/indexes/odd/items", json={"keys": keys, "images": images[:3]})
+    assert r.status_code == 201, r.text
+    for n, key in enumerate(keys, 1):
+        r = client.delete(f"/indexes/odd/items/{quote(key)}")
+        assert r.status_code == 200 and r.json()["count"] == 3 - n, r.text
 
 
 def test_metadata_over_the_per_item_limit_is_refused_whole(client, settings, labeled):
