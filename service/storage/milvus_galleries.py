@@ -103,7 +103,10 @@ def filter_expression(spec: Any) -> str:
         return ""
     parts = []
     for field, terms in where.items():
-        name = f"filt[{json.dumps(field, ensure_ascii=False)}]"
+        # the field name escaped as `_filter_fields` stores it (ASCII JSON): Milvus matches a
+        # JSON path by its escaped text ("é" raw found nothing; values compare decoded, and
+        # escaped astral characters do not parse: those stay raw)
+        name = f"filt[{json.dumps(field)}]"
         values = sorted({_literal(term_value(t)) for t in terms})
         parts.append("(" + " or ".join(f"{name} == {v}" for v in values) + ")")
     return " and ".join(parts)

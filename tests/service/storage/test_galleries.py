@@ -139,12 +139,13 @@ def test_removed_items_are_gone_and_pages_keep_insertion_order(backend):
     assert g.get("g").page(50, 1) == (51, [(order[0], None)])
 
 
-ODD_KEYS = ["it's", "back\\slash", 'q"uote', "\\", "\\\"", "x]y", "\x01", "tab\t"]
+ODD_KEYS = ["it's", "back\\slash", 'q"uote', "\\", "\\\"", "x]y", "\x01", "tab\t", "é\u2028😀"]
 
 
 def test_keys_with_quotes_backslashes_and_control_characters_round_trip(backend):
     """Any key the API takes (any text but NUL) is stored, read, found, filtered on and removed
-    (on Milvus a key reaches an expression: `'` and `\\` in a removed key were a 500)."""
+    (on Milvus a key reaches an expression: `'` and `\\` in a removed key were a 500, and a
+    filter on a field named with non-ASCII characters found nothing)."""
     g = backend.open()
     g.create("g", 8, "m")
     keys, vectors, pixels = items(len(ODD_KEYS))
