@@ -18,7 +18,9 @@ Base64Image = Annotated[str, Field(description="A PNG, JPEG or WebP image, base6
 # otherwise builds one error per element (25 MB of `[{}, {}, ...]`: 158 s, 10.6 GB).
 FAIL_FAST = {"fail_fast": True}
 Vector = Annotated[list[float], Field(fail_fast=True)]
-Key = Annotated[str, Field(min_length=1, max_length=256)]
+# A key is any text but NUL (PostgreSQL's text refuses it; galleries on Milvus keep their keys
+# there: one rule for every back-end).
+Key = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
 ClassName = Annotated[str, Field(min_length=1, max_length=256)]
 Name = Annotated[str, Field(pattern=NAME.pattern)]
 ModelName = Annotated[str | None, Field(

@@ -103,7 +103,10 @@ def filter_expression(spec: Any) -> str:
         return ""
     parts = []
     for field, terms in where.items():
-        name = f"filt[{json.dumps(field, ensure_ascii=False)}]"
+        # the field name escaped as `_filter_fields` stores it (ASCII JSON): Milvus matches a
+        # JSON path by its escaped text ("é" raw found nothing; values compare decoded, and
+        # escaped astral characters do not parse: those stay raw)
+        name = f"filt[{json.dumps(field)}]"
         values = sorted({_literal(term_value(t)) for t in terms})
         parts.append("(" + " or ".join(f"{name} == {v}" for v in values) + ")")
     return " and ".join(parts)
@@ -143,6 +146,8 @@ def _chunks(seq: Sequence, size: int):
 
 
 def _keys_expression(keys: Sequence[str]) -> str:
+    """`key in [...]`, each key a JSON string literal (escaped quotes and backslashes: pymilvus's
+    `delete(ids=...)` quotes string ids without escaping, so a key with ' or \\ was a 500)."""
     return f"key in {json.dumps(list(keys), ensure_ascii=False)}"
 
 
@@ -195,6 +200,9 @@ class MilvusGalleries:
                              row.pixel_fields)
 
     def get(self, name: str) -> MilvusGallery:
+        # a name no gallery can have is not found, and never reaches the database (PostgreSQL's
+        # text refuses NUL: a path /indexes/a%00b was a 500)
+        check_name(name, "index")
         with self.db.read() as conn:
             row = conn.execute(select(GALLERIES).where(GALLERIES.c.name == name)).first()
         if row is None:
@@ -270,6 +278,7 @@ class MilvusGalleries:
                           row.collection, name)
 
     def _locked(self, conn, name: str):
+        check_name(name, "index")
         row = conn.execute(select(GALLERIES).where(GALLERIES.c.name == name)
                            .with_for_update()).first()
         if row is None:
@@ -336,7 +345,7 @@ class MilvusGalleries:
         an upsert of the key later replaces a row left behind)."""
         try:
             for chunk in _chunks(keys, QUERY_KEYS):
-                self.client.delete(gallery.collection, ids=list(chunk))
+                self.client.delete(gallery.collection, filter=_keys_expression(chunk))
         except Exception:
             log.exception("could not remove the rows of a failed add from %s", gallery.collection)
 
@@ -386,7 +395,8 @@ class MilvusGalleries:
         with self.db.transaction() as conn:
             row = self._locked(conn, name)
             present = set()
-            for chunk in _chunks(keys, QUERY_KEYS):
+            # no stored key holds NUL (the API refuses it; PostgreSQL's text cannot hold it)
+            for chunk in _chunks([k for k in keys if "\x00" not in k], QUERY_KEYS):
                 present.update(conn.execute(select(GALLERY_ITEMS.c.key).where(
                     GALLERY_ITEMS.c.gallery == name, GALLERY_ITEMS.c.key.in_(chunk))).scalars())
             missing = [k for k in keys if k not in present]
@@ -395,7 +405,7 @@ class MilvusGalleries:
             for chunk in _chunks(keys, QUERY_KEYS):
                 conn.execute(delete(GALLERY_ITEMS).where(GALLERY_ITEMS.c.gallery == name,
                                                          GALLERY_ITEMS.c.key.in_(chunk)))
-                self.client.delete(row.collection, ids=list(chunk))
+                self.client.delete(row.collection, filter=_keys_expression(chunk))
         return len(keys)
 
     # -- reading -------------------------------------------------------------------------------

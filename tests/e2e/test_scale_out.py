@@ -1,13 +1,17 @@
-"""Beyond one api process: two uvicorn replicas and two Celery workers share one PostgreSQL (its
-own server, started here with initdb), one Redis and one data directory. Jobs, heads, reports
-and the registry of users' models are the database's: what one replica accepts the other
-serves, and a job outlives the replica that accepted it and the worker that ran it. Nothing is
-mocked.
+"""Beyond one api process, the issue's scenario on the deployed configuration: two uvicorn
+replicas and two Celery workers share one PostgreSQL (its own server, started here with initdb),
+one Milvus server (the galleries' vectors, metadata and pixels), one Redis and one data
+directory. Jobs, heads, reports, the registry of users' models and the galleries' catalog and
+keys are the database's: a gallery filled through one replica is searched through the other, a
+head fitted through one is used through the other, a user model uploaded on one is served by
+the other, and a job outlives the replica that accepted it and the worker that ran it. Nothing
+is mocked.
 """
 
 import base64
 import json
 import os
+import uuid
 
 import httpx
 import pytest
@@ -23,9 +27,10 @@ REFRESH_S = "1"  # replicas follow the model registry every second (default 5)
 
 
 @pytest.fixture(scope="module")
-def stack(model_dir, postgres, tmp_path_factory):
+def stack(model_dir, postgres, milvus, tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("scale"), model_dir, fresh_database(postgres),
-              job_sweep_s=SWEEP_S, model_refresh_s=REFRESH_S)
+              job_sweep_s=SWEEP_S, model_refresh_s=REFRESH_S, milvus_uri=milvus,
+              milvus_prefix=f"e{uuid.uuid4().hex[:10]}_")
     try:
         s.start_redis()
         s.start_worker("worker1")
@@ -50,6 +55,50 @@ def client(stack, name: str) -> httpx.Client:
 def finished(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
     return wait_for(lambda: (j := c.get(f"/jobs/{job_id}").json())["state"] in (
         "succeeded", "failed") and j, timeout, f"job {job_id}")
+
+
+def test_a_gallery_filled_through_one_replica_is_searched_and_audited_through_the_other(
+        stack, image_bytes):
+    groups = list(image_bytes.values())
+    images = [base64.b64encode(b).decode() for g in groups[:4] for b in g[:4]]
+    keys = [f"img-{i:02d}" for i in range(len(images))][::-1]
+    labels = [{"label": i // 4, "source": "cifar"} for i in range(len(images))]
+    with httpx.Client(base_url=stack.replicas["a"], timeout=60) as a, \
+            httpx.Client(base_url=stack.replicas["b"], timeout=60) as b:
+        r = a.post("/indexes", json={"name": "pets"})
+        assert r.status_code == 201, r.text
+        assert r.json()["factory"] == "HNSW16"
+        assert b.post("/indexes", json={"name": "pets"}).status_code == 409
+        r = a.post("/indexes/pets/items", json={"keys": keys, "images": images,
+                                                 "metadata": labels})
+        assert r.status_code == 201, r.text
+        dup = b.post("/indexes/pets/items", json={"keys": keys[:1], "images": images[:1]})
+        assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_key"
+        assert b.get("/indexes/pets").json()["count"] == len(keys)
+        listed = b.get("/indexes/pets/items", params={"limit": 100}).json()
+        assert [i["key"] for i in listed["items"]] == keys  # insertion order
+        query = {"index": "pets", "images": images[:3], "k": 5, "consistency": "strong"}
+        through_b = b.post("/search", json=query)
+        assert through_b.status_code == 200, through_b.text
+        assert through_b.json() == a.post("/search", json=query).json()
+        assert [row[0]["key"] for row in through_b.json()["results"]] == keys[:3]
+        filtered = b.post("/search", json={**query, "filter": {"label": {"in": [2, 3]}},
+                                           "ef": 128}).json()
+        assert all(h["metadata"]["label"] in (2, 3) for row in filtered["results"] for h in row)
+        exported = b.get("/indexes/pets/export", params={"limit": 100}).json()
+        assert [i["key"] for i in exported["items"]] == keys
+        png = b.get(f"/indexes/pets/pixels/{keys[0]}")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        audit = b.post("/audits", json={"kind": "retrieval", "index": "pets", "k": 3,
+                                        "steps": 2, "images": images[:2]})
+        assert audit.status_code == 202, audit.text
+        job = finished(a, audit.json()["job_id"])
+        assert job["state"] == "succeeded", job["error"]
+        report = a.get(audit.json()["result_url"]).json()
+        assert report["gallery_size"] == len(keys) and report["num_queries"] == 2
+        assert b.delete("/indexes/pets/items/" + keys[0]).json()["count"] == len(keys) - 1
+        assert b.delete("/indexes/pets").status_code == 204
+        assert a.get("/indexes/pets").status_code == 404
 
 
 def test_a_head_fitted_through_one_replica_is_used_through_the_other(stack, labeled):

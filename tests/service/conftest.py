@@ -4,6 +4,7 @@ import base64
 import os
 import signal
 import struct
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from byorl.service.main import create_app
 from byorl.service.settings import Settings
+from tests.conftest import fresh_database, milvus_settings
 from tests.live import free_port, kill_group, start_process, uvicorn_argv, wait_ready
 
 
@@ -65,13 +67,12 @@ class LiveApi:
     log: Path
 
 
-@pytest.fixture(scope="session")
-def live_api(model_dir, tmp_path_factory):
-    """The app under a real uvicorn in its own process: embedded jobs, the same small limits."""
-    tmp = tmp_path_factory.mktemp("live")
+def start_live_api(model_dir, tmp: Path, **settings: str):
+    """The app under a real uvicorn in its own process (embedded jobs, the same small limits,
+    `settings` as more BYORL_ variables), until the generator is closed."""
     env = {**os.environ, "BYORL_MODEL_DIR": str(model_dir), "BYORL_DATA_DIR": str(tmp / "data"),
            "BYORL_REDIS_URL": "", "BYORL_API_KEY": "",
-           **{f"BYORL_{k.upper()}": str(v) for k, v in SMALL_LIMITS.items()}}
+           **{f"BYORL_{k.upper()}": str(v) for k, v in {**SMALL_LIMITS, **settings}.items()}}
     port = free_port()
     api = LiveApi(f"http://127.0.0.1:{port}", tmp / "api.log")
     proc = start_process(uvicorn_argv(port), env, api.log, tmp)
@@ -83,7 +84,47 @@ def live_api(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def live_api(model_dir, tmp_path_factory):
+    """The app under a real uvicorn in its own process: embedded jobs, the same small limits."""
+    yield from start_live_api(model_dir, tmp_path_factory.mktemp("live"))
+
+
+@pytest.fixture(scope="session")
+def live_api_scaled(model_dir, postgres, milvus, tmp_path_factory):
+    """The same, configured as a scaled-out replica: its database on the tests' PostgreSQL
+    (`BYORL_DATABASE_URL`), its galleries on the session's Milvus (`BYORL_MILVUS_URI`, a
+    collection prefix of its own)."""
+    yield from start_live_api(model_dir, tmp_path_factory.mktemp("live-scaled"),
+                              database_url=fresh_database(postgres), milvus_uri=milvus,
+                              milvus_prefix=f"s{uuid.uuid4().hex[:10]}_")
+
+
+@pytest.fixture(scope="session")
 def client(settings):
     """The app in-process (real ONNX Runtime, FAISS, files), lifespan run once per session."""
     with TestClient(create_app(settings)) as c:
         yield c
+
+
+@pytest.fixture(scope="module", params=["embedded", "milvus"])
+def gallery_settings(request, settings, tmp_path_factory) -> Settings:
+    """The settings of `gallery_client` on each gallery back-end: `settings` (embedded FAISS +
+    SQLite), or the same limits with the galleries on the session's Milvus server (catalog and
+    keys in SQLite, searches at Strong consistency: read-your-writes within a test)."""
+    if request.param == "embedded":
+        return settings
+    return milvus_settings(request.getfixturevalue("milvus"),
+                           tmp_path_factory.mktemp("milvus-api"), model_dir=settings.model_dir,
+                           milvus_consistency="strong", **SMALL_LIMITS)
+
+
+@pytest.fixture(scope="module")
+def gallery_client(request, gallery_settings):
+    """The app in-process on `gallery_settings`: the gallery route tests that take it run on
+    both back-ends (embedded: the session's `client`)."""
+    if not gallery_settings.milvus_uri:
+        yield request.getfixturevalue("client")
+        return
+    with TestClient(create_app(gallery_settings)) as c:
+        yield c
+

@@ -186,9 +186,13 @@ def test_broker_unreachable_is_not_ready(model_dir, tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable"
 
 
-@pytest.fixture(scope="module")
-def api_schema(live_api, labeled):
-    """The live api's own OpenAPI document, with a gallery of a few items to find."""
+@pytest.fixture(scope="module", params=["embedded", "postgresql-milvus"])
+def api_schema(request, labeled):
+    """The live api's own OpenAPI document, with a gallery of a few items to find: the api
+    embedded (SQLite, FAISS galleries), or configured as a scaled-out replica (PostgreSQL,
+    galleries on Milvus)."""
+    live_api = request.getfixturevalue("live_api" if request.param == "embedded"
+                                       else "live_api_scaled")
     images = labeled[0][:3]
     with httpx.Client(base_url=live_api.url) as c:
         assert c.post("/indexes", json={"name": "gallery"}).status_code == 201

@@ -8,7 +8,8 @@ from byorl.service.main import create_app
 from byorl.service.settings import Settings
 
 
-def test_search_by_image_and_by_embedding(client, labeled):
+def test_search_by_image_and_by_embedding(gallery_client, labeled):
+    client = gallery_client
     images, labels, _ = labeled
     keys = [f"k{i}" for i in range(0, len(images), 4)]
     imgs = [images[i] for i in range(0, len(images), 4)]
@@ -102,8 +103,9 @@ def test_answers_within_the_limits_are_whole(legacy_gallery):
 
 
 @pytest.fixture(scope="module")
-def filtered(client, labeled):
+def filtered(gallery_client, labeled):
     """Galleries "filter-<type>" of 32 images with metadata, and the embeddings of the items."""
+    client = gallery_client
     images = labeled[0][:32]
     keys = [f"f{i}" for i in range(32)]
     metadata = [{"source": ["web", "scan"][i % 2], "label": i % 4, "n": i} for i in range(32)]
@@ -131,7 +133,8 @@ def brute_force(vectors, queries, matching, k):
             for row in cosine]
 
 
-def test_a_filter_applies_before_k(client, filtered):
+def test_a_filter_applies_before_k(gallery_client, filtered):
+    client = gallery_client
     keys, metadata, vectors = filtered
     queries = (vectors[[0, 13]] + 0.3 * vectors[[21, 2]]).tolist()
     for spec, want in [
@@ -160,7 +163,8 @@ def test_a_filter_applies_before_k(client, filtered):
     assert none["results"] == [[], []]
 
 
-def test_filters_by_image_and_after_removals(client, filtered, labeled):
+def test_filters_by_image_and_after_removals(gallery_client, filtered, labeled):
+    client = gallery_client
     keys, metadata, vectors = filtered
     spec = {"source": "web", "label": 0}  # f0, f4, f8, ... (f0 and f16 removed below)
     by_image = client.post("/search", json={"index": "filter-flat", "images": [labeled[0][4]],
@@ -176,7 +180,8 @@ def test_filters_by_image_and_after_removals(client, filtered, labeled):
 
 
 @pytest.mark.parametrize("name", ["filter-ivf4", "filter-hnsw16"])
-def test_approximate_galleries_honour_the_filter(client, filtered, name):
+def test_approximate_galleries_honour_the_filter(gallery_client, filtered, name):
+    client = gallery_client
     keys, metadata, vectors = filtered
     spec = {"source": "scan", "label": {"in": [1, 3]}}
     matching = [i for i, m in enumerate(metadata)
@@ -201,7 +206,8 @@ def test_approximate_galleries_honour_the_filter(client, filtered, name):
     ({f"f{i}": 1 for i in range(17)}, "filter_too_large", "17 fields; the limit is 16"),
     ({"n": {"in": list(range(1025))}}, "filter_too_large", "the limit is 1024"),
 ])
-def test_invalid_filters_are_refused(client, filtered, spec, code, message):
+def test_invalid_filters_are_refused(gallery_client, filtered, spec, code, message):
+    client = gallery_client
     r = client.post("/search", json={"index": "filter-flat", "embeddings": [[1.0] * 8],
                                      "filter": spec})
     assert r.status_code == 422, r.text
