@@ -38,3 +38,13 @@ python "$STUDY/claims.py" "$STUDY"
 # 128/255 (PGD-3). Its cells (and the linf encoder under l2, this one under linf) follow once
 # study.json lists the l2 threat.
 train_export byorl-l2 --norm l2 --eps 128/255
+# Its cells, the shipping decision's two first (the l2 and the linf encoder under l2, L2-chosen
+# head, all labels), then BYOL and both encoders with every head and label amount under l2, and
+# the l2 encoder under linf (does robustness carry across threat models?).
+l2_experiment() {  # METHODS THREAT [more options]
+  byorl experiment --config "$STUDY/study.json" --out "$STUDY" --methods "$1" --threat "$2" "${@:3}"
+}
+l2_experiment byorl-l2,byorl-pgd3 l2:128/255 --heads l2 --labels 1
+l2_experiment byorl-l2,byorl-pgd3,byol l2:128/255
+l2_experiment byorl-l2 linf:8/255
+python "$STUDY/claims.py" "$STUDY"
